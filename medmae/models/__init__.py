@@ -1,0 +1,35 @@
+"""MAE model: pure patch/mask/position functions and the MaskedAutoencoder around a timm ViT."""
+
+from medmae.models.mae import MAEOutput, MaskedAutoencoder, as_hw
+from medmae.models.masking import Masking, random_masking, visible_count
+from medmae.models.patches import grid_shape, patchify, unpatchify
+from medmae.models.pos_embed import sincos_pos_embed_2d
+from medmae.models.variants import (
+    MAE_VARIANTS,
+    create_mae,
+    mae_vit_base_patch16,
+    mae_vit_huge_patch16,
+    mae_vit_large_patch16,
+    mae_vit_small_patch16,
+    mae_vit_tiny_patch16,
+)
+
+__all__ = [
+    "MAE_VARIANTS",
+    "MAEOutput",
+    "MaskedAutoencoder",
+    "Masking",
+    "as_hw",
+    "create_mae",
+    "grid_shape",
+    "mae_vit_base_patch16",
+    "mae_vit_huge_patch16",
+    "mae_vit_large_patch16",
+    "mae_vit_small_patch16",
+    "mae_vit_tiny_patch16",
+    "patchify",
+    "random_masking",
+    "sincos_pos_embed_2d",
+    "unpatchify",
+    "visible_count",
+]

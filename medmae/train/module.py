@@ -1,0 +1,279 @@
+"""The LightningModule that pretrains a :class:`~medmae.models.MaskedAutoencoder`.
+
+It owns what the MAE recipe says about optimisation (AdamW (0.9, 0.95), weight decay 0.05 except on
+biases / norms / positions / tokens, batch-scaled lr with warmup + half-cycle cosine) and what makes a
+long hospital run safe: a non-finite loss never updates weights, decided by all ranks together so DDP
+cannot hang, and masks drawn from a per-rank RNG derived from (seed, rank, epoch, batch) so resume and
+multi-GPU runs are reproducible without global RNG state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.optim.lr_scheduler import LambdaLR
+
+from medmae.models import MaskedAutoencoder, as_hw, create_mae
+from medmae.train.schedule import lr_at_step, scaled_lr
+
+log = logging.getLogger(__name__)
+
+#: parameter names (suffixes) that never get weight decay, besides every bias and norm weight (ndim <= 1)
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+class MAEPretrainModule(pl.LightningModule):
+    """MAE pretraining step, optimiser and schedule.
+
+    Args:
+        variant: named size, ``mae_vit_{tiny,small,base,large,huge}_patch16``.
+        in_chans: input channels (1 grayscale; k for 2.5D); must equal the data's channels.
+        img_size: ``H`` or ``[H, W]``; must equal the data's image size; multiples of the patch size.
+        mask_ratio: fraction of patches masked per sample.
+        norm_pix_loss: regress per-patch normalised pixels.
+        embed_dim, depth, num_heads, mlp_ratio, patch_size: encoder size overrides (None = variant's).
+        drop_path_rate: stochastic depth in the encoder.
+        decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio: decoder size.
+        blr: base lr; the actual lr is ``blr * effective_batch / 256``.
+        lr: absolute lr; overrides ``blr`` when set.
+        min_lr: lr at the end of the cosine.
+        weight_decay: AdamW weight decay (not applied to biases, norms, positions, tokens).
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
+        seed: seed of the mask RNG (each rank derives its own stream from it).
+        log_images_every_n_steps: reconstruction grid period in optimizer steps (0 = only at the end).
+        num_log_images: samples shown in the reconstruction grid.
+    """
+
+    def __init__(
+        self,
+        variant: str = "mae_vit_base_patch16",
+        in_chans: int = 1,
+        img_size: int | tuple[int, int] = 224,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        patch_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        blr: float = 1.5e-4,
+        lr: float | None = None,
+        min_lr: float = 0.0,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40.0,
+        warmup_steps: int | None = None,
+        seed: int = 0,
+        log_images_every_n_steps: int = 500,
+        num_log_images: int = 4,
+    ) -> None:
+        super().__init__()
+        _check_optim_args(blr, lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps)
+        self.save_hyperparameters()
+        self.model: MaskedAutoencoder = create_mae(
+            variant,
+            in_chans=in_chans,
+            img_size=as_hw(img_size),
+            mask_ratio=mask_ratio,
+            norm_pix_loss=norm_pix_loss,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            patch_size=patch_size,
+            drop_path_rate=drop_path_rate,
+            decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            decoder_mlp_ratio=decoder_mlp_ratio,
+        )
+        self.skipped_steps = 0
+        self._nonfinite_pending = False
+        self._mask_generator: torch.Generator | None = None
+        self.effective_batch_size: int | None = None
+
+    # ------------------------------------------------------------------ data checks
+
+    def check_data_compatible(self, datamodule: Any) -> None:
+        """Stop before training when the data cannot feed this model; the message names the fields."""
+        channels = getattr(datamodule, "channels", None)
+        if channels is not None and channels != self.model.in_chans:
+            raise ValueError(
+                f"model.in_chans={self.model.in_chans} but the data yields {channels} channel(s) per image "
+                f"(data.slices / windows-as-channels); set model.in_chans: {channels}"
+            )
+        size = getattr(datamodule, "image_size", None)
+        if size is not None and tuple(size) != self.model.img_size:
+            raise ValueError(
+                f"model.img_size={list(self.model.img_size)} but data.img_size={list(size)}; they must match"
+            )
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.datamodule is not None:
+            self.check_data_compatible(self.trainer.datamodule)
+
+    # ------------------------------------------------------------------ steps
+
+    def mask_generator(self, stream: tuple[int, ...]) -> torch.Generator:
+        """A generator on this module's device, seeded from (seed, rank, *stream).
+
+        Stateless by construction: the same (epoch, batch) on the same rank always draws the same
+        masks, so a resumed run continues exactly and no RNG state must be checkpointed per rank.
+        """
+        if self._mask_generator is None or self._mask_generator.device != self.device:
+            self._mask_generator = torch.Generator(device=self.device)
+        rank = self.global_rank if self._trainer is not None else 0
+        return self._mask_generator.manual_seed(mask_seed(self.hparams.seed, rank, *stream))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        imgs = batch["image"]
+        out = self.model(imgs, generator=self.mask_generator((0, self.current_epoch, batch_idx)))
+        self._note_finite(out.loss)
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, batch_size=imgs.shape[0])
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        imgs = batch["image"]
+        out = self.model(imgs, generator=self.mask_generator((1, batch_idx)))
+        self.log("val/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=imgs.shape[0])
+        return out.loss
+
+    # ------------------------------------------------------------------ non-finite guard
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Collective: if the loss is non-finite on *any* rank, every rank skips the coming update."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad.item() > 0):
+            self._nonfinite_pending = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop all gradients of a poisoned accumulation window: AdamW then leaves every weight as is."""
+        if self._nonfinite_pending:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.skipped_steps += 1
+            log.warning("non-finite loss: optimizer step %d skipped on all ranks", self.global_step)
+        self._nonfinite_pending = False
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        self.effective_batch_size = self._effective_batch_size()
+        base_lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.effective_batch_size)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total, self._warmup_steps(total))
+        min_lr = min(hp.min_lr, base_lr)
+        log.info(
+            "lr %.3g (effective batch %d), warmup %d of %d steps", base_lr, self.effective_batch_size, warmup, total
+        )
+        groups = weight_decay_groups(self.model.named_parameters(), hp.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(hp.betas), **self._adamw_impl())
+        rule = partial(_lr_factor, base_lr=base_lr, min_lr=min_lr, warmup=warmup, total=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR(opt, rule), "interval": "step"}}
+
+    def _effective_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        batch = getattr(dm, "batch_size", None)
+        if not isinstance(batch, int):
+            if self.hparams.lr is None:
+                raise ValueError("cannot scale the lr: the datamodule has no integer batch_size; set model.lr")
+            return 1
+        return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _warmup_steps(self, total: int) -> int:
+        if self.hparams.warmup_steps is not None:
+            return int(self.hparams.warmup_steps)
+        batches = self.trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # infinite loader: epochs are undefined
+            return 0
+        per_epoch = max(1, -(-batches // self.trainer.accumulate_grad_batches))
+        return int(round(self.hparams.warmup_epochs * per_epoch))
+
+    def _adamw_impl(self) -> dict[str, bool]:
+        """Fused AdamW is fastest (one kernel, also on CPU) but cannot run under a GradScaler's unscale."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return {"fused": True} if scaler is None else {"foreach": True}
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medmae"] = {"skipped_steps": self.skipped_steps, "encoder": self.model.encoder_config()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("medmae", {}).get("skipped_steps", 0))
+
+    def configure_callbacks(self) -> list[Callback]:
+        from medmae.train.callbacks import ReconstructionLogger, ThroughputLogger
+
+        return [
+            ThroughputLogger(),
+            ReconstructionLogger(self.hparams.log_images_every_n_steps, self.hparams.num_log_images),
+        ]
+
+
+def mask_seed(seed: int, rank: int, *stream: int) -> int:
+    """A 63-bit seed that differs for every (seed, rank, stream) — e.g. stream = (epoch, batch)."""
+    state = np.random.SeedSequence([seed, rank, *stream]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def _lr_factor(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    return lr_at_step(step, base_lr, min_lr, warmup, total) / base_lr
+
+
+def weight_decay_groups(
+    named_params: Iterator[tuple[str, torch.nn.Parameter]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for weight matrices, none for biases, norms, positions and tokens."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _check_optim_args(
+    blr: float,
+    lr: float | None,
+    min_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_epochs: float,
+    warmup_steps: int | None,
+) -> None:
+    checks = [
+        ("blr", blr, blr > 0),
+        ("lr", lr, lr is None or lr > 0),
+        ("min_lr", min_lr, min_lr >= 0),
+        ("weight_decay", weight_decay, weight_decay >= 0),
+        ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas)),
+        ("warmup_epochs", warmup_epochs, warmup_epochs >= 0),
+        ("warmup_steps", warmup_steps, warmup_steps is None or warmup_steps >= 0),
+    ]
+    for name, value, ok in checks:
+        if not ok:
+            raise ValueError(f"model.{name} has an invalid value: {value!r}")

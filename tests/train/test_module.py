@@ -1,0 +1,139 @@
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from medmae.models import random_masking
+from medmae.train import MAEPretrainModule, weight_decay_groups
+from medmae.train.module import mask_seed
+from tests.train.conftest import TensorDataModule, smooth_images
+
+
+def trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_weight_decay_groups_exclude_bias_norm_positions_tokens(tiny_model_kwargs: dict) -> None:
+    module = MAEPretrainModule(**tiny_model_kwargs)
+    decay, no_decay = weight_decay_groups(module.model.named_parameters(), 0.05)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "decoder_norm.bias"} <= no_decay_names
+    assert "encoder.pos_embed" not in no_decay_names | decay_names  # frozen sin-cos
+    assert all(n.endswith("weight") and "norm" not in n for n in decay_names)
+    assert "encoder.blocks.0.attn.qkv.weight" in decay_names
+
+
+def test_overfits_one_fixed_batch(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    torch.manual_seed(0)
+    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-3, warmup_steps=0)
+    data = TensorDataModule(smooth_images(8), batch_size=8)
+    rec = LossRecorder()
+    trainer(tmp_path, max_steps=50, callbacks=[rec]).fit(module, datamodule=data)
+    assert len(rec.losses) == 50
+    assert min(rec.losses[-5:]) <= 0.5 * rec.losses[0]
+
+
+def test_lr_is_scaled_by_effective_batch(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    module = MAEPretrainModule(**tiny_model_kwargs, blr=1e-3, warmup_steps=0, min_lr=1e-3)
+    data = TensorDataModule(smooth_images(8), batch_size=4)
+    trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(module, datamodule=data)
+    assert module.effective_batch_size == 8
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * 8 / 256)
+
+
+def test_nonfinite_loss_leaves_weights_unchanged_and_is_counted(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    images = smooth_images(4)
+    images[1, 0, 5, 5] = float("nan")
+    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    before = copy.deepcopy(module.model.state_dict())
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=TensorDataModule(images, batch_size=4))
+    after = module.model.state_dict()
+    assert module.skipped_steps == 2
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # control: the same run on clean images does move the weights
+    clean = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    before = copy.deepcopy(clean.model.state_dict())
+    trainer(tmp_path, max_steps=1).fit(clean, datamodule=TensorDataModule(smooth_images(4), batch_size=4))
+    assert clean.skipped_steps == 0
+    assert not torch.equal(before["encoder.blocks.0.attn.qkv.weight"], clean.model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_tensorboard_gets_scalars_and_reconstruction_image(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=1, log_images_every_n_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1).fit(
+        module, datamodule=TensorDataModule(smooth_images(4, channels=1), batch_size=2)
+    )
+    events = list(Path(logger.log_dir).glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/skipped_steps"} <= scalars
+    images = acc.Images("train/reconstruction")
+    assert [im.step for im in images] == [2, 4]
+    assert images[-1].width == 4 * 64 + 5 * 2 and images[-1].height == 2 * 64 + 3 * 2
+
+
+def test_reconstruction_grid_for_2p5d_shows_centre_slice(tiny_model_kwargs: dict) -> None:
+    from medmae.train import reconstruction_grid
+
+    module = MAEPretrainModule(**{**tiny_model_kwargs, "in_chans": 3}).eval()
+    imgs = torch.zeros(2, 3, 64, 64)
+    imgs[:, 1, :32] = 1.0  # only the centre slice has structure: top half bright
+    grid = reconstruction_grid(module.model, imgs, torch.Generator().manual_seed(0))
+    assert grid.shape == (3, 2 * 64 + 3 * 2, 4 * 64 + 5 * 2)
+    original = grid[0, 2 : 2 + 64, 2 : 2 + 64]
+    assert torch.all(original[:32] == 1.0) and torch.all(original[32:] == 0.0)
+
+
+def test_masks_differ_between_ranks_and_repeat_within_a_rank() -> None:
+    tokens = torch.zeros(4, 64, 1)
+
+    def mask(rank: int, epoch: int, batch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mask_seed(0, rank, 0, epoch, batch))
+        return random_masking(tokens, 0.75, g).mask
+
+    assert not torch.equal(mask(0, 0, 0), mask(1, 0, 0))
+    assert not torch.equal(mask(0, 0, 0), mask(0, 0, 1)) and not torch.equal(mask(0, 0, 0), mask(0, 1, 0))
+    assert torch.equal(mask(1, 3, 7), mask(1, 3, 7))
+
+
+def test_data_with_other_channels_stops_before_training(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    module = MAEPretrainModule(**tiny_model_kwargs)  # in_chans 1
+    with pytest.raises(ValueError, match=r"model.in_chans=1 .* 3 channel"):
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=TensorDataModule(smooth_images(2, 3), 2))
+
+
+@pytest.mark.parametrize(("field", "value"), [("blr", 0.0), ("betas", (0.9, 1.5)), ("warmup_steps", -1)])
+def test_bad_optimiser_arguments_name_the_field(field: str, value, tiny_model_kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=f"model.{field}"):
+        MAEPretrainModule(**tiny_model_kwargs, **{field: value})
