@@ -3,7 +3,8 @@
     medmae prep ARCHIVE_DIR --out CACHE_DIR      # archive -> de-identified cache (data_prep)
     medmae fit --config configs/pretrain/X.yaml  # MAE pretraining (LightningCLI)
     medmae validate --config ... --ckpt_path ... # validation loss of a checkpoint (LightningCLI)
-    medmae demo                                  # prep + pretrain + outputs on bundled sample scans
+    medmae export CKPT --out DIR                 # encoder.safetensors + encoder.json for fine-tuning
+    medmae demo                                  # prep + pretrain + export on bundled sample scans
 
 Each subcommand owns its own argument parser; this module only dispatches, importing lazily so
 ``medmae --help`` is instant.
@@ -18,6 +19,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli:main", "scan a DICOM/NIfTI archive and build the de-identified training cache"),
     "fit": ("medmae.train.cli:fit_main", "pretrain an MAE from a LightningCLI YAML config"),
     "validate": ("medmae.train.cli:validate_main", "compute the validation loss of a checkpoint"),
+    "export": ("medmae.export.cli:main", "export the encoder of a checkpoint as safetensors + JSON card"),
     "demo": ("medmae.demo:main", "run prep -> pretrain on the sample scans bundled with pydicom/nibabel"),
 }
 

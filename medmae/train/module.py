@@ -217,7 +217,14 @@ class MAEPretrainModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["medmae"] = {"skipped_steps": self.skipped_steps, "encoder": self.model.encoder_config()}
+        """Keep what export needs besides weights: encoder config and the data preprocessing record."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        preprocessing = dm.preprocessing() if hasattr(dm, "preprocessing") else None
+        checkpoint["medmae"] = {
+            "skipped_steps": self.skipped_steps,
+            "encoder": self.model.encoder_config(),
+            "preprocessing": preprocessing,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("medmae", {}).get("skipped_steps", 0))
