@@ -102,6 +102,7 @@ class MAEPretrainModule(pl.LightningModule):
             decoder_mlp_ratio=decoder_mlp_ratio,
         )
         self.skipped_steps = 0
+        self.data_replacements = {"skipped": 0, "rejected": 0}
         self._nonfinite_pending = False
         self._mask_generator: torch.Generator | None = None
         self.effective_batch_size: int | None = None
@@ -144,7 +145,15 @@ class MAEPretrainModule(pl.LightningModule):
         out = self.model(imgs, generator=self.mask_generator((0, self.current_epoch, batch_idx)))
         self._note_finite(out.loss)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, batch_size=imgs.shape[0])
+        self._count_data_replacements(batch)
         return out.loss
+
+    def _count_data_replacements(self, batch: dict[str, torch.Tensor]) -> None:
+        """Log how many samples the loader replaced (unreadable cache entry / background crop) so far."""
+        for key, tag in (("skipped", "data/unreadable_entry_skips"), ("rejected", "data/background_rejects")):
+            if key in batch:
+                self.data_replacements[key] += int(batch[key].sum())
+                self.log(tag, float(self.data_replacements[key]), on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]

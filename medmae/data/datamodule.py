@@ -1,0 +1,396 @@
+"""``CacheDataModule``: the cache -> batches part of the flow, as a LightningDataModule.
+
+Train batches come from :class:`~medmae.data.sampler.EpochWeightedSampler` (weighted, epoch-keyed,
+sharded by rank) over the ``train`` split; validation batches from the ``val`` split with centre
+crops and fixed per-sample RNG, identical every epoch. Batches are dicts::
+
+    {"image": float32 (B, C, H, W) in [0, 1], "index": int64 (B,), "series": int64 (B,),
+     "slice": int64 (B,), "skipped": int64 (B,), "rejected": int64 (B,)}
+
+``skipped``/``rejected`` count the replacements made for each sample (unreadable cache entry /
+background crop); summing them in the training loop covers every worker. No path or PHI is in a
+batch or in :meth:`CacheDataModule.preprocessing`.
+
+Example YAML (LightningCLI)::
+
+    data:
+      class_path: medmae.data.CacheDataModule
+      init_args:
+        cache_dir: /data/cache
+        img_size: [224, 224]
+        slices: 3
+        batch_size: 64
+        num_workers: 8
+        ct_windows: [[40, 400], [-600, 1500], [400, 1800]]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_series_array
+from medmae.data.dataset import CacheSliceDataset
+from medmae.data.index import AXES, SliceIndex, select_series
+from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
+from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = 1
+
+
+class NoUsableDataError(RuntimeError):
+    """After filtering and dropping unreadable entries, a split the run needs has no slices left."""
+
+
+def _check_int(value: Any, field: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_optional_int(value: Any, field: str, minimum: int) -> int | None:
+    return None if value is None else _check_int(value, field, minimum)
+
+
+def verify_entries(cache_dir: Path, rows: Sequence[ManifestRow]) -> tuple[tuple[ManifestRow, ...], Counter[str]]:
+    """Keep the rows whose array opens and matches its record (header read only); count the others."""
+    ok: list[ManifestRow] = []
+    dropped: Counter[str] = Counter()
+    for row in rows:
+        try:
+            open_series_array(cache_dir, row, mmap=True)
+        except CacheEntryError as e:
+            dropped[e.reason] += 1
+            logger.debug("dropping cache entry %s at setup: %s", row.series_id, e.reason)
+        else:
+            ok.append(row)
+    return tuple(ok), dropped
+
+
+class CacheDataModule(pl.LightningDataModule):
+    """Batches of 2D / 2.5D crops from a medmae cache (``medmae prep`` output) for MAE pretraining.
+
+    Args:
+        cache_dir: the cache directory (holds ``manifest.json``).
+        img_size: output size, an int (square) or ``(height, width)``.
+        slices: adjacent planes per sample, stacked as channels in increasing array index along the
+            axis (axial: inferior -> superior); clamped at the ends of a series (edge plane repeated).
+            Single images (X-rays) repeat their one plane. 1 = plain 2D.
+        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``; the latter two only use volumes whose plane
+            pixels are at most ``max_anisotropy`` times taller than wide (or vice versa).
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        seed: base seed (>= 0) of all sampling and augmentation randomness.
+        modalities: modality codes to use (e.g. ``["CT", "MR"]``), or ``None`` for all.
+        min_size: smallest plane height/width in pixels; smaller series are dropped.
+        min_slices: smallest number of planes of a volume along ``axis``; images are exempt.
+        include_images: use single 2D images (kind ``image``: CR/DX/MG...).
+        max_anisotropy: largest plane pixel-spacing ratio for coronal/sagittal slicing.
+        sampling_alpha: series weight ``n_slices ** alpha``, slices equal within a series
+            (0 = every series equal, 1 = every slice equal).
+        samples_per_epoch: training samples per epoch over all devices; default: the number of
+            indexed training slices, at least one full batch per device.
+        val_samples: validation samples: ``None`` = every indexed validation slice once, in order;
+            an int = that many positions drawn once by the sampling policy (fixed seed).
+        crop_scale: random-resized-crop area fraction range (MAE: 0.2-1.0).
+        crop_ratio: random-resized-crop aspect range, relative to the output aspect (MAE: 3/4-4/3).
+        hflip_prob: probability of a left-right flip of a training crop (0 disables).
+        interpolation: resize interpolation, ``"bilinear"`` (default) or ``"bicubic"`` (as MAE's
+            torchvision pipeline; ~0.25 ms more per sample at 224²).
+        antialias: antialias when downscaling.
+        ct_windows: CT windows as ``[level, width]`` in HU (default soft tissue, lung, bone).
+        ct_window_mode: ``"random"`` (one window per sample; one listed window = fixed window) or
+            ``"channels"`` (all windows as channels; non-CT series repeat their image per window).
+        percentiles: stored percentiles mapped to 0 and 1 for non-HU series (MR, X-ray, ...).
+        foreground_fraction: minimum fraction of foreground pixels in a crop's centre slice; crops
+            below it are replaced (up to ``foreground_tries`` times). 0 disables the filter.
+        foreground_hu: CT foreground threshold in HU.
+        foreground_level: non-CT foreground threshold as a fraction of the percentile range.
+        foreground_tries: most background crops replaced per sample.
+        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        prefetch_factor: batches prefetched per worker (only when ``num_workers > 0``).
+        max_open_files: memory-mapped series kept open per worker.
+        verify_on_setup: open every selected array's header at setup and drop unreadable entries.
+
+    Examples::
+
+        dm = CacheDataModule("cache/", img_size=224, slices=3, batch_size=32, num_workers=4)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))   # batch["image"]: (32, 3, 224, 224)
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        img_size: int | tuple[int, int] = 224,
+        slices: int = 1,
+        axis: str = "axial",
+        batch_size: int = 64,
+        num_workers: int = 8,
+        seed: int = 0,
+        *,
+        modalities: list[str] | None = None,
+        min_size: int = 32,
+        min_slices: int = 1,
+        include_images: bool = True,
+        max_anisotropy: float = 1.5,
+        sampling_alpha: float = 0.5,
+        samples_per_epoch: int | None = None,
+        val_samples: int | None = None,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_prob: float = 0.5,
+        interpolation: str = "bilinear",
+        antialias: bool = True,
+        ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
+        ct_window_mode: str = "random",
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        foreground_fraction: float = 0.0,
+        foreground_hu: float = -500.0,
+        foreground_level: float = 0.1,
+        foreground_tries: int = 10,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        max_open_files: int = 64,
+        verify_on_setup: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cache_dir, str | Path) or not str(cache_dir):
+            raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}")
+        if isinstance(img_size, int) and not isinstance(img_size, bool):
+            size: Any = (img_size, img_size)
+        elif isinstance(img_size, Sequence) and not isinstance(img_size, str):
+            size = tuple(img_size)
+        else:
+            raise ValueError(f"img_size must be a positive int or a pair of positive ints, got {img_size!r}")
+        if axis not in AXES:
+            raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.num_workers = _check_int(num_workers, "num_workers", 0)
+        self.seed = _check_int(seed, "seed", 0)
+        if modalities is not None and (
+            isinstance(modalities, str) or not all(isinstance(m, str) and m for m in modalities) or not modalities
+        ):
+            raise ValueError(f"modalities must be a non-empty list of modality codes or None, got {modalities!r}")
+        self.modalities = None if modalities is None else sorted({m.upper() for m in modalities})
+        self.min_size = _check_int(min_size, "min_size", 1)
+        self.min_slices = _check_int(min_slices, "min_slices", 1)
+        self.include_images = bool(include_images)
+        if not _check_number(max_anisotropy, "max_anisotropy") >= 1.0:
+            raise ValueError(f"max_anisotropy must be >= 1, got {max_anisotropy!r}")
+        self.max_anisotropy = float(max_anisotropy)
+        if not 0.0 <= _check_number(sampling_alpha, "sampling_alpha") <= 1.0:
+            raise ValueError(f"sampling_alpha must be in [0, 1], got {sampling_alpha!r}")
+        self.sampling_alpha = float(sampling_alpha)
+        self.samples_per_epoch = _check_optional_int(samples_per_epoch, "samples_per_epoch", 1)
+        self.val_samples = _check_optional_int(val_samples, "val_samples", 1)
+        self.foreground_tries = _check_int(foreground_tries, "foreground_tries", 0)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = _check_int(prefetch_factor, "prefetch_factor", 1)
+        self.max_open_files = _check_int(max_open_files, "max_open_files", 1)
+        self.verify_on_setup = bool(verify_on_setup)
+        self.axis = axis
+        self.cache_dir = Path(cache_dir)
+        self.transform = SliceTransform(
+            size,
+            slices=slices,
+            crop_scale=crop_scale,
+            crop_ratio=crop_ratio,
+            hflip_prob=hflip_prob,
+            interpolation=interpolation,
+            antialias=antialias,
+            ct_windows=ct_windows,
+            ct_window_mode=ct_window_mode,
+            percentiles=percentiles,
+            foreground_fraction=foreground_fraction,
+            foreground_hu=foreground_hu,
+            foreground_level=foreground_level,
+        )
+        self.train_dataset: CacheSliceDataset | None = None
+        self.val_dataset: CacheSliceDataset | None = None
+        #: per split: series kept, slices, and drop counts by reason (filled by ``setup``)
+        self.setup_report: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ what the model needs to know
+
+    @property
+    def channels(self) -> int:
+        """Channels of every sample: ``slices`` x (number of CT windows in ``"channels"`` mode, else 1)."""
+        return self.transform.channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of every sample."""
+        return self.transform.out_size
+
+    def preprocessing(self) -> dict[str, Any]:
+        """JSON-able record of every data choice, for the checkpoint/export card (no paths, no PHI)."""
+        record: dict[str, Any] = {
+            "version": PREPROCESSING_VERSION,
+            "source": "medmae cache (canonical LPS (Z, Y, X) arrays; HU for CT)",
+            "axis": self.axis,
+            "slice_order": {
+                "axial": "inferior -> superior",
+                "coronal": "anterior -> posterior",
+                "sagittal": "patient right -> left",
+            }[self.axis],
+            "plane_orientation": {
+                "axial": "rows anterior -> posterior, columns patient right -> left",
+                "coronal": "rows superior -> inferior, columns patient right -> left",
+                "sagittal": "rows superior -> inferior, columns anterior -> posterior",
+            }[self.axis],
+            "images": "single 2D images use their one plane, repeated to every slice channel",
+        }
+        record.update(self.transform.describe())
+        record["selection"] = {
+            "modalities": self.modalities,
+            "min_size": self.min_size,
+            "min_slices": self.min_slices,
+            "include_images": self.include_images,
+            "max_anisotropy": self.max_anisotropy if self.axis != "axial" else None,
+            "splits": {"train": "train", "val": "val"},
+        }
+        record["sampling"] = {
+            "policy": "series weight n_slices**alpha, slices uniform within a series, with replacement",
+            "alpha": self.sampling_alpha,
+            "samples_per_epoch": self.samples_per_epoch,
+            "val_samples": self.val_samples,
+            "foreground_tries": self.foreground_tries,
+        }
+        record["seed"] = self.seed
+        record["rng"] = "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation"
+        return record
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_split(self, split: str, rows: Sequence[ManifestRow]) -> CacheSliceDataset | None:
+        selection = select_series(
+            rows,
+            split=split,
+            axis=self.axis,
+            modalities=self.modalities,
+            min_size=self.min_size,
+            min_slices=self.min_slices,
+            include_images=self.include_images,
+            max_anisotropy=self.max_anisotropy,
+        )
+        kept, dropped = selection.rows, Counter(selection.dropped)
+        total = len(selection.rows) + sum(selection.dropped.values())
+        if self.verify_on_setup:
+            kept, unreadable = verify_entries(self.cache_dir, kept)
+            if unreadable:
+                logger.warning(
+                    "%s split: dropped %d unreadable cache entries at setup (%s)",
+                    split,
+                    sum(unreadable.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(unreadable.items())),
+                )
+            dropped.update(unreadable)
+        index = SliceIndex(kept, self.axis, self.sampling_alpha)
+        self.setup_report[split] = {**index.describe(), "dropped": dict(sorted(dropped.items()))}
+        logger.info("%s split: %s", split, self.setup_report[split])
+        if len(index) == 0:
+            if split == "train":
+                raise NoUsableDataError(
+                    f"no usable training slices in cache {self.cache_dir}: {total} train series, dropped "
+                    f"{dict(sorted(dropped.items())) or 'none'}; check modalities, "
+                    f"min_size, min_slices, axis and the cache's reject report"
+                )
+            return None
+        positions = None
+        random_crop = split == "train"
+        if split == "val" and self.val_samples is not None:
+            positions = index.draw(np.random.default_rng([self.seed, STREAM_VAL_POSITIONS]), self.val_samples)
+        return CacheSliceDataset(
+            self.cache_dir,
+            index,
+            self.transform,
+            seed=self.seed,
+            random_crop=random_crop,
+            positions=positions,
+            foreground_tries=self.foreground_tries,
+            max_open_files=self.max_open_files,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the manifest and build the indices the stage needs (``fit``: train + val)."""
+        need_train = stage in (None, "fit") and self.train_dataset is None
+        need_val = stage in (None, "fit", "validate") and self.val_dataset is None and "val" not in self.setup_report
+        if not (need_train or need_val):
+            return
+        rows = load_manifest(self.cache_dir).rows
+        if need_train:
+            self.train_dataset = self._build_split("train", rows)
+        if need_val:
+            self.val_dataset = self._build_split("val", rows)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        return distributed_context()
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+        }
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+    def train_sampler(self) -> EpochWeightedSampler:
+        """A new sampler over the training index for this process's rank."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        replicas, rank = self._replicas()
+        # Default epoch: one draw per indexed slice, but never less than one full batch per device
+        # (draws are with replacement, so a tiny cache still trains instead of yielding no batch).
+        samples = self.samples_per_epoch or max(len(self.train_dataset.index), self.batch_size * replicas)
+        sampler = EpochWeightedSampler(
+            self.train_dataset.index, samples, seed=self.seed, num_replicas=replicas, rank=rank
+        )
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"samples_per_epoch gives {len(sampler)} samples per device, fewer than batch_size "
+                f"{self.batch_size}: no full batch per epoch (raise samples_per_epoch or lower batch_size)"
+            )
+        return sampler
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_sampler()
+        return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None and "val" not in self.setup_report:
+            self.setup("validate")
+        if self.val_dataset is None:
+            warnings.warn("the cache has no usable validation series: validation is skipped", stacklevel=2)
+            return []
+        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())

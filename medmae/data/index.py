@@ -1,0 +1,233 @@
+"""Which series and slices the dataset draws from, and how often.
+
+Two steps, both pure functions of the manifest rows (no array is read here):
+
+1. :func:`select_series` keeps the rows of one split that pass the filters (modality, minimum plane
+   size, minimum slice count, anisotropy for sagittal/coronal slicing) and counts why the others were
+   dropped.
+2. :class:`SliceIndex` lays the kept series' slices along one axis end to end, so a flat *position*
+   ``0 <= p < len(index)`` names one (series, slice) pair, and holds the sampling weights.
+
+Sampling policy: series ``i`` with ``n_i`` slices gets probability ``n_i**alpha / sum_j n_j**alpha`` and
+its slices share it equally (each slice ``n_i**(alpha - 1)``, normalised). ``alpha = 1`` is uniform over
+slices (a 600-slice CT counts 600 times a chest X-ray); ``alpha = 0`` is uniform over series (every
+X-ray counts as much as a whole CT); the default ``alpha = 0.5`` sits between (the CT counts
+``sqrt(600) ~ 24.5`` X-rays).
+
+Planes along each axis, with the cache's canonical (Z, Y, X) = (inferior->superior, anterior->posterior,
+right->left) arrays:
+
+==========  ==============  ===============================  ============================
+axis        slices along    plane rows (top -> bottom)       plane columns (left -> right)
+==========  ==============  ===============================  ============================
+axial       Z (inf -> sup)  Y: anterior -> posterior         X: patient right -> left
+coronal     Y (ant -> post) Z reversed: superior -> inferior X: patient right -> left
+sagittal    X (right->left) Z reversed: superior -> inferior Y: anterior -> posterior
+==========  ==============  ===============================  ============================
+
+Series of kind ``image`` (one 2D picture, Z == 1) are always used as their single (Y, X) plane,
+whatever the axis.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medmae.data.cache import ManifestRow
+
+#: Slicing axes and the array axis (of the canonical (Z, Y, X) array) that each one steps along.
+AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
+def plane_geometry(row: ManifestRow, axis: str) -> tuple[int, int, int]:
+    """``(n_slices, height, width)`` of the 2D planes of ``row`` when slicing along ``axis``."""
+    z, y, x = row.shape
+    if row.kind == "image" or axis == "axial":
+        return z, y, x
+    if axis == "coronal":
+        return y, z, x
+    return x, z, y
+
+
+def plane_anisotropy(row: ManifestRow, axis: str) -> float:
+    """Ratio of the larger to the smaller pixel spacing of the planes along ``axis`` (1.0 = square)."""
+    sz, sy, sx = row.spacing
+    if row.kind == "image" or axis == "axial":
+        a, b = sy, sx
+    elif axis == "coronal":
+        a, b = sz, sx
+    else:
+        a, b = sz, sy
+    return max(a, b) / min(a, b)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows kept by :func:`select_series` and, per reason, how many rows of the split were dropped."""
+
+    rows: tuple[ManifestRow, ...]
+    dropped: Counter[str]
+
+
+def select_series(
+    rows: Iterable[ManifestRow],
+    *,
+    split: str,
+    axis: str = "axial",
+    modalities: Sequence[str] | None = None,
+    min_size: int = 1,
+    min_slices: int = 1,
+    include_images: bool = True,
+    max_anisotropy: float = 1.5,
+) -> Selection:
+    """Keep the rows of ``split`` that the dataset can use.
+
+    Args:
+        rows: manifest rows (any order; the result keeps it).
+        split: ``"train"`` or ``"val"``; rows of other splits are ignored (not counted as dropped).
+        axis: slicing axis, one of :data:`AXES`.
+        modalities: modality codes to keep (case-insensitive), or ``None`` for all.
+        min_size: smallest allowed plane height and width, in pixels (reason ``min_size``).
+        min_slices: smallest allowed number of slices of a ``volume`` along ``axis`` (reason
+            ``min_slices``); ``image`` series are exempt.
+        include_images: keep series of kind ``image`` (X-rays etc.; reason ``image``).
+        max_anisotropy: for ``coronal``/``sagittal`` slicing of volumes, the largest allowed ratio of
+            the plane's two pixel spacings (reason ``anisotropy``): a 5 mm-slice CT cut sagittally would
+            give pixels 5x taller than wide. Axial planes and images are not checked.
+
+    Returns:
+        The kept rows and a ``Counter`` of drop reasons.
+    """
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
+    wanted = None if modalities is None else {m.upper() for m in modalities}
+    kept: list[ManifestRow] = []
+    dropped: Counter[str] = Counter()
+    for row in rows:
+        if row.split != split:
+            continue
+        n, h, w = plane_geometry(row, axis)
+        if wanted is not None and row.modality.upper() not in wanted:
+            dropped["modality"] += 1
+        elif row.kind == "image" and not include_images:
+            dropped["image"] += 1
+        elif min(h, w) < min_size:
+            dropped["min_size"] += 1
+        elif row.kind == "volume" and n < min_slices:
+            dropped["min_slices"] += 1
+        elif row.kind == "volume" and axis != "axial" and plane_anisotropy(row, axis) > max_anisotropy:
+            dropped["anisotropy"] += 1
+        else:
+            kept.append(row)
+    return Selection(rows=tuple(kept), dropped=dropped)
+
+
+def series_weights(n_slices: np.ndarray, alpha: float) -> np.ndarray:
+    """Probability of each series under the ``n_slices ** alpha`` policy (sums to 1).
+
+    Examples::
+
+        >>> series_weights(np.array([1, 4]), 0.5).round(3).tolist()
+        [0.333, 0.667]
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"sampling_alpha must be in [0, 1], got {alpha!r}")
+    n = np.asarray(n_slices, dtype=np.float64)
+    if n.size == 0 or (n <= 0).any():
+        raise ValueError("series_weights needs at least one series, each with at least one slice")
+    w = n**alpha
+    return w / w.sum()
+
+
+class SliceIndex:
+    """Flat index of the (series, slice) pairs of some series along one axis, with sampling weights.
+
+    Position ``p`` belongs to series ``i`` when ``offsets[i] <= p < offsets[i + 1]``; its slice number is
+    ``p - offsets[i]``. Memory is O(number of series), whatever the number of slices.
+
+    Args:
+        rows: the series, in order (usually :attr:`Selection.rows`); may be empty.
+        axis: slicing axis, one of :data:`AXES`.
+        alpha: sampling exponent in [0, 1] (see the module docstring).
+
+    Examples::
+
+        index = SliceIndex(rows, "axial", alpha=0.5)
+        series, slice_ = index.locate(17)
+        positions = index.draw(np.random.default_rng(0), 1000)
+    """
+
+    def __init__(self, rows: Sequence[ManifestRow], axis: str = "axial", alpha: float = 0.5) -> None:
+        if axis not in AXES:
+            raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"sampling_alpha must be in [0, 1], got {alpha!r}")
+        self.rows: tuple[ManifestRow, ...] = tuple(rows)
+        self.axis = axis
+        self.alpha = float(alpha)
+        geometry = np.array([plane_geometry(r, axis) for r in self.rows], dtype=np.int64).reshape(-1, 3)
+        self.n_slices: np.ndarray = geometry[:, 0]
+        self.plane_shapes: np.ndarray = geometry[:, 1:]
+        self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(self.n_slices)]).astype(np.int64)
+        if self.rows:
+            self.series_probs: np.ndarray = series_weights(self.n_slices, self.alpha)
+            self._cum = np.cumsum(self.series_probs)
+        else:
+            self.series_probs = np.zeros(0)
+            self._cum = np.zeros(0)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_series(self) -> int:
+        return len(self.rows)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(series, slice)`` of a flat position."""
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} out of range for an index of {len(self)} slices")
+        series = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return series, int(position - self.offsets[series])
+
+    def plane_shape(self, series: int) -> tuple[int, int]:
+        """``(height, width)`` of the planes of one series."""
+        h, w = self.plane_shapes[series]
+        return int(h), int(w)
+
+    def slice_probabilities(self) -> np.ndarray:
+        """Probability of every position under the policy (length ``len(self)``, sums to 1)."""
+        return np.repeat(self.series_probs / self.n_slices, self.n_slices)
+
+    def draw(self, rng: np.random.Generator, size: int | None = None) -> np.ndarray | int:
+        """Draw positions with replacement under the policy: a series by weight, then a slice uniformly.
+
+        Args:
+            rng: the generator to consume (exactly two uniform draws per position).
+            size: number of positions, or ``None`` for a single ``int``.
+        """
+        if not self.rows:
+            raise ValueError("cannot draw from an empty slice index")
+        n = 1 if size is None else int(size)
+        u_series = rng.random(n)
+        u_slice = rng.random(n)
+        series = np.minimum(np.searchsorted(self._cum, u_series * self._cum[-1], side="right"), len(self.rows) - 1)
+        counts = self.n_slices[series]
+        slices = np.minimum((u_slice * counts).astype(np.int64), counts - 1)
+        positions = self.offsets[series] + slices
+        return int(positions[0]) if size is None else positions
+
+    def describe(self) -> dict[str, object]:
+        """Counts for logs and reports (no ids)."""
+        kinds = Counter(r.kind for r in self.rows)
+        modalities = Counter(r.modality for r in self.rows)
+        return {
+            "series": self.num_series,
+            "slices": len(self),
+            "kinds": dict(sorted(kinds.items())),
+            "modalities": dict(sorted(modalities.items())),
+        }

@@ -1,0 +1,113 @@
+"""Deterministic weighted sampling whose keys carry the epoch to the (possibly persistent) workers.
+
+Each epoch :class:`EpochWeightedSampler` draws ``samples_per_epoch`` positions with replacement from a
+:class:`~medmae.data.index.SliceIndex` (series by weight, then a slice uniformly) with
+``numpy.random.default_rng([seed, 2, epoch])``, numbers the draws ``0 .. samples_per_epoch - 1`` and
+hands rank ``r`` of ``R`` the draws ``r, r + R, r + 2R, ...`` (the remainder of ``samples_per_epoch / R``
+is dropped so every rank takes the same number of steps). It yields :class:`SampleKey` tuples
+``(epoch, draw, position)``; the dataset seeds each sample's RNG from ``(seed, epoch, draw)``, so a
+sample depends on nothing a worker holds: results are the same for any ``num_workers``, with or
+without ``persistent_workers``, and change from epoch to epoch.
+
+It subclasses ``torch.utils.data.DistributedSampler`` so that Lightning (``use_distributed_sampler``)
+leaves it in place and calls :meth:`set_epoch` on it every epoch, on any Lightning version. Replica
+count and rank default to the initialised ``torch.distributed`` process group (1 and 0 without one).
+With a plain DataLoader, call ``set_epoch(e)`` like for any ``DistributedSampler``; if ``set_epoch`` is
+never called, each new iteration advances the epoch by one by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from medmae.data.index import SliceIndex
+
+#: First entries of the ``default_rng`` seed lists, one per random stream (never reused for another).
+STREAM_TRAIN_SAMPLE = 0
+STREAM_FIXED_SAMPLE = 1
+STREAM_SAMPLER = 2
+STREAM_VAL_POSITIONS = 3
+
+
+class SampleKey(NamedTuple):
+    """What the sampler yields for one training sample."""
+
+    epoch: int
+    draw: int  # number of the draw within the epoch, over all ranks
+    position: int  # flat position in the SliceIndex
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(num_replicas, rank)`` of the initialised process group, or ``(1, 0)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochWeightedSampler(DistributedSampler):
+    """Weighted sampling with replacement, reproducible per ``(seed, epoch)``, sharded by rank.
+
+    Args:
+        index: the slice index to draw from (its weights define the policy).
+        samples_per_epoch: draws per epoch over all ranks; default ``len(index)``.
+        seed: base seed (>= 0).
+        num_replicas: number of ranks; default from ``torch.distributed`` (1 without a process group).
+        rank: this rank; default from ``torch.distributed`` (0 without a process group).
+
+    Examples::
+
+        sampler = EpochWeightedSampler(dataset.index, seed=0)
+        loader = DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=8)
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader: ...
+    """
+
+    def __init__(
+        self,
+        index: SliceIndex,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if len(index) == 0:
+            raise ValueError("cannot sample from an empty slice index")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        world, this_rank = distributed_context()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+        super().__init__(index, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.index = index
+        self.samples_per_epoch = int(samples_per_epoch or len(index))
+        self.num_samples = self.samples_per_epoch // self.num_replicas
+        self.total_size = self.num_samples * self.num_replicas
+        self._explicit_epoch = False
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._explicit_epoch = True
+
+    def epoch_positions(self, epoch: int) -> np.ndarray:
+        """All ``total_size`` positions drawn in ``epoch`` (every rank's, in draw order)."""
+        rng = np.random.default_rng([self.seed, STREAM_SAMPLER, epoch])
+        return np.asarray(self.index.draw(rng, self.total_size))
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        epoch = int(self.epoch)
+        if not self._explicit_epoch:
+            self.epoch += 1
+        positions = self.epoch_positions(epoch)
+        for draw in range(self.rank, self.total_size, self.num_replicas):
+            yield SampleKey(epoch, draw, int(positions[draw]))
+
+    def __len__(self) -> int:
+        return self.num_samples
