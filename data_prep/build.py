@@ -1,0 +1,242 @@
+"""Build: one series plan -> one cache entry (array + sidecar), or per-file rejects.
+
+Runs in pool workers. A series is built at most once: its sidecar (written last by
+:func:`medmae.data.cache.write_series`) marks it done, and a rerun skips it. Files dropped while
+building a series that still got built (a truncated end slice, say) are remembered in a small
+state file written *before* the sidecar, so a resumed run reports exactly what an uninterrupted
+run reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.decode import (
+    NonFiniteValues,
+    StackAssembler,
+    modality_values,
+    read_dicom_frames,
+    read_nifti,
+    store_values,
+)
+from data_prep.deid import quiet_libraries
+from data_prep.geometry import RAS_TO_LPS, check_stack, stack_affine, to_canonical
+from data_prep.reasons import Reason
+from data_prep.series import SeriesPlan
+from medmae.data.cache import (
+    CacheFormatError,
+    SeriesRecord,
+    compute_stats,
+    read_sidecar,
+    series_array_path,
+    sidecar_path,
+    write_json_atomic,
+    write_series,
+)
+
+log = logging.getLogger("data_prep")
+
+#: data_prep's own bookkeeping inside the cache (pseudonymous only; the reader ignores it).
+STATE_DIRNAME = "prep_state"
+
+
+@dataclass(frozen=True)
+class BuildTask:
+    """Everything a worker needs to build one series; ids are already pseudonymised."""
+
+    plan: SeriesPlan
+    series_id: str
+    patient_id: str
+    file_ids: dict[str, str]  # rel -> file pseudonym, for the plan's files
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """Outcome of one task: the record when built (or found built), and rejected file ids."""
+
+    series_id: str
+    record: SeriesRecord | None
+    rejects: dict[str, Reason]  # file pseudonym -> reason
+    skipped: bool = False
+
+
+class _Rejected(Exception):
+    """Internal: the whole series is rejected; ``per_file`` says why for each file."""
+
+    def __init__(self, per_file: dict[str, Reason]) -> None:
+        super().__init__("rejected")
+        self.per_file = per_file
+
+
+def dropped_state_path(cache_dir: Path, series_id: str) -> Path:
+    return Path(cache_dir) / STATE_DIRNAME / "dropped" / f"{series_id}.json"
+
+
+def already_built(task: BuildTask) -> BuildResult | None:
+    """The result of a previous run, if the series' sidecar exists and is valid (resume)."""
+    cache = Path(task.cache_dir)
+    if not sidecar_path(cache, task.series_id).is_file():
+        return None
+    try:
+        record = read_sidecar(cache, task.series_id)
+    except CacheFormatError:
+        return None
+    if not (cache / record.array).is_file():
+        return None
+    dropped: dict[str, Reason] = {}
+    state = dropped_state_path(cache, task.series_id)
+    if state.is_file():
+        try:
+            dropped = {k: Reason(v) for k, v in json.loads(state.read_text("utf-8"))["dropped"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable bookkeeping: rebuild to be sure of the report
+    return BuildResult(task.series_id, record, dropped, skipped=True)
+
+
+def build_series(task: BuildTask) -> BuildResult:
+    """Build one series into the cache. Data problems never raise (reasons; unexpected ones ->
+    ``build_failed``); machine problems (disk full) do, and a rerun resumes."""
+    done = already_built(task)
+    if done is not None:
+        return done
+    fid = task.file_ids
+    try:
+        with quiet_libraries():
+            array, affine, spacing, dropped = _decode(task.plan)
+        array = np.ascontiguousarray(array)
+        record = _record(task, array, affine, spacing)
+    except _Rejected as r:
+        return BuildResult(task.series_id, None, {fid[rel]: reason for rel, reason in r.per_file.items()})
+    except Exception as e:  # a bug guard: one odd series must not stop the run
+        log.warning("series %s: build failed (%s)", task.series_id, e.__class__.__name__)
+        return BuildResult(task.series_id, None, {fid[rel]: Reason.BUILD_FAILED for rel in task.plan.rels})
+    # From here on errors are the machine's (disk full, permissions): let them stop the run; a rerun resumes.
+    rejects = {fid[rel]: reason for rel, reason in dropped.items()}
+    for file_id, reason in sorted(rejects.items()):
+        log.info("series %s: file %s dropped (%s)", task.series_id, file_id, reason.value)
+    state = dropped_state_path(Path(task.cache_dir), task.series_id)
+    if rejects:
+        write_json_atomic(state, {"dropped": {k: v.value for k, v in sorted(rejects.items())}})
+    else:
+        state.unlink(missing_ok=True)
+    write_series(Path(task.cache_dir), record, array)
+    return BuildResult(task.series_id, record, rejects)
+
+
+def _record(task: BuildTask, array: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...]) -> SeriesRecord:
+    plan = task.plan
+    return SeriesRecord(
+        series_id=task.series_id,
+        patient_id=task.patient_id,
+        modality=plan.modality,
+        source=plan.source,
+        kind=plan.kind,
+        array=series_array_path(task.series_id),
+        shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        dtype=str(array.dtype),
+        intensity="HU" if plan.modality == "CT" else "raw",
+        stats=compute_stats(array),
+        affine=tuple(tuple(float(v) for v in row) for row in affine),
+    )
+
+
+# ----------------------------------------------------------------------------- decoding per source
+
+
+def _decode(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
+    """-> (array (Z, Y, X) in storage dtype, affine, spacing (Z, Y, X), files dropped on the way)."""
+    if plan.source == "nifti":
+        return _decode_nifti(plan)
+    return _decode_dicom(plan)
+
+
+def _decode_nifti(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
+    rel = plan.slices[0].rel
+    try:
+        data, affine_ras = read_nifti(plan.slices[0].path)
+    except Exception as e:
+        raise _Rejected({rel: Reason.PIXEL_DECODE_FAILED}) from e
+    if data.dtype.kind not in "iuf" or data.dtype.names is not None:
+        raise _Rejected({rel: Reason.UNSUPPORTED_NIFTI})
+    try:
+        values = store_values(data, plan.modality)
+    except NonFiniteValues as e:
+        raise _Rejected({rel: Reason.NON_FINITE_VALUES}) from e
+    try:
+        array, affine, spacing = to_canonical(values, RAS_TO_LPS @ affine_ras)
+    except ValueError as e:
+        raise _Rejected({rel: Reason.UNSUPPORTED_NIFTI}) from e
+    return array, affine, spacing, {}
+
+
+def _decode_dicom(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
+    frames_of: dict[str, list[int]] = defaultdict(list)
+    path_of: dict[str, str] = {}
+    for s in plan.slices:
+        frames_of[s.rel].append(s.frame)
+        path_of[s.rel] = s.path
+
+    dropped: dict[str, Reason] = {}
+    values: dict[tuple[str, int], np.ndarray] = {}
+    monochrome1 = plan.photometric == "MONOCHROME1"
+    slices_of = defaultdict(list)
+    for s in plan.slices:
+        slices_of[s.rel].append(s)
+    for rel, frames in frames_of.items():
+        try:
+            raw, ds = read_dicom_frames(path_of[rel], frames, plan.rows, plan.columns)
+        except Exception:
+            dropped[rel] = Reason.PIXEL_DECODE_FAILED
+            continue
+        lut = ds if plan.has_modality_lut else None
+        for s in slices_of[rel]:
+            v = modality_values(
+                raw[s.frame],
+                s.slope,
+                s.intercept,
+                lut_dataset=lut,
+                monochrome1=monochrome1,
+                bits_stored=plan.bits_stored,
+                pixel_representation=plan.pixel_representation,
+            )
+            if v.dtype.kind == "f" and not np.isfinite(v).all():
+                dropped[rel] = Reason.NON_FINITE_VALUES
+                break
+            values[(rel, s.frame)] = v
+
+    keep = [s for s in plan.slices if s.rel not in dropped]
+    if not keep:
+        raise _Rejected(dropped)
+    slice_spacing = plan.slice_spacing
+    if dropped and plan.kind == "volume" and len(keep) > 1:
+        assert plan.orientation is not None and plan.pixel_spacing is not None
+        check = check_stack([s.position for s in keep], plan.orientation, plan.pixel_spacing)  # type: ignore[misc]
+        if check.reason is not None:
+            raise _Rejected({**dropped, **{s.rel: check.reason for s in keep}})
+        keep = [keep[i] for i in check.order]
+        slice_spacing = check.spacing
+
+    assembler = StackAssembler()
+    for s in keep:
+        assembler.add(values.pop((s.rel, s.frame)))
+    native = assembler.finish(plan.modality)  # (k, row j, column i)
+
+    if plan.kind == "image":
+        row_sp, col_sp = plan.pixel_spacing or (1.0, 1.0)
+        affine = np.diag([float(col_sp), float(row_sp), 1.0, 1.0])
+        return native, affine, (1.0, float(row_sp), float(col_sp)), dropped
+
+    assert plan.orientation is not None and plan.pixel_spacing is not None and keep[0].position is not None
+    if slice_spacing is None:  # a single slice: its nominal slab width, else 1 mm
+        slice_spacing = plan.nominal_spacing or 1.0
+    affine_native = stack_affine(keep[0].position, plan.orientation, plan.pixel_spacing, slice_spacing)
+    array, affine, spacing = to_canonical(native.transpose(2, 1, 0), affine_native)
+    return array, affine, spacing, dropped

@@ -1,0 +1,132 @@
+"""``medmae prep`` / ``python -m data_prep``: archive -> de-identified training cache.
+
+    medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
+                [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--quiet]
+    medmae prep merge CACHE_DIR [--shards N] [--quiet]
+
+Exit status 0 when the run completed (rejected files are normal and are counted in the report),
+2 with a one-line message when the arguments cannot work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from data_prep.pipeline import PrepError, merge_shards, prep_archive
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected i/N (e.g. 0/4), got {text!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or i >= n:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < N, got {text!r}")
+    return i, n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def _prep_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="medmae prep",
+        description="Scan DICOM/NIfTI archives and build the de-identified training cache. "
+        "Use `medmae prep merge CACHE_DIR` to combine --shard runs.",
+    )
+    p.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE_DIR", help="folders to scan recursively")
+    p.add_argument("--out", required=True, type=Path, metavar="CACHE_DIR", help="cache directory (created)")
+    p.add_argument("--workers", type=_positive_int, default=_default_workers(),
+                   help="processes for scanning and building (default: all available CPUs)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="i/N",
+                   help="build only part i of N (0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    p.add_argument("--salt-file", type=Path, default=None, metavar="F",
+                   help="secret key of the pseudonyms, outside the cache (default: CACHE_DIR.salt; created)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of patients in 'val' (default 0.1)")
+    p.add_argument("--path-map", type=Path, default=None, metavar="FILE",
+                   help="also write pseudonym -> archive path JSON here (outside the cache; hospital use only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="medmae prep merge", description="Combine the results of `medmae prep --shard i/N` runs.")
+    p.add_argument("cache_dir", type=Path, metavar="CACHE_DIR")
+    p.add_argument("--shards", type=_positive_int, default=None, metavar="N",
+                   help="shard count to merge when results of several counts are present")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    merge = bool(args_list) and args_list[0] == "merge"
+    parser = _merge_parser() if merge else _prep_parser()
+    try:
+        args = parser.parse_args(args_list[1:] if merge else args_list)
+    except _UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="medmae prep: %(message)s")
+    try:
+        if merge:
+            summary = merge_shards(args.cache_dir, shards=args.shards)
+        else:
+            summary = prep_archive(
+                args.archives,
+                args.out,
+                workers=args.workers,
+                salt_file=args.salt_file,
+                val_fraction=args.val_fraction,
+                shard=args.shard,
+                path_map=args.path_map,
+                progress=not args.quiet,
+            )
+    except PrepError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    if not (merge and args.quiet):
+        print(summary.format())
+    return 0

@@ -1,0 +1,209 @@
+"""Decode: pixels -> modality-LUT values -> the stored dtype (per-modality policy).
+
+Policy (docs/data_prep.md, "Intensities and dtypes"):
+
+* values are the modality-LUT output: RescaleSlope/Intercept (or a Modality LUT Sequence) applied, so
+  CT is in HU; other modalities keep their scanner units (``intensity = "raw"``);
+* MONOCHROME1 is inverted within the value range the header allows (``lo + hi - v``), so higher is
+  brighter for every stored image, and integers stay integers;
+* CT is stored as ``int16`` when every value is an integer in int16 range, else ``float32``;
+* other modalities use the smallest of ``uint8``, ``int16``, ``uint16`` holding every value exactly
+  (that order), else ``float32``;
+* NaN/Inf anywhere rejects the file (``non_finite_values``); nothing is silently cleaned.
+
+Each file is decoded exactly once: a multi-frame file hands out all the frames a plan needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_INT_CANDIDATES_CT = (np.int16,)
+_INT_CANDIDATES = (np.uint8, np.int16, np.uint16)
+
+
+class NonFiniteValues(ValueError):
+    """The decoded values contain NaN or +/-Inf."""
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int) -> tuple[dict[int, np.ndarray], Any]:
+    """Decode the requested frames of one DICOM file (pydicom + pylibjpeg decoders).
+
+    Returns ``({frame: stored values}, dataset)``; the dataset is kept for a Modality LUT Sequence.
+    Raises on truncated/corrupt pixel data or a matrix that disagrees with the header.
+    """
+    import pydicom
+
+    # force: scan already recognised it (bare datasets too); defer: vendor blobs are never read,
+    # the pixel data is read once, straight into the decoder
+    ds = pydicom.dcmread(path, force=True, defer_size="4 KB")
+    if "TransferSyntaxUID" not in ds.file_meta:  # a bare dataset: its encoding is the syntax
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
+    arr = ds.pixel_array
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    if n_frames == 1 and arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (rows, columns) or arr.shape[0] < n_frames:
+        raise ValueError(f"pixel array {arr.shape} does not match the header ({n_frames}, {rows}, {columns})")
+    return {f: arr[f] for f in frames}, ds
+
+
+def stored_range(bits_stored: int, pixel_representation: int) -> tuple[int, int]:
+    """Range of the stored pixel values the header allows."""
+    bits = max(1, min(int(bits_stored), 32))
+    if pixel_representation == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def modality_values(
+    raw: np.ndarray,
+    slope: float,
+    intercept: float,
+    *,
+    lut_dataset: Any = None,
+    monochrome1: bool = False,
+    bits_stored: int = 16,
+    pixel_representation: int = 0,
+) -> np.ndarray:
+    """Stored values -> modality-LUT output (integer arithmetic when the rescale is integral).
+
+    MONOCHROME1 is inverted as ``lo + hi - v`` where ``[lo, hi]`` is the output range of all the
+    stored values the header allows (or of the LUT), which keeps the range and exactness.
+    """
+    if lut_dataset is not None:
+        from pydicom.pixels import apply_modality_lut
+
+        values = np.asarray(apply_modality_lut(raw, lut_dataset))
+        lut = np.asarray(lut_dataset.ModalityLUTSequence[0].LUTData, dtype=np.float64)
+        lo, hi = float(lut.min()), float(lut.max())
+    elif raw.dtype.kind == "f":
+        values = raw.astype(np.float64) * slope + intercept if (slope != 1 or intercept != 0) else raw
+        lo, hi = (float(np.min(values)), float(np.max(values))) if monochrome1 else (0.0, 0.0)
+    else:
+        smin, smax = stored_range(bits_stored, pixel_representation)
+        ends = (smin * slope + intercept, smax * slope + intercept)
+        lo, hi = min(ends), max(ends)
+        if float(slope).is_integer() and float(intercept).is_integer():
+            wide = np.int32 if raw.itemsize <= 2 and abs(slope) < 2**14 and abs(intercept) < 2**30 else np.int64
+            values = raw.astype(wide, copy=raw.dtype != wide)
+            if slope != 1:
+                values *= int(slope)
+            if intercept != 0:
+                values += int(intercept)
+        else:
+            values = raw.astype(np.float64) * slope + intercept
+    if monochrome1:
+        total = lo + hi
+        if values.dtype.kind in "iu" and float(total).is_integer():
+            values = np.int64(total) - values.astype(np.int64)
+        else:
+            values = total - values.astype(np.float64)
+    return values
+
+
+# ----------------------------------------------------------------------------- dtype policy
+
+
+def storage_dtype(modality: str, integral: bool, lo: float, hi: float) -> np.dtype:
+    """The per-modality storage dtype for values in ``[lo, hi]`` (see module docstring)."""
+    if integral:
+        for cand in _INT_CANDIDATES_CT if modality == "CT" else _INT_CANDIDATES:
+            info = np.iinfo(cand)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(cand)
+    return np.dtype(np.float32)
+
+
+def compact(values: np.ndarray) -> tuple[np.ndarray, bool, float, float]:
+    """One slice/volume's values in a compact exact form: ``(array, integral, min, max)``.
+
+    Integer-valued floats become integers; non-integral floats become float32 (the final dtype
+    then has to be float32 anyway). Raises :class:`NonFiniteValues` on NaN/Inf.
+    """
+    if values.size == 0:
+        raise ValueError("empty pixel array")
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            raise NonFiniteValues("NaN or Inf values")
+        lo, hi = float(values.min()), float(values.max())
+        if np.array_equal(values, np.round(values)) and -(2**62) < lo and hi < 2**62:
+            values = values.astype(np.int64)
+        else:
+            return values.astype(np.float32, copy=values.dtype != np.float32), False, lo, hi
+    lo, hi = int(values.min()), int(values.max())
+    for cand in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64):
+        info = np.iinfo(cand)
+        if info.min <= lo and hi <= info.max:
+            return values.astype(cand, copy=values.dtype != cand), True, float(lo), float(hi)
+    raise AssertionError("unreachable")
+
+
+class StackAssembler:
+    """Collects slices (each already :func:`compact`) and emits one array in the policy dtype.
+
+    Keeping slices compact until the dtype is known keeps peak memory near twice the final array.
+    """
+
+    def __init__(self) -> None:
+        self._slices: list[np.ndarray] = []
+        self._integral = True
+        self._lo = float("inf")
+        self._hi = float("-inf")
+
+    def add(self, values: np.ndarray) -> None:
+        arr, integral, lo, hi = compact(values)
+        self._slices.append(arr)
+        self._integral &= integral
+        self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def finish(self, modality: str) -> np.ndarray:
+        dtype = storage_dtype(modality, self._integral, self._lo, self._hi)
+        out = np.empty((len(self._slices),) + self._slices[0].shape, dtype=dtype)
+        for k, s in enumerate(self._slices):
+            out[k] = s
+        self._slices.clear()
+        return out
+
+
+def store_values(values: np.ndarray, modality: str) -> np.ndarray:
+    """A whole array (NIfTI volume) in the policy dtype."""
+    arr, integral, lo, hi = compact(values)
+    return arr.astype(storage_dtype(modality, integral, lo, hi), copy=False)
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel values (x, y, z) with scl_slope/inter applied, and the RAS+ affine; 4D -> first volume.
+
+    Truncated ``.nii.gz`` files load lazily and raise (EOFError, zlib.error, ...) only here.
+    """
+    import nibabel as nib
+
+    img = nib.load(path)
+    shape = img.shape
+    if len(shape) > 3:
+        data = np.asarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
+    else:
+        data = np.asarray(img.dataobj)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise ValueError(f"unsupported NIfTI shape {shape}")
+    return data, np.asarray(img.affine, dtype=np.float64)

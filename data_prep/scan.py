@@ -1,0 +1,495 @@
+"""Scan: walk the archive and read one header record per file, never stopping on a bad file.
+
+DICOM is recognised by content (preamble ``DICM`` or a plausible first data element), not by
+extension; NIfTI by ``.nii`` / ``.nii.gz``. Headers are read with ``stop_before_pixels`` in a
+process pool, in chunks, and every failure becomes a reject record with a reason code. Records keep
+raw identifiers (UIDs, PatientID) in memory only, for grouping and for keyed pseudonyms; nothing
+here is ever written out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.deid import quiet_libraries
+from data_prep.reasons import Reason
+from data_prep.workers import worker_pool
+
+#: Files per task sent to a scan worker: large enough to amortise pickling, small enough to balance.
+SCAN_CHUNK = 128
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Modalities that never carry an image we can train on (used when the SOP class is unknown).
+NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "REG", "ECG", "HD", "DOC",
+     "FID", "PLAN", "RWV", "AU", "EPS", "RESP", "BDUS", "M3D", "TEXTUREMAP", "OSS"}
+)
+_COLOR_PHOTOMETRIC_PREFIXES = ("RGB", "YBR", "PALETTE", "HSV", "ARGB", "CMYK")
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV"
+    .split()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameInfo:
+    """Geometry and rescale of one frame (a classic file has exactly one).
+
+    ``split`` holds the per-frame values that separate stacks sharing a series UID: echo number,
+    echo time, temporal position, diffusion b-value, stack id (enhanced files) and diffusion
+    gradient direction, as canonical strings ('' when absent).
+    """
+
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) in mm
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    slope: float
+    intercept: float
+    split: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DicomHeader:
+    """What series assembly and decoding need from one DICOM file (raw ids: memory only)."""
+
+    sop_class: str
+    sop_instance: str
+    series_uid: str
+    patient_key: str
+    modality: str
+    rows: int
+    columns: int
+    photometric: str
+    bits_stored: int
+    pixel_representation: int
+    has_modality_lut: bool
+    acquisition_number: str
+    projection: bool  # a 2D projection picture (CR/DX/MG/XA/..., secondary capture): kind "image"
+    enhanced: bool  # multi-frame with per-frame functional groups
+    frames: tuple[FrameInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRecord:
+    """One input file (or unreadable folder): where it is, what it is, or why it is rejected.
+
+    ``rel`` (``"<archive index>/<path relative to the archive>"``) is the stable key the file's
+    pseudonym is derived from; ``path`` is only used to open the file.
+    """
+
+    rel: str
+    path: str
+    kind: str  # "dicom" | "nifti" | "reject"
+    reason: Reason | None = None
+    dicom: DicomHeader | None = None
+    is_directory: bool = False
+
+
+# ----------------------------------------------------------------------------- walk
+
+
+def walk(archives: Sequence[Path], exclude: Iterable[Path] = ()) -> Iterator[tuple[str, str, bool]]:
+    """Yield ``(path, rel, unreadable_directory)`` for every file below the archives, sorted.
+
+    Folders that cannot be listed are yielded once with ``unreadable_directory=True`` (os.walk's
+    ``onerror``) instead of aborting; ``exclude`` (the cache itself, say) is pruned.
+    """
+    excluded = {os.path.realpath(p) for p in exclude}
+    for index, root in enumerate(archives):
+        root = os.fspath(root)
+        errors: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
+            while errors:
+                yield from _error_entries(errors.pop(0), root, index)
+            real_dir = os.path.realpath(dirpath)  # once per folder, not per file
+            dirnames[:] = sorted(d for d in dirnames if os.path.join(real_dir, d) not in excluded)
+            for name in sorted(filenames):
+                if os.path.join(real_dir, name) in excluded:
+                    continue
+                path = os.path.join(dirpath, name)
+                yield path, f"{index}/{os.path.relpath(path, root)}", False
+        while errors:
+            yield from _error_entries(errors.pop(0), root, index)
+
+
+def _error_entries(err: OSError, root: str, index: int) -> Iterator[tuple[str, str, bool]]:
+    path = err.filename if isinstance(err.filename, str) else root
+    yield path, f"{index}/{os.path.relpath(path, root)}", True
+
+
+# ----------------------------------------------------------------------------- per-file read
+
+
+def scan_file(path: str, rel: str) -> ScanRecord:
+    """Classify one file and read its header; any failure becomes a reject record."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+    if st.st_size == 0:
+        return ScanRecord(rel, path, "reject", Reason.EMPTY_FILE)
+    lower = os.path.basename(path).lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return _scan_nifti(path, rel)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+    if lower == "dicomdir":
+        return ScanRecord(rel, path, "reject", Reason.DICOMDIR)
+    kind = sniff_dicom(head)
+    if kind is None:
+        return ScanRecord(rel, path, "reject", Reason.NOT_RECOGNISED)
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=kind == "raw")
+        header_or_reason = dicom_header(ds)
+    except Exception:  # a broken header must not stop the scan
+        return ScanRecord(rel, path, "reject", Reason.DICOM_UNREADABLE)
+    if isinstance(header_or_reason, Reason):
+        if header_or_reason is Reason.NO_PIXEL_DATA and kind == "raw":
+            header_or_reason = Reason.NOT_RECOGNISED  # a lucky first tag, not DICOM after all
+        return ScanRecord(rel, path, "reject", header_or_reason)
+    return ScanRecord(rel, path, "dicom", dicom=header_or_reason)
+
+
+def sniff_dicom(head: bytes) -> str | None:
+    """``"part10"`` (preamble + DICM), ``"raw"`` (a bare dataset, no preamble/meta) or None.
+
+    A bare dataset must start with a group 0002/0008 element in either byte order with an
+    explicit VR or a small implicit length; this keeps ``force=True`` away from random files.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "part10"
+    if len(head) < 8:
+        return None
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)  # type: ignore[arg-type]
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6] in _VRS:
+            return "raw"
+        if int.from_bytes(head[4:8], order) < 0x10000:  # type: ignore[arg-type]
+            return "raw"
+    return None
+
+
+def _scan_nifti(path: str, rel: str) -> ScanRecord:
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        with quiet_libraries():
+            img = nib.load(path)
+    except Exception:
+        return ScanRecord(rel, path, "reject", Reason.NIFTI_UNREADABLE)
+    if type(img) not in (nib.Nifti1Image, nib.Nifti2Image):  # CIFTI-2 and friends are matrices
+        return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
+    dtype = img.get_data_dtype()
+    if dtype.names is not None or dtype.kind == "V":
+        return ScanRecord(rel, path, "reject", Reason.COLOR_IMAGE)  # RGB24 / RGBA32
+    if dtype.kind == "c":
+        return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
+    shape = img.shape
+    if len(shape) < 2 or any(s < 1 for s in shape) or any(s != 1 for s in shape[4:]):
+        return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
+    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
+    return ScanRecord(rel, path, "nifti")
+
+
+# ----------------------------------------------------------------------------- header parsing
+
+
+def dicom_header(ds: Any) -> DicomHeader | Reason:
+    """Extract a :class:`DicomHeader` from a header-only dataset, or the reason it is not usable."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds.get("SOPClassUID")) or _text(meta.get("MediaStorageSOPClassUID") if meta else None)
+    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return Reason.DICOMDIR
+    modality = _modality(ds.get("Modality"))
+    sop_name = UID(sop_class).name if sop_class else ""
+    known_sop = bool(sop_class) and sop_name != sop_class
+    if known_sop and "Image Storage" not in sop_name:
+        return Reason.NON_IMAGE_SOP
+    if not known_sop and modality in NON_IMAGE_MODALITIES:
+        return Reason.NON_IMAGE_SOP
+    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if not rows or not columns:
+        return Reason.NO_PIXEL_DATA
+    image_type = {v.strip().upper() for v in _texts(ds.get("ImageType"))}
+    if image_type & {"LOCALIZER", "SCOUT"}:
+        return Reason.LOCALIZER
+    if "MOSAIC" in image_type:
+        return Reason.MOSAIC
+    if _text(ds.get("BurnedInAnnotation")).upper() == "YES":  # pixels may show names: privacy first
+        return Reason.BURNED_IN_ANNOTATION
+    photometric = _text(ds.get("PhotometricInterpretation")).upper()
+    if (_int(ds.get("SamplesPerPixel")) or 1) != 1 or photometric.startswith(_COLOR_PHOTOMETRIC_PREFIXES):
+        return Reason.COLOR_IMAGE
+    if _int(ds.get("BitsAllocated")) == 1:
+        return Reason.UNSUPPORTED_PIXEL_FORMAT
+    n_frames = _int(ds.get("NumberOfFrames")) or 1
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if enhanced:
+        frames = _enhanced_frames(ds, n_frames)
+    elif n_frames > 1:
+        return Reason.MULTIFRAME_WITHOUT_GEOMETRY
+    else:
+        frames = (_classic_frame(ds),)
+    projection = modality in PROJECTION_MODALITIES or any(k in sop_name for k in _PROJECTION_SOP_WORDS)
+    return DicomHeader(
+        sop_class=sop_class,
+        sop_instance=_text(ds.get("SOPInstanceUID")),
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        patient_key=_patient_key(ds),
+        modality=modality,
+        rows=rows,
+        columns=columns,
+        photometric=photometric or "MONOCHROME2",
+        bits_stored=_int(ds.get("BitsStored")) or _int(ds.get("BitsAllocated")) or 16,
+        pixel_representation=_int(ds.get("PixelRepresentation")) or 0,
+        has_modality_lut="ModalityLUTSequence" in ds,
+        acquisition_number=_text(ds.get("AcquisitionNumber")),
+        projection=projection,
+        enhanced=enhanced,
+        frames=frames,
+    )
+
+
+#: 2D projection modalities: every instance is its own picture (kind "image"), whatever its series.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "XA", "RF", "RG", "DG"})
+_PROJECTION_SOP_WORDS = ("X-Ray", "Radiography", "Secondary Capture")
+
+
+def _classic_frame(ds: Any) -> FrameInfo:
+    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+    return FrameInfo(
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=spacing,
+        slice_thickness=_float(ds.get("SliceThickness")),
+        spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+        slope=_float(ds.get("RescaleSlope"), 1.0),
+        intercept=_float(ds.get("RescaleIntercept"), 0.0),
+        split=(
+            _num_key(ds.get("EchoNumbers")),
+            _num_key(ds.get("EchoTime")),
+            _num_key(ds.get("TemporalPositionIdentifier")),
+            _num_key(ds.get("DiffusionBValue")),
+            "",
+            _vec_key(ds.get("DiffusionGradientOrientation")),
+        ),
+    )
+
+
+def _enhanced_frames(ds: Any, n_frames: int) -> tuple[FrameInfo, ...]:
+    """Per-frame geometry of an enhanced multi-frame file (per-frame group, else shared group)."""
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per = ds.PerFrameFunctionalGroupsSequence
+    top_slope, top_intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+
+    def get(item: Any, seq: str, attr: str) -> Any:
+        for group in (item, shared):
+            if group is None:
+                continue
+            s = group.get(seq)
+            if s:
+                v = s[0].get(attr)
+                if v is not None:
+                    return v
+        return None
+
+    frames = []
+    for i in range(n_frames):
+        item = per[i] if i < len(per) else None
+        frames.append(
+            FrameInfo(
+                position=_floats(get(item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                orientation=_floats(get(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                pixel_spacing=_floats(get(item, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                slice_thickness=_float(get(item, "PixelMeasuresSequence", "SliceThickness")),
+                spacing_between_slices=_float(get(item, "PixelMeasuresSequence", "SpacingBetweenSlices")),
+                slope=_float(get(item, "PixelValueTransformationSequence", "RescaleSlope"), top_slope),
+                intercept=_float(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), top_intercept),
+                split=(
+                    "",
+                    _num_key(get(item, "MREchoSequence", "EffectiveEchoTime")),
+                    _num_key(get(item, "FrameContentSequence", "TemporalPositionIndex")),
+                    _num_key(get(item, "MRDiffusionSequence", "DiffusionBValue")),
+                    _text(get(item, "FrameContentSequence", "StackID")),
+                    _gradient_key(item, shared),
+                ),
+            )
+        )
+    return tuple(frames)
+
+
+def _gradient_key(item: Any, shared: Any) -> str:
+    """Diffusion gradient direction of an enhanced frame (nested two sequences deep)."""
+    for group in (item, shared):
+        diffusion = group.get("MRDiffusionSequence") if group is not None else None
+        if diffusion:
+            direction = diffusion[0].get("DiffusionGradientDirectionSequence")
+            if direction:
+                return _vec_key(direction[0].get("DiffusionGradientOrientation"))
+    return ""
+
+
+def _patient_key(ds: Any) -> str:
+    """Raw patient identity: PatientID, else name + birth date, else the study (one patient per study)."""
+    pid = _text(ds.get("PatientID"))
+    if pid:
+        return "id:" + pid
+    name, birth = _text(ds.get("PatientName")), _text(ds.get("PatientBirthDate"))
+    if name:
+        return f"name:{name}\0{birth}"
+    study = _text(ds.get("StudyInstanceUID"))
+    if study:
+        return "study:" + study
+    return "series:" + _text(ds.get("SeriesInstanceUID"))
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    if hasattr(v, "value") and not isinstance(v, str | bytes):  # a DataElement
+        v = v.value
+    if isinstance(v, bytes):
+        v = v.decode("latin-1")
+    return str(v).strip().strip("\0").strip()
+
+
+def _texts(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str | bytes):
+        return [_text(x) for x in _text(v).split("\\")]
+    try:
+        return [_text(x) for x in v]
+    except TypeError:
+        return [_text(v)]
+
+
+def _modality(v: Any) -> str:
+    m = _text(v).upper()
+    return m if m and len(m) <= 16 and all(c.isalnum() or c == "_" for c in m) else "OT"
+
+
+def _float(v: Any, default: float | None = None) -> Any:
+    if v is None:
+        return default
+    try:
+        if not isinstance(v, str | bytes | int | float):
+            v = v[0] if len(v) else None  # a multi-valued DS: take the first
+            if v is None:
+                return default
+        x = float(v)
+    except (TypeError, ValueError, IndexError):
+        return default
+    return x if x == x and abs(x) != float("inf") else default
+
+
+def _int(v: Any) -> int | None:
+    x = _float(v)
+    return int(x) if x is not None and float(x).is_integer() else None
+
+
+def _floats(v: Any, n: int) -> Any:
+    if v is None:
+        return None
+    try:
+        xs = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    if len(xs) != n or any(x != x or abs(x) == float("inf") for x in xs):
+        return None
+    return xs
+
+
+def _vec_key(v: Any) -> str:
+    xs = _floats(v, 3)
+    return "" if xs is None else ",".join(f"{x:.4f}" for x in xs)
+
+
+def _num_key(v: Any) -> str:
+    """A split value as a canonical string ('' when absent) so 5, '5.0' and 5.000001 compare equal."""
+    x = _float(v)
+    return "" if x is None else f"{x:.6g}"
+
+
+# ----------------------------------------------------------------------------- pool driver
+
+
+def scan_batch(items: Sequence[tuple[str, str]]) -> list[ScanRecord]:
+    """Worker entry point: scan a chunk of files with library chatter silenced."""
+    with quiet_libraries():
+        return [scan_file(path, rel) for path, rel in items]
+
+
+def scan_archives(
+    archives: Sequence[Path],
+    *,
+    workers: int = 1,
+    exclude: Iterable[Path] = (),
+    on_progress: Callable[[int], None] | None = None,
+) -> list[ScanRecord]:
+    """Scan every file below ``archives``; one record per file (and per unreadable folder), sorted by rel.
+
+    With ``workers > 1`` header reads run in a process pool, ``SCAN_CHUNK`` files per task, while the
+    walk goes on; at most ``4 * workers`` chunks are in flight so memory stays flat on huge trees.
+    """
+    records: list[ScanRecord] = []
+
+    def done(batch: list[ScanRecord]) -> None:
+        records.extend(batch)
+        if on_progress is not None:
+            on_progress(len(batch))
+
+    chunk: list[tuple[str, str]] = []
+    if workers <= 1:
+        for path, rel, bad_dir in walk(archives, exclude):
+            if bad_dir:
+                records.append(ScanRecord(rel, path, "reject", Reason.UNREADABLE_DIRECTORY, is_directory=True))
+                continue
+            chunk.append((path, rel))
+            if len(chunk) >= SCAN_CHUNK:
+                done(scan_batch(chunk))
+                chunk = []
+        if chunk:
+            done(scan_batch(chunk))
+    else:
+        with worker_pool(workers) as pool:
+            pending: set[Future[list[ScanRecord]]] = set()
+            for path, rel, bad_dir in walk(archives, exclude):
+                if bad_dir:
+                    records.append(
+                        ScanRecord(rel, path, "reject", Reason.UNREADABLE_DIRECTORY, is_directory=True)
+                    )
+                    continue
+                chunk.append((path, rel))
+                if len(chunk) >= SCAN_CHUNK:
+                    pending.add(pool.submit(scan_batch, chunk))
+                    chunk = []
+                    if len(pending) >= 4 * workers:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            done(fut.result())
+            if chunk:
+                pending.add(pool.submit(scan_batch, chunk))
+            for fut in pending:
+                done(fut.result())
+    records.sort(key=lambda r: r.rel)
+    return records
