@@ -2,23 +2,33 @@
 
 ``medmae.data.cache`` is the on-disk contract with ``data_prep``; everything else here only reads it.
 See docs/data.md for the options and policies.
+
+Names are imported lazily: ``data_prep`` imports ``medmae.data.cache`` and must not pay for torch
+and Lightning at every ``medmae prep`` start.
 """
 
-from medmae.data.datamodule import CacheDataModule, NoUsableDataError
-from medmae.data.dataset import CacheSliceDataset
-from medmae.data.index import AXES, SliceIndex, select_series
-from medmae.data.sampler import EpochWeightedSampler, SampleKey
-from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
+from __future__ import annotations
 
-__all__ = [
-    "AXES",
-    "DEFAULT_CT_WINDOWS",
-    "CacheDataModule",
-    "CacheSliceDataset",
-    "EpochWeightedSampler",
-    "NoUsableDataError",
-    "SampleKey",
-    "SliceIndex",
-    "SliceTransform",
-    "select_series",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AXES": "medmae.data.index",
+    "DEFAULT_CT_WINDOWS": "medmae.data.transforms",
+    "CacheDataModule": "medmae.data.datamodule",
+    "CacheSliceDataset": "medmae.data.dataset",
+    "EpochWeightedSampler": "medmae.data.sampler",
+    "NoUsableDataError": "medmae.data.datamodule",
+    "SampleKey": "medmae.data.sampler",
+    "SliceIndex": "medmae.data.index",
+    "SliceTransform": "medmae.data.transforms",
+    "select_series": "medmae.data.index",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medmae.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

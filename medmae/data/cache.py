@@ -355,10 +355,16 @@ def load_manifest(cache_dir: Path) -> Manifest:
 
 
 def compute_stats(array: np.ndarray) -> dict[str, float]:
-    """Intensity statistics stored in a record (``STAT_KEYS``), computed in float64 over all voxels."""
+    """Intensity statistics stored in a record (``STAT_KEYS``), over all voxels.
+
+    Integer arrays (the common case: int16 HU) go through a histogram: exact same values as
+    ``np.percentile``'s linear interpolation, no float64 copy of the volume, and several times faster.
+    """
     a = np.asarray(array)
     if a.size == 0:
         raise ValueError("cannot compute statistics of an empty array")
+    if a.dtype.kind in "iu" and a.dtype.itemsize <= 2:
+        return _integer_stats(a.reshape(-1))
     flat = a.reshape(-1)
     pcts = np.percentile(flat, PERCENTILES)
     stats = {
@@ -368,4 +374,30 @@ def compute_stats(array: np.ndarray) -> dict[str, float]:
         "std": float(flat.std(dtype=np.float64)),
     }
     stats.update({f"p{p:g}": float(v) for p, v in zip(PERCENTILES, pcts, strict=True)})
+    return stats
+
+
+_HIST_CHUNK = 1 << 20
+
+
+def _integer_stats(flat: np.ndarray) -> dict[str, float]:
+    lo, hi = int(flat.min()), int(flat.max())
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    for start in range(0, flat.size, _HIST_CHUNK):  # chunks stay in cache: ~4x faster than one bincount
+        counts += np.bincount(flat[start : start + _HIST_CHUNK].astype(np.intp) - lo, minlength=len(counts))
+    values = np.arange(lo, hi + 1, dtype=np.float64)
+    n = flat.size
+    mean = float(np.dot(counts, values) / n)
+    std = float(np.sqrt(np.dot(counts, (values - mean) ** 2) / n))
+    cumulative = np.cumsum(counts)
+
+    def sorted_value(i: int) -> float:  # the i-th smallest voxel value (0-based)
+        return float(values[np.searchsorted(cumulative, i, side="right")])
+
+    stats = {"min": float(lo), "max": float(hi), "mean": mean, "std": std}
+    for p in PERCENTILES:
+        pos = p / 100.0 * (n - 1)
+        below = int(np.floor(pos))
+        low, high = sorted_value(below), sorted_value(min(below + 1, n - 1))
+        stats[f"p{p:g}"] = low + (high - low) * (pos - below)
     return stats
