@@ -94,8 +94,8 @@ class CacheDataModule(pl.LightningDataModule):
         slices: adjacent planes per sample, stacked as channels in increasing array index along the
             axis (axial: inferior -> superior); clamped at the ends of a series (edge plane repeated).
             Single images (X-rays) repeat their one plane. 1 = plain 2D.
-        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``; the latter two only use volumes whose plane
-            pixels are at most ``max_anisotropy`` times taller than wide (or vice versa).
+        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``; only volumes whose planes along it have
+            pixels at most ``max_anisotropy`` times taller than wide (or vice versa) are used.
         batch_size: per-device batch size.
         num_workers: DataLoader worker processes (0 = load in the main process).
         seed: base seed (>= 0) of all sampling and augmentation randomness.
@@ -103,7 +103,7 @@ class CacheDataModule(pl.LightningDataModule):
         min_size: smallest plane height/width in pixels; smaller series are dropped.
         min_slices: smallest number of planes of a volume along ``axis``; images are exempt.
         include_images: use single 2D images (kind ``image``: CR/DX/MG...).
-        max_anisotropy: largest plane pixel-spacing ratio for coronal/sagittal slicing.
+        max_anisotropy: largest plane pixel-spacing ratio of a volume along ``axis``.
         sampling_alpha: series weight ``n_slices ** alpha``, slices equal within a series
             (0 = every series equal, 1 = every slice equal).
         samples_per_epoch: training samples per epoch over all devices; default: the number of
@@ -268,7 +268,7 @@ class CacheDataModule(pl.LightningDataModule):
             "min_size": self.min_size,
             "min_slices": self.min_slices,
             "include_images": self.include_images,
-            "max_anisotropy": self.max_anisotropy if self.axis != "axial" else None,
+            "max_anisotropy": self.max_anisotropy,
             "splits": {"train": "train", "val": "val"},
         }
         record["sampling"] = {

@@ -3,7 +3,7 @@
 Two steps, both pure functions of the manifest rows (no array is read here):
 
 1. :func:`select_series` keeps the rows of one split that pass the filters (modality, minimum plane
-   size, minimum slice count, anisotropy for sagittal/coronal slicing) and counts why the others were
+   size, minimum slice count, plane anisotropy) and counts why the others were
    dropped.
 2. :class:`SliceIndex` lays the kept series' slices along one axis end to end, so a flat *position*
    ``0 <= p < len(index)`` names one (series, slice) pair, and holds the sampling weights.
@@ -95,9 +95,10 @@ def select_series(
         min_slices: smallest allowed number of slices of a ``volume`` along ``axis`` (reason
             ``min_slices``); ``image`` series are exempt.
         include_images: keep series of kind ``image`` (X-rays etc.; reason ``image``).
-        max_anisotropy: for ``coronal``/``sagittal`` slicing of volumes, the largest allowed ratio of
-            the plane's two pixel spacings (reason ``anisotropy``): a 5 mm-slice CT cut sagittally would
-            give pixels 5x taller than wide. Axial planes and images are not checked.
+        max_anisotropy: for volumes, the largest allowed ratio of the plane's two pixel spacings
+            (reason ``anisotropy``): a 5 mm-slice CT cut sagittally would give pixels 5x taller than
+            wide, and so do the axial planes of a sagittally acquired MR stack (the cache stores
+            every series in the same anatomical orientation). Images are not checked.
 
     Returns:
         The kept rows and a ``Counter`` of drop reasons.
@@ -119,7 +120,7 @@ def select_series(
             dropped["min_size"] += 1
         elif row.kind == "volume" and n < min_slices:
             dropped["min_slices"] += 1
-        elif row.kind == "volume" and axis != "axial" and plane_anisotropy(row, axis) > max_anisotropy:
+        elif row.kind == "volume" and plane_anisotropy(row, axis) > max_anisotropy:
             dropped["anisotropy"] += 1
         else:
             kept.append(row)

@@ -38,6 +38,12 @@ def test_select_series_counts_each_drop_reason() -> None:
     assert sagittal.dropped["anisotropy"] == 1
     assert "xr" in [r.series_id for r in sagittal.rows]
 
+    # a sagittal acquisition (few thick slices along X) has stretched axial planes: dropped axially too
+    sag_stack = shape_row("sagstack", (64, 64, 12), spacing=(0.8, 0.8, 5.0))
+    axial_of_sag = select_series([sag_stack], split="train", min_size=8, max_anisotropy=2.0)
+    assert list(axial_of_sag.rows) == []
+    assert axial_of_sag.dropped == {"anisotropy": 1}
+
     assert [r.series_id for r in select_series(rows, split="val").rows] == ["valct"]
 
 
