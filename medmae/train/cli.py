@@ -14,6 +14,7 @@ that names the field.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -45,14 +46,22 @@ class MedMAECLI(LightningCLI):
 
 
 def run_cli(subcommand: str, argv: Sequence[str]) -> MedMAECLI:
-    """Run one LightningCLI subcommand with medmae's model and datamodule."""
-    return MedMAECLI(
-        MAEPretrainModule,
-        CacheDataModule,
-        args=[subcommand, *argv],
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-    )
+    """Run one LightningCLI subcommand with medmae's model and datamodule.
+
+    LightningCLI reads ``sys.argv`` itself (and warns when given ``args`` beside it), so the command
+    line it sees is set to exactly ``medmae <subcommand> <argv>`` for the duration of the run.
+    """
+    saved = sys.argv
+    sys.argv = ["medmae", subcommand, *argv]
+    try:
+        return MedMAECLI(
+            MAEPretrainModule,
+            CacheDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = saved
 
 
 def fit_main(argv: Sequence[str]) -> int:

@@ -1,0 +1,18 @@
+"""Fixtures shared across test packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_prep import prep_archive
+from medmae.demo import sample_archives
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache built by data_prep from the real sample scans bundled with pydicom and nibabel."""
+    work = tmp_path_factory.mktemp("sample_cache")
+    prep_archive(sample_archives(), work / "cache", workers=1, salt_file=work / "salt", progress=False)
+    return work / "cache"
