@@ -40,11 +40,11 @@ DEMO_MODEL: dict = {
     "decoder_depth": 2,
     "decoder_num_heads": 4,
     "norm_pix_loss": False,  # plain pixels: the reconstruction PNG is easier to read on a tiny model
-    "blr": 1.0e-3,
+    "blr": 1.0e-2,  # lr = blr * 32 / 256 = 1.25e-3: a tiny model on little data takes a high lr
     "warmup_steps": 20,
     "min_lr": 1.0e-5,
 }
-DEMO_DATA: dict = {"img_size": 64, "slices": 1, "batch_size": 32, "min_size": 32}
+DEMO_DATA: dict = {"img_size": 64, "slices": 1, "batch_size": 32, "min_size": 32, "samples_per_epoch": 3200}
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_demo(workdir: Path, steps: int, workers: int, progress: bool = True) -> 
 
     _say("[3/3] exporting the encoder and the last reconstruction grid")
     recon = next(cb for cb in trainer.callbacks if isinstance(cb, ReconstructionLogger))
-    png = save_grid_png(recon.last_grid, workdir / "reconstruction.png")
+    png = save_grid_png(recon.last_grid, workdir / "reconstruction.png", scale=3)  # 64-px tiles are tiny
     encoder = export_encoder(
         module.model, workdir / "encoder", data.preprocessing(), {"global_step": trainer.global_step}
     )
@@ -124,7 +124,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="medmae demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("medmae_demo"), help="output directory")
-    parser.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300)")
+    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps (default 1000)")
     parser.add_argument("--workers", type=int, default=2, help="processes for prep and data loading")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(list(argv))

@@ -29,8 +29,8 @@ class ThroughputLogger(Callback):
         self._steps: deque[tuple[int, float]] = deque(maxlen=window)
         self._last: float | None = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = None  # do not count the gap between epochs (validation, loader restart)
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None  # validation time is not training throughput
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -119,9 +119,11 @@ def reconstruction_grid(
     return make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)
 
 
-def save_grid_png(grid: torch.Tensor, path: Path) -> Path:
-    """Write a grid from :func:`reconstruction_grid` as a PNG (parent folders created)."""
+def save_grid_png(grid: torch.Tensor, path: Path, scale: int = 1) -> Path:
+    """Write a grid from :func:`reconstruction_grid` as a PNG, enlarged ``scale`` times (nearest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
     save_image(grid, path)
     return path
