@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,8 @@ def main(argv: Sequence[str]) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # Lightning 2.6 on torch >= 2.10 warns about a deprecated torch pytree API on every run: not ours
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     out = run_demo(args.workdir, args.steps, max(1, args.workers), progress=not args.quiet)
     _say(
         "\nmedmae demo finished. Everything is in " + str(args.workdir.resolve()) + ":\n"
