@@ -97,55 +97,14 @@ def write_archive(root: Path, n_series: int, n_slices: int, size: int) -> list[l
     return files
 
 
-def build_cache(archive: Path, files: list[list[Path]], cache: Path) -> str:
-    """Build the cache with data_prep if possible, else through cache.py; returns how it was built."""
+def build_cache(archive: Path, cache: Path) -> str:
+    """Build the cache with ``data_prep`` (the real path); returns how it was built."""
+    from data_prep import prep_archive
+
     if (cache / "manifest.json").is_file():
-        return (cache / ".built_by").read_text() if (cache / ".built_by").is_file() else "existing cache"
-    try:
-        from data_prep import prep_archive
-
-        summary = prep_archive([archive], cache, workers=2, salt_file=cache.parent / "bench.salt", progress=False)
-        how = f"data_prep.prep_archive ({summary.series_built if hasattr(summary, 'series_built') else '?'} series)"
-    except Exception as e:  # noqa: BLE001 - any failure of the concurrent module means: fall back
-        how = f"medmae.data.cache fallback (data_prep unavailable: {e.__class__.__name__}: {e})"
-        write_cache_directly(files, cache)
-    (cache / ".built_by").write_text(how)
-    return how
-
-
-def write_cache_directly(files: list[list[Path]], cache: Path) -> None:
-    import pydicom
-
-    from medmae.data.cache import (
-        ManifestRow,
-        SeriesRecord,
-        compute_stats,
-        series_array_path,
-        write_manifest,
-        write_series,
-    )
-
-    rows = []
-    for s, series_files in enumerate(files):
-        volume = np.stack([pydicom.dcmread(f).pixel_array.astype(np.int16) + HU_INTERCEPT for f in series_files])
-        sid = f"bench{s:02d}"
-        record = SeriesRecord(
-            series_id=sid,
-            patient_id=f"benchp{s:02d}",
-            modality="CT",
-            source="dicom",
-            kind="volume",
-            array=series_array_path(sid),
-            shape=tuple(volume.shape),
-            spacing=(1.0, 0.7, 0.7),
-            dtype="int16",
-            intensity="HU",
-            stats=compute_stats(volume),
-            affine=((0.7, 0, 0, -179.2), (0, 0.7, 0, -179.2), (0, 0, 1.0, 0), (0, 0, 0, 1)),
-        )
-        write_series(cache, record, volume)
-        rows.append(ManifestRow.from_record(record, "train"))
-    write_manifest(cache, rows, val_fraction=0.0)
+        return "existing cache"
+    summary = prep_archive([archive], cache, workers=2, salt_file=cache.parent / "bench.salt", progress=False)
+    return f"data_prep.prep_archive ({summary.series_built} series)"
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -273,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     archive, cache = args.work / "archive", args.work / "cache"
     t0 = time.perf_counter()
     files = write_archive(archive, args.series, args.slices_per_series, 512)
-    how = build_cache(archive, files, cache)
+    how = build_cache(archive, cache)
     print(f"archive: {args.series} series x {args.slices_per_series} slices, 512² int16 CT (rescale -1024)")
     print(f"cache built by: {how} ({time.perf_counter() - t0:.1f} s incl. archive)")
     print(f"output {args.size}², batch {args.batch}, torch threads 1, median of {args.repeats} runs\n")
