@@ -102,7 +102,7 @@ class MAEPretrainModule(pl.LightningModule):
             decoder_mlp_ratio=decoder_mlp_ratio,
         )
         self.skipped_steps = 0
-        self.data_replacements = {"skipped": 0, "rejected": 0}
+        self.data_replacements: dict[str, torch.Tensor] = {}
         self._nonfinite_pending = False
         self._mask_generator: torch.Generator | None = None
         self.effective_batch_size: int | None = None
@@ -149,11 +149,15 @@ class MAEPretrainModule(pl.LightningModule):
         return out.loss
 
     def _count_data_replacements(self, batch: dict[str, torch.Tensor]) -> None:
-        """Log how many samples the loader replaced (unreadable cache entry / background crop) so far."""
+        """Log how many samples the loader replaced (unreadable cache entry / background crop) so far.
+
+        The running counts stay on the batch's device: no host sync in the training step.
+        """
         for key, tag in (("skipped", "data/unreadable_entry_skips"), ("rejected", "data/background_rejects")):
             if key in batch:
-                self.data_replacements[key] += int(batch[key].sum())
-                self.log(tag, float(self.data_replacements[key]), on_step=True)
+                total = self.data_replacements.get(key, 0) + batch[key].sum().float()
+                self.data_replacements[key] = total
+                self.log(tag, total, on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]

@@ -137,3 +137,27 @@ def test_data_with_other_channels_stops_before_training(tmp_path: Path, tiny_mod
 def test_bad_optimiser_arguments_name_the_field(field: str, value, tiny_model_kwargs: dict) -> None:
     with pytest.raises(ValueError, match=f"model.{field}"):
         MAEPretrainModule(**tiny_model_kwargs, **{field: value})
+
+
+def test_loader_replacements_are_counted_across_steps(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    """Each sample reports its replacements (as CacheSliceDataset does); the module sums them over steps."""
+
+    class Reporting(torch.utils.data.Dataset):
+        def __init__(self, images: torch.Tensor) -> None:
+            self.images = images
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"image": self.images[i], "skipped": torch.tensor(i % 2), "rejected": torch.tensor(1)}
+
+    class WithCounts(TensorDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(Reporting(self.images), batch_size=self.batch_size)
+
+    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=0)
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(module, datamodule=WithCounts(smooth_images(4), batch_size=2))
+    assert t.callback_metrics["data/unreadable_entry_skips"].item() == 2.0  # samples 1 and 3
+    assert t.callback_metrics["data/background_rejects"].item() == 4.0
