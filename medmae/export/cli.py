@@ -1,4 +1,8 @@
-"""``medmae export CKPT --out DIR``: pretraining checkpoint -> encoder.safetensors + encoder.json."""
+"""``medmae export CKPT --out DIR``: pretraining checkpoint -> encoder.safetensors + encoder.json.
+
+The checkpoint is read once, with ``torch.load(weights_only=True)``: a file that carries code is
+refused, never executed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from medmae.export.encoder import CARD_NAME, export_checkpoint
+from medmae.export.card import CARD_NAME
+from medmae.export.encoder import CheckpointError, export_checkpoint
 
 
 def main(argv: Sequence[str]) -> int:
@@ -16,6 +21,11 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint not found: {args.checkpoint}")
-    weights = export_checkpoint(args.checkpoint, args.out)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a directory")
+    try:
+        weights = export_checkpoint(args.checkpoint, args.out)
+    except CheckpointError as e:
+        parser.error(str(e))
     print(f"encoder weights: {weights}\nencoder card:    {args.out / CARD_NAME}")
     return 0

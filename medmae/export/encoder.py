@@ -1,35 +1,58 @@
-"""Export the pretrained encoder: ``encoder.safetensors`` + a self-describing ``encoder.json`` card.
+"""Export the pretrained encoder (``encoder.safetensors`` + ``encoder.json`` card) and load it into timm.
 
 The weights are exactly a timm VisionTransformer ``state_dict`` (``num_classes=0``), so downstream
-code needs nothing from medmae to use them::
+code needs nothing from medmae to use them (the card-only rebuild, plain timm + safetensors)::
 
-    card = json.load(open("encoder.json"))
-    vit = timm.create_model(card["encoder"]["arch"], num_classes=0, in_chans=card["encoder"]["in_chans"],
-                            img_size=card["encoder"]["img_size"], **card["encoder"]["kwargs"])
+    card = json.load(open("encoder.json")); enc = card["encoder"]
+    vit = timm.create_model(enc["arch"], num_classes=0, in_chans=enc["in_chans"],
+                            img_size=enc["img_size"], **enc["kwargs"])
     vit.load_state_dict(safetensors.torch.load_file("encoder.safetensors"), strict=True)
 
-or simply :func:`load_timm_encoder`. The card also records the preprocessing used in pretraining
-(axis, slices, intensity windows, crop) so fine-tuning can feed the encoder what it learned on. It
-holds no paths and no patient information.
+or :func:`load_timm_encoder`, which also fits the weights to another input size or channel count,
+switches to the MAE fine-tuning head (``global_pool="avg"``) and tells timm's data-config helpers the
+true input. The card records the preprocessing used in pretraining (see
+:func:`medmae.export.preprocessing_from_card`); it holds no paths and no patient information.
 """
 
 from __future__ import annotations
 
-import json
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
 
 from medmae import __version__
 from medmae.data.cache import write_json_atomic
-from medmae.models import MaskedAutoencoder
+from medmae.export.adapt import adapt_state_dict
+from medmae.export.card import (
+    CARD_FORMAT,
+    CARD_NAME,
+    WEIGHTS_NAME,
+    CardError,
+    EncoderSpec,
+    check_encoder_section,
+    load_card,
+    weights_path,
+)
+from medmae.models import MaskedAutoencoder, as_hw
 
-CARD_FORMAT = 1
-WEIGHTS_NAME = "encoder.safetensors"
-CARD_NAME = "encoder.json"
+#: timm arguments a caller may not pass: weights come from the export folder and nowhere else.
+FORBIDDEN_OVERRIDES = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "features_only")
+
+
+class CheckpointError(ValueError):
+    """A file given to ``medmae export`` is not a loadable medmae pretraining checkpoint."""
+
+
+def versions() -> dict[str, str]:
+    """Library versions that produced an export (provenance for whoever loads it)."""
+    return {"medmae": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
 
 
 def encoder_card(
@@ -39,6 +62,7 @@ def encoder_card(
     return {
         "format": CARD_FORMAT,
         "producer": f"medmae {__version__}",
+        "versions": versions(),
         "weights": WEIGHTS_NAME,
         "encoder": model.encoder_config(),
         "pretraining": {
@@ -59,6 +83,8 @@ def export_encoder(
 ) -> Path:
     """Write weights + card into ``out_dir``; returns the weights path."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.encoder.state_dict().items()}
     weights = out_dir / WEIGHTS_NAME
@@ -67,37 +93,145 @@ def export_encoder(
     return weights
 
 
+def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    """Load a pretraining checkpoint once, safely (``weights_only``: no code in the file can run)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
+    try:
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"{ckpt_path}: not a loadable medmae checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict')")
+    if not isinstance(ckpt.get("hyper_parameters"), dict) or "variant" not in ckpt["hyper_parameters"]:
+        raise CheckpointError(f"{ckpt_path}: not a medmae pretraining checkpoint (no MAE 'hyper_parameters')")
+    return ckpt
+
+
 def export_checkpoint(ckpt_path: Path, out_dir: Path) -> Path:
     """Export the encoder of a pretraining checkpoint written by ``medmae fit`` / ``medmae demo``."""
     from medmae.train.module import MAEPretrainModule
 
-    module = MAEPretrainModule.load_from_checkpoint(str(ckpt_path), map_location="cpu")
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    extra = ckpt.get("medmae", {})
+    ckpt = read_checkpoint(ckpt_path)
+    try:
+        module = MAEPretrainModule(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt_path}: checkpoint does not rebuild its MAE ({str(e).splitlines()[0][:200]})")
+    extra = ckpt.get("medmae", {}) if isinstance(ckpt.get("medmae"), dict) else {}
     training = {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
     return export_encoder(module.model, out_dir, extra.get("preprocessing"), training)
 
 
-def load_card(export_dir: Path) -> dict[str, Any]:
-    card = json.loads((Path(export_dir) / CARD_NAME).read_text(encoding="utf-8"))
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{CARD_NAME}: field 'format' is {card.get('format')!r}, expected {CARD_FORMAT}")
-    return card
+# ----------------------------------------------------------------------------- loading
 
 
-def load_timm_encoder(export_dir: Path, **timm_kwargs: Any) -> torch.nn.Module:
-    """Build the timm ViT described by the card and load the exported weights strictly.
+def read_encoder_weights(export_dir: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The exported ``state_dict`` (safetensors: no code runs), checked finite; errors name the file."""
+    path = weights_path(Path(export_dir), card, str(Path(export_dir) / CARD_NAME))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CardError(f"{path}: unreadable safetensors file ({e})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CardError(f"{path}: tensor '{name}' holds NaN or Inf values")
+    return state
 
-    ``timm_kwargs`` (e.g. ``num_classes=2``, ``drop_path_rate=0.1``) go to ``timm.create_model``;
-    a new classification head stays freshly initialised.
+
+def _pretrained_cfg(in_chans: int, img_size: tuple[int, int], card: dict[str, Any]) -> dict[str, Any]:
+    """What timm's ``resolve_model_data_config`` should report: the true input, values in [0, 1] as is."""
+    resize = card.get("preprocessing", {}).get("resize", {})
+    interpolation = resize.get("interpolation", "bilinear") if isinstance(resize, dict) else "bilinear"
+    return {
+        "input_size": (in_chans, *img_size),
+        "mean": (0.0,) * in_chans,
+        "std": (1.0,) * in_chans,
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": 0,
+    }
+
+
+def create_timm_encoder(spec: EncoderSpec, card: dict[str, Any], **overrides: Any) -> VisionTransformer:
+    """``timm.create_model`` of the card's encoder with the caller's overrides winning (no weights)."""
+    bad = sorted(set(overrides) & set(FORBIDDEN_OVERRIDES))
+    if bad:
+        raise ValueError(f"load_timm_encoder: {bad} cannot be overridden; weights come from the export folder")
+    kwargs: dict[str, Any] = {"num_classes": 0, **spec.kwargs, "in_chans": spec.in_chans, "img_size": spec.img_size}
+    kwargs.update(overrides)
+    kwargs["img_size"] = as_hw(kwargs["img_size"])
+    in_chans = kwargs["in_chans"]
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"load_timm_encoder: in_chans must be an int >= 1, got {in_chans!r}")
+    patch = int(kwargs.get("patch_size", spec.patch_size))
+    if any(s % patch for s in kwargs["img_size"]):
+        raise ValueError(f"load_timm_encoder: img_size {list(kwargs['img_size'])} is not a multiple of patch {patch}")
+    cfg = _pretrained_cfg(in_chans, kwargs["img_size"], card)
+    try:
+        vit = timm.create_model(spec.arch, pretrained=False, pretrained_cfg_overlay=cfg, **kwargs)
+    except (TypeError, AssertionError) as e:
+        raise ValueError(f"load_timm_encoder: cannot build {spec.arch} with {overrides}: {e}") from None
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"load_timm_encoder: {spec.arch} with {overrides} is not a VisionTransformer")
+    return vit
+
+
+def load_timm_encoder(export_dir: str | Path, **overrides: Any) -> VisionTransformer:
+    """Build the card's timm ViT and load the exported weights, fitted to the caller's overrides.
+
+    ``overrides`` go to ``timm.create_model`` and win over the card (e.g. ``num_classes=2``,
+    ``drop_path_rate=0.1``, ``img_size=128``, ``in_chans=3``, ``global_pool="avg"``):
+
+    * a new ``img_size`` resamples the position embeddings (timm's ``resample_abs_pos_embed``);
+    * a new ``in_chans`` adapts the patch embedding by the equal-channel rule (``adapt.py``);
+    * ``global_pool="avg"`` is the MAE fine-tuning recipe: the encoder's final ``norm`` is dropped
+      and a fresh ``fc_norm`` normalises the averaged patch tokens;
+    * a classification head (``num_classes > 0``) stays freshly initialised.
+
+    Every other weight is loaded exactly; anything that does not fit raises ``ValueError`` naming
+    the keys. ``pretrained_cfg`` reports the real input (channels, size, mean 0 / std 1).
     """
     card = load_card(export_dir)
-    enc = card["encoder"]
-    kwargs = {"num_classes": 0, **enc["kwargs"], **timm_kwargs}
-    vit = timm.create_model(enc["arch"], pretrained=False, in_chans=enc["in_chans"], img_size=enc["img_size"], **kwargs)
-    state = load_file(str(Path(export_dir) / card["weights"]))
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    head_only = all(k.startswith("head.") for k in missing)
-    if unexpected or not head_only:
-        raise ValueError(f"exported encoder does not match {enc['arch']}: missing {missing}, unexpected {unexpected}")
+    spec = check_encoder_section(card["encoder"], str(Path(export_dir) / CARD_NAME))
+    vit = create_timm_encoder(spec, card, **overrides)
+    state = read_encoder_weights(Path(export_dir), card)
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+        raise CardError(f"{Path(export_dir) / WEIGHTS_NAME}: not a timm ViT state_dict (no pos_embed/patch_embed)")
+    old_grid = (spec.img_size[0] // spec.patch_size, spec.img_size[1] // spec.patch_size)
+    state = adapt_state_dict(
+        state, old_grid=old_grid, new_grid=tuple(vit.patch_embed.grid_size), in_chans=vit.patch_embed.proj.in_channels
+    )
+    fresh = ("head.",)
+    if isinstance(vit.norm, torch.nn.Identity):  # avg pooling with fc_norm: MAE fine-tuning drops `norm`
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        fresh += ("fc_norm.",)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        sizes = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise ValueError(f"exported encoder does not match {spec.arch} with {overrides}: {sizes}") from None
+    not_fresh = [k for k in missing if not k.startswith(fresh)]
+    if unexpected or not_fresh:
+        raise ValueError(
+            f"exported encoder does not match {spec.arch} with {overrides}: missing {not_fresh}, unexpected {unexpected}"
+        )
     return vit
+
+
+__all__ = [
+    "CARD_NAME",
+    "CheckpointError",
+    "WEIGHTS_NAME",
+    "create_timm_encoder",
+    "encoder_card",
+    "export_checkpoint",
+    "export_encoder",
+    "load_card",
+    "load_timm_encoder",
+    "read_checkpoint",
+    "read_encoder_weights",
+]

@@ -1,0 +1,161 @@
+"""An exported encoder inside MONAI ``UNETR`` (2D) through an explicit timm -> MONAI key map.
+
+MONAI's UNETR builds its own ``monai.networks.nets.ViT`` (patch 16, reads hidden states 3, 6, 9 and
+the normed output), whose parameter names differ from timm's. The map, per block ``i``::
+
+    timm                          MONAI (unetr.vit)
+    patch_embed.proj.{weight,bias} patch_embedding.patch_embeddings.{weight,bias}
+    pos_embed[:, 1:]              patch_embedding.position_embeddings
+    cls_token + pos_embed[:, :1]  cls_token                 (kept: see below)
+    blocks.i.norm1 / norm2        blocks.i.norm1 / norm2
+    blocks.i.attn.qkv             blocks.i.attn.qkv         (same (3, heads, head_dim) row layout)
+    blocks.i.attn.proj            blocks.i.attn.out_proj
+    blocks.i.mlp.fc1 / fc2        blocks.i.mlp.linear1 / linear2
+    norm                          norm
+
+MONAI's LayerNorms get timm's ``eps=1e-6`` so the two stacks compute the same function.
+
+The MAE encoder was pretrained with its class token attending beside the patches, so by default the
+token is kept: MONAI's ViT prepends a ``cls_token`` when it has one, and :class:`EncoderUNETR` (a
+``UNETR`` subclass) drops it before reshaping tokens into feature maps. Then every hidden state MONAI
+returns equals timm's block output (tested within 1e-5). ``cls_token=False`` gives a plain UNETR that
+never sees the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.networks.nets import UNETR
+from monai.networks.blocks.transformerblock import TransformerBlock
+from torch import nn
+
+from medmae.export.adapt import adapt_state_dict
+from medmae.export.card import CARD_NAME, EncoderSpec, check_encoder_section, load_card
+from medmae.export.encoder import read_encoder_weights
+from medmae.models import as_hw
+
+#: MONAI's UNETR reads these hidden states (0-based block outputs) and always uses 16-pixel patches.
+UNETR_HIDDEN_STATES = (3, 6, 9)
+UNETR_PATCH = 16
+
+
+class EncoderUNETR(UNETR):
+    """MONAI ``UNETR`` whose ViT keeps the pretrained class token; it is dropped before the decoder."""
+
+    def proj_feat(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.vit, "cls_token"):
+            x = x[:, 1:]
+        return super().proj_feat(x)
+
+
+def timm_to_monai_vit(state: dict[str, torch.Tensor], depth: int, cls_token: bool) -> dict[str, torch.Tensor]:
+    """Rename a timm ViT ``state_dict`` to MONAI ``ViT`` names (see the module docstring)."""
+    pos = state["pos_embed"]
+    out = {
+        "patch_embedding.patch_embeddings.weight": state["patch_embed.proj.weight"],
+        "patch_embedding.patch_embeddings.bias": state["patch_embed.proj.bias"],
+        "patch_embedding.position_embeddings": pos[:, 1:],
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
+    }
+    if cls_token:
+        out["cls_token"] = state["cls_token"] + pos[:, :1]
+    names = {"norm1": "norm1", "norm2": "norm2", "attn.qkv": "attn.qkv", "attn.proj": "attn.out_proj",
+             "mlp.fc1": "mlp.linear1", "mlp.fc2": "mlp.linear2"}
+    for i in range(depth):
+        for timm_name, monai_name in names.items():
+            for p in ("weight", "bias"):
+                out[f"blocks.{i}.{monai_name}.{p}"] = state[f"blocks.{i}.{timm_name}.{p}"]
+    return out
+
+
+def _check_spec(spec: EncoderSpec, img_size: tuple[int, int], depth: int, where: str) -> None:
+    if spec.patch_size != UNETR_PATCH:
+        raise ValueError(
+            f"{where}: field 'encoder.patch_size' is {spec.patch_size}; MONAI UNETR only takes 16-pixel patches "
+            "(pretrain with model.patch_size: 16, or fine-tune with the 'light' decoder)"
+        )
+    if depth <= max(UNETR_HIDDEN_STATES):
+        raise ValueError(
+            f"{where}: field 'encoder.kwargs.depth' is {depth}; MONAI UNETR reads block outputs "
+            f"{UNETR_HIDDEN_STATES}, so the encoder needs at least {max(UNETR_HIDDEN_STATES) + 1} blocks"
+        )
+    if any(s % UNETR_PATCH for s in img_size):
+        raise ValueError(f"build_unetr: img_size {list(img_size)} must be a multiple of {UNETR_PATCH}")
+
+
+def build_unetr(
+    export_dir: str | Path,
+    out_channels: int,
+    *,
+    img_size: int | Sequence[int] | None = None,
+    in_chans: int | None = None,
+    feature_size: int = 16,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+    cls_token: bool = True,
+    load_weights: bool = True,
+) -> UNETR:
+    """A MONAI ``UNETR(spatial_dims=2)`` carrying an exported encoder (``load_weights=False``: random init).
+
+    Args:
+        export_dir: folder written by ``medmae export`` (``encoder.json`` + ``encoder.safetensors``).
+        out_channels: segmentation classes, background included.
+        img_size: input ``(H, W)``; default the card's (positions are resampled otherwise).
+        in_chans: input channels; default the card's (patch embedding adapted otherwise).
+        feature_size, norm_name, res_block, dropout_rate: MONAI UNETR decoder settings.
+        cls_token: keep the pretrained class token in the ViT (see the module docstring).
+        load_weights: copy the exported weights; ``False`` keeps MONAI's random init of the same model
+            (the baseline of a transfer comparison).
+    """
+    export_dir = Path(export_dir)
+    card = load_card(export_dir)
+    where = str(export_dir / CARD_NAME)
+    spec = check_encoder_section(card["encoder"], where)
+    state = read_encoder_weights(export_dir, card)
+    size = as_hw(img_size) if img_size is not None else spec.img_size
+    chans = spec.in_chans if in_chans is None else int(in_chans)
+    depth = sum(1 for k in state if k.startswith("blocks.") and k.endswith(".norm1.weight"))
+    _check_spec(spec, size, depth, where)
+    embed_dim = spec.embed_dim
+    heads = int(spec.kwargs.get("num_heads", _default_heads(spec)))
+    mlp_dim = int(state["blocks.0.mlp.fc1.weight"].shape[0])
+    cls = EncoderUNETR if cls_token else UNETR
+    model = cls(
+        in_channels=chans, out_channels=out_channels, img_size=size, feature_size=feature_size,
+        hidden_size=embed_dim, mlp_dim=mlp_dim, num_heads=heads, proj_type="conv", norm_name=norm_name,
+        conv_block=True, res_block=res_block, dropout_rate=dropout_rate, spatial_dims=2, qkv_bias=True,
+    )
+    vit = model.vit
+    if len(vit.blocks) != depth:  # MONAI always builds 12 blocks; match the encoder's depth
+        vit.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(depth)
+        )
+    if cls_token:
+        vit.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.normal_(vit.cls_token, std=0.02)
+    for module in vit.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = 1e-6
+    if load_weights:
+        grid = (spec.img_size[0] // spec.patch_size, spec.img_size[1] // spec.patch_size)
+        new_grid = (size[0] // UNETR_PATCH, size[1] // UNETR_PATCH)
+        state = adapt_state_dict(state, old_grid=grid, new_grid=new_grid, in_chans=chans)
+        mapped = timm_to_monai_vit(state, depth, cls_token)
+        missing, unexpected = vit.load_state_dict(mapped, strict=False)
+        missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
+        if missing or unexpected:
+            raise ValueError(f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def _default_heads(spec: EncoderSpec) -> int:
+    """The arch's own head count (cards list ``num_heads`` only when it was overridden); no allocation."""
+    import timm
+
+    with torch.device("meta"):
+        return int(timm.create_model(spec.arch, pretrained=False, num_classes=0).blocks[0].attn.num_heads)
