@@ -4,6 +4,9 @@
     medmae fit --config configs/pretrain/X.yaml  # MAE pretraining (LightningCLI)
     medmae validate --config ... --ckpt_path ... # validation loss of a checkpoint (LightningCLI)
     medmae export CKPT --out DIR                 # encoder.safetensors + encoder.json for fine-tuning
+    medmae finetune-seg --config configs/finetune/seg_*.yaml --model.init medmae:encoder/
+    medmae predict-seg CKPT IMAGE... --out DIR   # NIfTI masks with the input's affine
+    medmae finetune-cls --config configs/finetune/cls_*.yaml --model.init medmae:encoder/
     medmae demo                                  # prep + pretrain + export on bundled sample scans
 
 Each subcommand owns its own argument parser; this module only dispatches, importing lazily so
@@ -20,13 +23,16 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("medmae.train.cli:fit_main", "pretrain an MAE from a LightningCLI YAML config"),
     "validate": ("medmae.train.cli:validate_main", "compute the validation loss of a checkpoint"),
     "export": ("medmae.export.cli:main", "export the encoder of a checkpoint as safetensors + JSON card"),
+    "finetune-seg": ("medmae.finetune.seg_cli:finetune_main", "fine-tune a segmentation UNETR from an exported encoder"),
+    "predict-seg": ("medmae.finetune.seg_cli:predict_main", "write NIfTI masks with a fine-tuned segmentation checkpoint"),
+    "finetune-cls": ("medmae.finetune.cls_cli:finetune_main", "fine-tune a timm classifier from an exported encoder"),
     "demo": ("medmae.demo:main", "run prep -> pretrain on the sample scans bundled with pydicom/nibabel"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: medmae <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in _SUBCOMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in _SUBCOMMANDS.items()]
     lines += ["", "Run `medmae <command> --help` for the options of a command."]
     return "\n".join(lines)
 

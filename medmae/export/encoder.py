@@ -197,10 +197,19 @@ def load_timm_encoder(export_dir: str | Path, **overrides: Any) -> VisionTransfo
     """
     card = load_card(export_dir)
     spec = check_encoder_section(card["encoder"], str(Path(export_dir) / CARD_NAME))
-    vit = create_timm_encoder(spec, card, **overrides)
     state = read_encoder_weights(Path(export_dir), card)
+    return timm_from_encoder(spec, state, card, **overrides)
+
+
+def timm_from_encoder(
+    spec: EncoderSpec, state: dict[str, torch.Tensor] | None, card: dict[str, Any] | None = None, **overrides: Any
+) -> VisionTransformer:
+    """:func:`load_timm_encoder` from an encoder spec and ``state_dict`` (``None``: timm's random init)."""
+    vit = create_timm_encoder(spec, card or {}, **overrides)
+    if state is None:
+        return vit
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
-        raise CardError(f"{Path(export_dir) / WEIGHTS_NAME}: not a timm ViT state_dict (no pos_embed/patch_embed)")
+        raise CardError(f"{spec.arch}: weights are not a timm ViT state_dict (no pos_embed/patch_embed)")
     old_grid = (spec.img_size[0] // spec.patch_size, spec.img_size[1] // spec.patch_size)
     state = adapt_state_dict(
         state, old_grid=old_grid, new_grid=tuple(vit.patch_embed.grid_size), in_chans=vit.patch_embed.proj.in_channels
@@ -234,4 +243,5 @@ __all__ = [
     "load_timm_encoder",
     "read_checkpoint",
     "read_encoder_weights",
+    "timm_from_encoder",
 ]

@@ -116,14 +116,35 @@ def build_unetr(
     card = load_card(export_dir)
     where = str(export_dir / CARD_NAME)
     spec = check_encoder_section(card["encoder"], where)
-    state = read_encoder_weights(export_dir, card)
+    state = read_encoder_weights(export_dir, card) if load_weights else None
+    return unetr_from_encoder(
+        spec, state, out_channels, img_size=img_size, in_chans=in_chans, feature_size=feature_size,
+        norm_name=norm_name, res_block=res_block, dropout_rate=dropout_rate, cls_token=cls_token, where=where,
+    )
+
+
+def unetr_from_encoder(
+    spec: EncoderSpec,
+    state: dict[str, torch.Tensor] | None,
+    out_channels: int,
+    *,
+    img_size: int | Sequence[int] | None = None,
+    in_chans: int | None = None,
+    feature_size: int = 16,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+    cls_token: bool = True,
+    where: str = "encoder",
+) -> UNETR:
+    """:func:`build_unetr` from an encoder spec and a timm ``state_dict`` (``None``: random init)."""
     size = as_hw(img_size) if img_size is not None else spec.img_size
     chans = spec.in_chans if in_chans is None else int(in_chans)
-    depth = sum(1 for k in state if k.startswith("blocks.") and k.endswith(".norm1.weight"))
+    meta = _meta_encoder(spec)
+    depth, heads = len(meta.blocks), int(meta.blocks[0].attn.num_heads)
+    mlp_dim = int(meta.blocks[0].mlp.fc1.out_features)
     _check_spec(spec, size, depth, where)
     embed_dim = spec.embed_dim
-    heads = int(spec.kwargs.get("num_heads", _default_heads(spec)))
-    mlp_dim = int(state["blocks.0.mlp.fc1.weight"].shape[0])
     cls = EncoderUNETR if cls_token else UNETR
     model = cls(
         in_channels=chans, out_channels=out_channels, img_size=size, feature_size=feature_size,
@@ -141,21 +162,31 @@ def build_unetr(
     for module in vit.modules():
         if isinstance(module, nn.LayerNorm):
             module.eps = 1e-6
-    if load_weights:
+    if state is not None:
         grid = (spec.img_size[0] // spec.patch_size, spec.img_size[1] // spec.patch_size)
         new_grid = (size[0] // UNETR_PATCH, size[1] // UNETR_PATCH)
         state = adapt_state_dict(state, old_grid=grid, new_grid=new_grid, in_chans=chans)
-        mapped = timm_to_monai_vit(state, depth, cls_token)
-        missing, unexpected = vit.load_state_dict(mapped, strict=False)
+        try:
+            mapped = timm_to_monai_vit(state, depth, cls_token)
+        except KeyError as e:
+            raise ValueError(f"{where}: encoder weights lack {e} for a {depth}-block ViT") from None
+        try:
+            missing, unexpected = vit.load_state_dict(mapped, strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
         missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
         if missing or unexpected:
             raise ValueError(f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}")
     return model
 
 
-def _default_heads(spec: EncoderSpec) -> int:
-    """The arch's own head count (cards list ``num_heads`` only when it was overridden); no allocation."""
+def _meta_encoder(spec: EncoderSpec) -> torch.nn.Module:
+    """The timm encoder of ``spec`` on the meta device: its sizes, without allocating weights."""
     import timm
 
+    kwargs = {k: v for k, v in spec.kwargs.items() if k != "drop_path_rate"}
     with torch.device("meta"):
-        return int(timm.create_model(spec.arch, pretrained=False, num_classes=0).blocks[0].attn.num_heads)
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0, in_chans=spec.in_chans,
+                                 img_size=spec.img_size, **kwargs)
+
+

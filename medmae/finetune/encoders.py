@@ -1,0 +1,151 @@
+"""Where a fine-tuning encoder comes from: ``--init medmae:DIR | random[:DIR] | timm:NAME``.
+
+The three starts build the *same* downstream model so a transfer comparison is one flag apart:
+
+* ``medmae:DIR`` — an export folder: its card gives architecture and preprocessing, its weights load.
+* ``random:DIR`` (or ``random`` with ``card: DIR``) — the same architecture and preprocessing,
+  weights left at their initialisation: the baseline at an identical budget.
+* ``timm:NAME`` — a timm ViT with timm's pretrained weights (from the local timm / Hugging Face
+  cache: nothing is downloaded here; a missing cache is a clear error). Its preprocessing is the
+  default 2D one (axial planes, percentiles / soft-tissue CT window) followed by the model's own
+  mean/std normalisation, and its patch embedding is folded to the input's channels by the
+  equal-channel rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medmae.data.transforms import DEFAULT_CT_WINDOWS
+from medmae.export.adapt import adapt_patch_embed_channels
+from medmae.export.card import CARD_NAME, EncoderSpec, check_encoder_section, load_card
+from medmae.export.encoder import read_encoder_weights
+from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
+
+INIT_KINDS = ("medmae", "random", "timm")
+
+
+@dataclass(frozen=True)
+class EncoderInit:
+    """A parsed ``--init``: kind, export folder or timm name, and the card (``None`` for timm)."""
+
+    kind: str
+    export_dir: Path | None = None
+    timm_name: str | None = None
+    card: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.kind != "random"
+
+    def describe(self) -> str:
+        """For logs and checkpoints: the kind and the export folder's name (never a full path)."""
+        if self.kind == "timm":
+            return f"timm:{self.timm_name}"
+        return f"{self.kind}:{self.export_dir.name if self.export_dir else ''}"
+
+
+def parse_init(init: str, card: str | Path | None = None) -> EncoderInit:
+    """Parse ``medmae:DIR``, ``random:DIR``, ``random`` (+ ``card``) or ``timm:NAME``; ValueError names the field."""
+    if not isinstance(init, str) or not init:
+        raise ValueError(f"init must be medmae:DIR, random[:DIR] or timm:NAME, got {init!r}")
+    kind, _, rest = init.partition(":")
+    if kind not in INIT_KINDS:
+        raise ValueError(f"init must start with one of {INIT_KINDS} (medmae:DIR, random:DIR, timm:NAME), got {init!r}")
+    if kind == "timm":
+        if not rest:
+            raise ValueError("init timm:NAME needs a timm model name, e.g. timm:vit_base_patch16_224")
+        return EncoderInit("timm", timm_name=rest)
+    source = rest or (str(card) if card else "")
+    if not source:
+        raise ValueError(f"init {init!r} needs an export folder: write {kind}:DIR, or set card: DIR")
+    export_dir = Path(source)
+    return EncoderInit(kind, export_dir=export_dir, card=load_card(export_dir))
+
+
+def default_preprocessing(image_size: tuple[int, int], in_chans: int = 1) -> PlanePreprocessor:
+    """The 2D input used for encoders without a medmae card (``timm:NAME``)."""
+    offsets = tuple(range(-((in_chans - 1) // 2), in_chans // 2 + 1))
+    return PlanePreprocessor(
+        axis="axial",
+        image_size=image_size,
+        slice_offsets=offsets,
+        interpolation="bilinear",
+        antialias=True,
+        ct_windows=DEFAULT_CT_WINDOWS,
+        ct_window_mode="random",
+        inference_window=0,
+        percentiles=(0.5, 99.5),
+    )
+
+
+class InputNorm(nn.Module):
+    """``(x - mean) / std`` per channel: a timm model's own normalisation in front of it."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class EncoderSource:
+    """Everything a downstream builder needs: architecture, weights (or None), input pipeline."""
+
+    init: EncoderInit
+    spec: EncoderSpec
+    state: dict[str, torch.Tensor] | None
+    preprocessing: PlanePreprocessor
+    input_norm: InputNorm | None = None
+
+
+def resolve_encoder(init: EncoderInit, in_chans: int | None = None) -> EncoderSource:
+    """Load (or not) the encoder named by ``init``; ``in_chans`` for timm models (default: 1)."""
+    if init.kind in ("medmae", "random"):
+        assert init.export_dir is not None and init.card is not None
+        where = str(init.export_dir / CARD_NAME)
+        spec = check_encoder_section(init.card["encoder"], where)
+        pre = preprocessing_from_card(init.card)
+        if pre.channels != spec.in_chans:
+            raise ValueError(
+                f"{where}: preprocessing yields {pre.channels} channel(s) but encoder.in_chans is {spec.in_chans}"
+            )
+        state = read_encoder_weights(init.export_dir, init.card) if init.kind == "medmae" else None
+        return EncoderSource(init, spec, state, pre)
+    return _timm_source(init, in_chans or 1)
+
+
+def _timm_source(init: EncoderInit, in_chans: int) -> EncoderSource:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = init.timm_name
+    if not timm.is_model(name):
+        raise ValueError(f"init timm:{name}: not a timm model name")
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:  # hub errors differ by version; nothing may be downloaded here anyway
+        raise ValueError(
+            f"init timm:{name}: pretrained weights are not available offline ({e.__class__.__name__}); "
+            "place them in the local timm/Hugging Face cache, or use medmae:DIR / random:DIR"
+        ) from None
+    if not isinstance(model, VisionTransformer) or model.cls_token is None:
+        raise ValueError(f"init timm:{name}: must be a VisionTransformer with a class token")
+    cfg = model.pretrained_cfg
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state["patch_embed.proj.weight"] = adapt_patch_embed_channels(state["patch_embed.proj.weight"], in_chans)
+    size = tuple(int(s) for s in model.patch_embed.img_size)
+    spec = EncoderSpec(name, {}, in_chans, size, int(model.patch_embed.patch_size[0]), int(model.embed_dim))
+    mean = tuple(float(m) for m in cfg.get("mean", (0.0,)))
+    std = tuple(float(s) for s in cfg.get("std", (1.0,)))
+    grey_mean, grey_std = sum(mean) / len(mean), sum(std) / len(std)  # channels now carry the same plane
+    norm = InputNorm((grey_mean,) * in_chans, (grey_std,) * in_chans)
+    return EncoderSource(init, spec, state, default_preprocessing(size, in_chans), norm)

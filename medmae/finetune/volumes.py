@@ -1,0 +1,185 @@
+"""Reading labelled volumes for fine-tuning: the same readers and canonical orientation as data_prep.
+
+An image reference is one of
+
+* a NIfTI file (``.nii`` / ``.nii.gz``): read with data_prep's ``read_nifti`` (scl_slope applied, 4D ->
+  first volume), stored in data_prep's dtype policy and reoriented with its ``to_canonical``;
+* a DICOM series folder: run through ``data_prep.prep_archive`` into a private temporary cache, so
+  series assembly, HU rescale, MONOCHROME1 and every rejection rule are exactly prep's; the folder
+  must hold exactly one usable series;
+* ``cache:SERIES_ID``: a series of an existing medmae cache (``cache_dir`` given separately).
+
+Every volume ends as a canonical (Z, Y, X) array (the cache's orientation) with its LPS affine, its
+intensity unit (``HU`` for CT, else ``raw``) and the cache's statistics, which is what
+:class:`~medmae.export.preprocessing.PlanePreprocessor` consumes. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medmae.data.cache import compute_stats, load_manifest, open_series_array
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: largest difference between image and label affines (mm) still taken as the same grid
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class VolumeError(ValueError):
+    """An image or label cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A canonical volume and what is needed to write results back in the input's own voxel order."""
+
+    name: str
+    array: np.ndarray
+    affine: np.ndarray
+    intensity: str
+    stats: dict[str, float]
+    source_affine: np.ndarray | None = None
+    source_ornt: np.ndarray | None = None
+    source_shape: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def to_source(self, canonical: np.ndarray) -> np.ndarray:
+        """A canonical (Z, Y, X) array back in the input NIfTI's (x, y, z) voxel order."""
+        from nibabel.orientations import apply_orientation, ornt_transform
+
+        if self.source_ornt is None:
+            raise VolumeError(f"{self.name}: not read from a NIfTI file; no source orientation to restore")
+        canonical_xyz = np.asarray(canonical).transpose(2, 1, 0)
+        back = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]], dtype=float), self.source_ornt)
+        return apply_orientation(canonical_xyz, back)
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _read_nifti_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """-> (canonical array, LPS affine, source RAS affine, source orientation, source shape)."""
+    from nibabel.orientations import io_orientation
+
+    from data_prep.build import RAS_TO_LPS
+    from data_prep.decode import read_nifti
+    from data_prep.geometry import to_canonical
+
+    try:
+        data, affine_ras = read_nifti(str(path))
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: file not found") from None
+    except Exception as e:  # nibabel raises many types for truncated / foreign files
+        raise VolumeError(f"{path}: unreadable NIfTI ({e.__class__.__name__}: {str(e)[:120]})") from None
+    if data.dtype.kind not in "iuf":
+        raise VolumeError(f"{path}: unsupported voxel type {data.dtype}")
+    try:
+        array, affine, _ = to_canonical(data, RAS_TO_LPS @ affine_ras)
+    except ValueError as e:
+        raise VolumeError(f"{path}: unusable affine ({e})") from None
+    return np.ascontiguousarray(array), affine, affine_ras, io_orientation(RAS_TO_LPS @ affine_ras), data.shape
+
+
+def read_nifti_image(path: str | Path, modality: str = "OT") -> Volume:
+    """A NIfTI image in the cache's orientation, dtype policy and statistics (``modality`` CT -> HU)."""
+    from data_prep.decode import NonFiniteValues, store_values
+
+    path = Path(path)
+    array, affine, affine_ras, ornt, shape = _read_nifti_canonical(path)
+    try:
+        stored = store_values(array, modality.upper())
+    except NonFiniteValues:
+        raise VolumeError(f"{path}: holds NaN or Inf voxels") from None
+    intensity = "HU" if modality.upper() == "CT" else "raw"
+    return Volume(path.name, stored, affine, intensity, compute_stats(stored), affine_ras, ornt, shape)
+
+
+def read_dicom_series(folder: str | Path) -> Volume:
+    """The one series of a DICOM folder, assembled by data_prep in a private temporary cache."""
+    from data_prep import prep_archive
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VolumeError(f"{folder}: DICOM series folder not found")
+    with tempfile.TemporaryDirectory(prefix="medmae_series_") as tmp:
+        cache = Path(tmp) / "cache"
+        summary = prep_archive([folder], cache, workers=1, salt_file=Path(tmp) / "salt", val_fraction=0.0,
+                               progress=False)
+        rows = load_manifest(cache).rows if (cache / "manifest.json").exists() else ()
+        volumes = [r for r in rows if r.kind == "volume"] or list(rows)
+        if len(volumes) != 1:
+            reasons = dict(summary.rejects)
+            raise VolumeError(
+                f"{folder}: expected exactly one usable DICOM series, data_prep found {len(volumes)} "
+                f"(rejected files by reason: {reasons or 'none'})"
+            )
+        row = volumes[0]
+        array = np.array(open_series_array(cache, row, mmap=False))
+    return Volume(folder.name, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats))
+
+
+def read_cache_series(cache_dir: str | Path, series_id: str) -> Volume:
+    """A series of a medmae cache by its pseudonymous id."""
+    rows = {r.series_id: r for r in load_manifest(Path(cache_dir)).rows}
+    if series_id not in rows:
+        raise VolumeError(f"cache:{series_id}: no such series in the cache {cache_dir}")
+    row = rows[series_id]
+    array = np.asarray(open_series_array(Path(cache_dir), row, mmap=True))
+    return Volume(series_id, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats))
+
+
+def read_image(reference: str, *, base: Path | None = None, modality: str = "OT", cache_dir: str | None = None) -> Volume:
+    """Resolve an image reference (NIfTI file, DICOM folder, ``cache:SERIES_ID``) to a :class:`Volume`."""
+    if reference.startswith("cache:"):
+        if not cache_dir:
+            raise VolumeError(f"{reference}: a cache reference needs cache_dir to be set")
+        return read_cache_series(cache_dir, reference[len("cache:") :])
+    path = Path(reference)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if is_nifti(path):
+        return read_nifti_image(path, modality)
+    if path.is_dir():
+        return read_dicom_series(path)
+    raise VolumeError(f"{path}: not found, or neither a NIfTI file nor a DICOM series folder")
+
+
+def read_label(path: str | Path, image: Volume, num_classes: int) -> np.ndarray:
+    """A NIfTI label map on the image's grid, canonical (Z, Y, X) ``uint8``; checks geometry and values."""
+    path = Path(path)
+    if not is_nifti(path):
+        raise VolumeError(f"{path}: labels must be NIfTI files")
+    array, affine, *_ = _read_nifti_canonical(path)
+    if array.shape != image.shape:
+        raise VolumeError(
+            f"{path}: label geometry differs from image {image.name}: shape {list(array.shape)} vs {list(image.shape)}"
+        )
+    if not np.allclose(affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+        worst = float(np.abs(affine - image.affine).max())
+        raise VolumeError(
+            f"{path}: label geometry differs from image {image.name}: affines differ by up to {worst:.4g} mm"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or not np.equal(np.mod(array, 1), 0).all():
+            raise VolumeError(f"{path}: label values must be whole numbers")
+    values = np.unique(array)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise VolumeError(
+            f"{path}: label values {bad[:10].tolist()} are outside the declared classes 0..{num_classes - 1}"
+        )
+    return array.astype(np.uint8)
+
+
+def describe_volume(volume: Volume) -> dict[str, Any]:
+    """What may be logged about a volume: shape and intensity unit, no path, no header."""
+    return {"shape": list(volume.shape), "intensity": volume.intensity}
