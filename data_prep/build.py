@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.decode import (
+    DeclaredSizeError,
     NonFiniteValues,
     StackAssembler,
     modality_values,
@@ -65,6 +67,19 @@ class BuildResult:
     record: SeriesRecord | None
     rejects: dict[str, Reason]  # file pseudonym -> reason
     skipped: bool = False
+    causes: dict[str, str] = field(default_factory=dict)  # file pseudonym -> why (for the log; no PHI)
+
+
+#: Exceptions that are the user's or the interpreter's, never a file's: they still stop a run.
+_NOT_A_FILE_PROBLEM = (KeyboardInterrupt, SystemExit)
+
+
+def cause_of(e: BaseException) -> str:
+    """A loggable cause: our size checks say what they found; anything else only its class name
+    (library messages may quote header values or paths)."""
+    if isinstance(e, DeclaredSizeError):
+        return str(e)
+    return e.__class__.__name__
 
 
 class _Rejected(Exception):
@@ -100,34 +115,55 @@ def already_built(task: BuildTask) -> BuildResult | None:
     return BuildResult(task.series_id, record, dropped, skipped=True)
 
 
-def build_series(task: BuildTask) -> BuildResult:
+def build_series(
+    task: BuildTask,
+    excluded: Mapping[str, str] | None = None,
+    on_file: Callable[[str | None], None] | None = None,
+) -> BuildResult:
     """Build one series into the cache. Data problems never raise (reasons; unexpected ones ->
-    ``build_failed``); machine problems (disk full) do, and a rerun resumes."""
+    ``build_failed``); machine problems (disk full) do, and a rerun resumes.
+
+    Any decoder failure, ``BaseException``s such as pyo3's ``PanicException`` included, drops the
+    file as ``pixel_decode_failed``. ``excluded`` (rel -> cause) are files a supervisor already
+    blamed for killing or hanging a worker: they are dropped without being opened again.
+    ``on_file(rel)`` is called before each file is decoded and ``on_file(None)`` once decoding is
+    over, so a supervisor knows which file a crash or a hang belongs to.
+    """
     done = already_built(task)
     if done is not None:
         return done
     fid = task.file_ids
+    causes: dict[str, str] = {}
     try:
         with quiet_libraries():
-            array, affine, spacing, dropped = _decode(task.plan)
+            array, affine, spacing, dropped = _decode(task.plan, dict(excluded or {}), on_file, causes)
         array = np.ascontiguousarray(array)
         record = _record(task, array, affine, spacing)
     except _Rejected as r:
-        return BuildResult(task.series_id, None, {fid[rel]: reason for rel, reason in r.per_file.items()})
-    except Exception as e:  # a bug guard: one odd series must not stop the run
-        log.warning("series %s: build failed (%s)", task.series_id, e.__class__.__name__)
-        return BuildResult(task.series_id, None, {fid[rel]: Reason.BUILD_FAILED for rel in task.plan.rels})
+        return BuildResult(
+            task.series_id,
+            None,
+            {fid[rel]: reason for rel, reason in r.per_file.items()},
+            causes={fid[rel]: c for rel, c in causes.items()},
+        )
+    except _NOT_A_FILE_PROBLEM:
+        raise
+    except BaseException as e:  # a bug guard: one odd series must not stop the run
+        return BuildResult(
+            task.series_id,
+            None,
+            {fid[rel]: Reason.BUILD_FAILED for rel in task.plan.rels},
+            causes={fid[rel]: cause_of(e) for rel in task.plan.rels},
+        )
     # From here on errors are the machine's (disk full, permissions): let them stop the run; a rerun resumes.
     rejects = {fid[rel]: reason for rel, reason in dropped.items()}
-    for file_id, reason in sorted(rejects.items()):
-        log.info("series %s: file %s dropped (%s)", task.series_id, file_id, reason.value)
     state = dropped_state_path(Path(task.cache_dir), task.series_id)
     if rejects:
         write_json_atomic(state, {"dropped": {k: v.value for k, v in sorted(rejects.items())}})
     else:
         state.unlink(missing_ok=True)
     write_series(Path(task.cache_dir), record, array)
-    return BuildResult(task.series_id, record, rejects)
+    return BuildResult(task.series_id, record, rejects, causes={fid[rel]: c for rel, c in causes.items()})
 
 
 def _record(task: BuildTask, array: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...]) -> SeriesRecord:
@@ -151,19 +187,36 @@ def _record(task: BuildTask, array: np.ndarray, affine: np.ndarray, spacing: tup
 # ----------------------------------------------------------------------------- decoding per source
 
 
-def _decode(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
-    """-> (array (Z, Y, X) in storage dtype, affine, spacing (Z, Y, X), files dropped on the way)."""
+_Decoded = tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]
+_OnFile = Callable[[str | None], None] | None
+
+
+def _decode(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, causes: dict[str, str]) -> _Decoded:
+    """-> (array (Z, Y, X) in storage dtype, affine, spacing (Z, Y, X), files dropped on the way).
+
+    ``causes`` collects, per dropped file, why its pixels did not decode.
+    """
     if plan.source == "nifti":
-        return _decode_nifti(plan)
-    return _decode_dicom(plan)
+        return _decode_nifti(plan, excluded, on_file, causes)
+    return _decode_dicom(plan, excluded, on_file, causes)
 
 
-def _decode_nifti(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
+def _decode_nifti(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, causes: dict[str, str]) -> _Decoded:
     rel = plan.slices[0].rel
+    if rel in excluded:
+        causes[rel] = excluded[rel]
+        raise _Rejected({rel: Reason.PIXEL_DECODE_FAILED})
+    if on_file is not None:
+        on_file(rel)
     try:
         data, affine_ras = read_nifti(plan.slices[0].path)
-    except Exception as e:
+    except _NOT_A_FILE_PROBLEM:
+        raise
+    except BaseException as e:
+        causes[rel] = cause_of(e)
         raise _Rejected({rel: Reason.PIXEL_DECODE_FAILED}) from e
+    if on_file is not None:
+        on_file(None)
     if data.dtype.kind not in "iuf" or data.dtype.names is not None:
         raise _Rejected({rel: Reason.UNSUPPORTED_NIFTI})
     try:
@@ -177,7 +230,7 @@ def _decode_nifti(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float
     return array, affine, spacing, {}
 
 
-def _decode_dicom(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Reason]]:
+def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, causes: dict[str, str]) -> _Decoded:
     frames_of: dict[str, list[int]] = defaultdict(list)
     path_of: dict[str, str] = {}
     for s in plan.slices:
@@ -191,10 +244,19 @@ def _decode_dicom(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float
     for s in plan.slices:
         slices_of[s.rel].append(s)
     for rel, frames in frames_of.items():
+        if rel in excluded:  # it crashed or hung a worker before: never opened again
+            dropped[rel] = Reason.PIXEL_DECODE_FAILED
+            causes[rel] = excluded[rel]
+            continue
+        if on_file is not None:
+            on_file(rel)
         try:
             raw, ds = read_dicom_frames(path_of[rel], frames, plan.rows, plan.columns)
-        except Exception:
+        except _NOT_A_FILE_PROBLEM:
+            raise
+        except BaseException as e:  # pyo3 PanicException is a BaseException
             dropped[rel] = Reason.PIXEL_DECODE_FAILED
+            causes[rel] = cause_of(e)
             continue
         lut = ds if plan.has_modality_lut else None
         for s in slices_of[rel]:
@@ -211,6 +273,8 @@ def _decode_dicom(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, tuple[float
                 dropped[rel] = Reason.NON_FINITE_VALUES
                 break
             values[(rel, s.frame)] = v
+    if on_file is not None:
+        on_file(None)
 
     keep = [s for s in plan.slices if s.rel not in dropped]
     if not keep:

@@ -1,11 +1,14 @@
 """``medmae prep`` / ``python -m data_prep``: archive -> de-identified training cache.
 
     medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
-                [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--quiet]
+                [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--max-voxels N]
+                [--decode-timeout S] [--follow-links] [--quiet]
     medmae prep merge CACHE_DIR [--shards N] [--quiet]
 
 Exit status 0 when the run completed (rejected files are normal and are counted in the report),
-2 with a one-line message when the arguments cannot work.
+2 with a one-line message when the arguments cannot work (or the cache is in use by another prep,
+or was built with another salt), 1 with a one-line message when the machine failed the build (disk
+full); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.pipeline import PrepError, merge_shards, prep_archive
+from data_prep.scan import DEFAULT_MAX_VOXELS
+from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildWorkerError
 
 
 class _UsageError(Exception):
@@ -57,6 +62,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -84,6 +99,14 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of patients in 'val' (default 0.1)")
     p.add_argument("--path-map", type=Path, default=None, metavar="FILE",
                    help="also write pseudonym -> archive path JSON here (outside the cache; hospital use only)")
+    p.add_argument("--max-voxels", type=_positive_int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help="reject a file (first NIfTI volume) or series declaring more voxels, before decoding "
+                   f"(default {DEFAULT_MAX_VOXELS} = 512x512x1024)")
+    p.add_argument("--decode-timeout", type=_positive_seconds, default=DEFAULT_DECODE_TIMEOUT, metavar="S",
+                   help="seconds one file may take to decode before it is rejected "
+                   f"(default {DEFAULT_DECODE_TIMEOUT:g})")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links to folders outside the archives (default: count them, not followed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -123,10 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shard=args.shard,
                 path_map=args.path_map,
                 progress=not args.quiet,
+                max_voxels=args.max_voxels,
+                decode_timeout=args.decode_timeout,
+                follow_links=args.follow_links,
             )
     except PrepError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except BuildWorkerError as e:
+        print(f"{parser.prog}: error: {e} (rerun to resume)", file=sys.stderr)
+        return 1
     if not (merge and args.quiet):
         print(summary.format())
     return 0

@@ -16,6 +16,8 @@ Each file is decoded exactly once: a multi-frame file hands out all the frames a
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +31,52 @@ class NonFiniteValues(ValueError):
     """The decoded values contain NaN or +/-Inf."""
 
 
+class DeclaredSizeError(ValueError):
+    """The header declares more pixel data than the file holds: refused before anything is allocated.
+
+    The message carries byte counts only (no header values, no paths), so it may be logged.
+    """
+
+
+#: PackBits (RLE Lossless) turns at most 128 output bytes out of 2 input bytes.
+_RLE_MAX_EXPANSION = 64
+#: Deflate (gzip) turns at most ~1032 output bytes out of 1 input byte.
+_DEFLATE_MAX_EXPANSION = 1032
+
+
+def check_dicom_pixel_bytes(ds: Any, path: str, rows: int, columns: int, n_frames: int) -> None:
+    """Compare the size the header declares with the pixel bytes present, before any decoding.
+
+    Native (uncompressed) data must hold Rows x Columns x frames x bytes per sample; RLE data cannot
+    expand more than 64-fold. Other compressions have no such bound: the scan's ``--max-voxels``
+    check bounds what their decoders allocate.
+
+    Raises:
+        DeclaredSizeError: the file cannot hold what the header declares.
+    """
+    elem = ds.get_item("PixelData", keep_deferred=True)  # a deferred element: its offset, nothing read
+    if elem is None:
+        return  # float pixel data or none at all: pydicom says what is wrong
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated:
+        return  # offsets refer to the inflated stream
+    bits = int(ds.get("BitsAllocated") or 16)
+    declared = rows * columns * n_frames * max(1, (bits + 7) // 8)
+    value = getattr(elem, "value", None)
+    if value is not None:
+        present = len(value)
+    else:
+        present = max(0, os.path.getsize(path) - int(elem.value_tell))
+        if elem.length != 0xFFFFFFFF:
+            present = min(present, int(elem.length))
+    if not syntax.is_compressed:
+        if present < declared:
+            raise DeclaredSizeError(f"pixel data holds {present} bytes, the header declares {declared}")
+    elif syntax == "1.2.840.10008.1.2.5":  # RLE Lossless
+        if declared > _RLE_MAX_EXPANSION * present + 1024 * n_frames:
+            raise DeclaredSizeError(f"{present} bytes of RLE data cannot hold the {declared} bytes declared")
+
+
 # ----------------------------------------------------------------------------- DICOM
 
 
@@ -36,7 +84,8 @@ def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int)
     """Decode the requested frames of one DICOM file (pydicom + pylibjpeg decoders).
 
     Returns ``({frame: stored values}, dataset)``; the dataset is kept for a Modality LUT Sequence.
-    Raises on truncated/corrupt pixel data or a matrix that disagrees with the header.
+    Raises on truncated/corrupt pixel data or a matrix that disagrees with the header
+    (:class:`DeclaredSizeError` before decoding when the file is too short for the header).
     """
     import pydicom
 
@@ -50,8 +99,9 @@ def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int)
             if implicit
             else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
         )
-    arr = ds.pixel_array
     n_frames = int(ds.get("NumberOfFrames") or 1)
+    check_dicom_pixel_bytes(ds, path, rows, columns, n_frames)
+    arr = ds.pixel_array
     if n_frames == 1 and arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != (rows, columns) or arr.shape[0] < n_frames:
@@ -189,6 +239,23 @@ def store_values(values: np.ndarray, modality: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- NIfTI
 
 
+def check_nifti_bytes(img: Any, path: str) -> None:
+    """The first volume's bytes must fit in the file (``.nii``) or in what its gzip data can inflate to.
+
+    Raises:
+        DeclaredSizeError: the file cannot hold what the header declares.
+    """
+    shape = img.shape
+    first = math.prod(int(n) for n in shape[:3]) * img.get_data_dtype().itemsize
+    needed = int(img.header.get_data_offset()) + first
+    size = os.path.getsize(path)
+    if path.lower().endswith(".gz"):
+        if needed > _DEFLATE_MAX_EXPANSION * size:
+            raise DeclaredSizeError(f"{size} bytes of gzip data cannot hold the {needed} bytes declared")
+    elif size < needed:
+        raise DeclaredSizeError(f"the file holds {size} bytes, the header declares {needed}")
+
+
 def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Voxel values (x, y, z) with scl_slope/inter applied, and the RAS+ affine; 4D -> first volume.
 
@@ -198,6 +265,7 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     img = nib.load(path)
     shape = img.shape
+    check_nifti_bytes(img, path)
     if len(shape) > 3:
         data = np.asarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
     else:

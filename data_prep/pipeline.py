@@ -14,12 +14,12 @@ import json
 import logging
 import os
 import signal
+import stat
 import tempfile
-from collections.abc import Iterable, Sequence
-from concurrent.futures import as_completed
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from data_prep.build import BuildResult, BuildTask, already_built, build_series
+from data_prep.build import STATE_DIRNAME, BuildResult, BuildTask, already_built
 from data_prep.deid import (
     Pseudonymizer,
     default_salt_path,
@@ -28,6 +28,8 @@ from data_prep.deid import (
     shard_of,
     split_of,
 )
+from data_prep.lock import CacheBusy, cache_lock
+from data_prep.reasons import Reason
 from data_prep.report import (
     Outcome,
     PrepSummary,
@@ -38,10 +40,10 @@ from data_prep.report import (
     write_reject_report,
     write_shard_partial,
 )
-from data_prep.scan import ScanRecord, scan_archives
+from data_prep.scan import DEFAULT_MAX_VOXELS, ScanRecord, scan_archives
 from data_prep.series import assemble
-from data_prep.workers import worker_pool
-from medmae.data.cache import MANIFEST_NAME, ManifestRow, sidecar_path, write_manifest
+from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildSupervisor
+from medmae.data.cache import MANIFEST_NAME, Manifest, ManifestRow, sidecar_path, write_json_atomic
 
 log = logging.getLogger("data_prep")
 
@@ -63,6 +65,9 @@ def prep_archive(
     shard: tuple[int, int] | None = None,
     path_map: Path | None = None,
     progress: bool = True,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+    follow_links: bool = False,
 ) -> PrepSummary:
     """Turn DICOM/NIfTI archives into the de-identified training cache at ``out``.
 
@@ -75,30 +80,101 @@ def prep_archive(
         shard: ``(i, N)`` to build only part ``i`` of ``N``; then run :func:`merge_shards`.
         path_map: optional JSON written *outside* the cache mapping pseudonyms to archive paths.
         progress: show tqdm progress bars (stderr).
+        max_voxels: the most voxels a file (first NIfTI volume) or a series may declare; larger ones
+            are rejected ``too_large`` before anything is decoded.
+        decode_timeout: seconds one file may take to decode before its worker is killed (the file
+            is then ``pixel_decode_failed`` and the series is built without it).
+        follow_links: follow symbolic links to folders outside the archives (loops are never followed).
 
     Raises:
-        PrepError: the arguments cannot work; nothing has been written then.
+        PrepError: the arguments cannot work, the cache is in use by another prep, or it was built
+            with another salt; nothing has been written then.
+        BuildWorkerError: a machine problem (disk full) while building; a rerun resumes.
     """
     archives = [Path(a) for a in archives]
     out = Path(out).absolute()
     _check_arguments(archives, out, workers, val_fraction, shard)
+    if not (isinstance(max_voxels, int) and max_voxels >= 1):
+        raise PrepError(f"max_voxels must be a positive integer (got {max_voxels!r})")
+    if not (isinstance(decode_timeout, int | float) and decode_timeout > 0):
+        raise PrepError(f"decode_timeout must be a positive number of seconds (got {decode_timeout!r})")
     salt_path = Path(salt_file).absolute() if salt_file is not None else default_salt_path(out)
     if is_inside(salt_path, out):
         raise PrepError(f"the salt file must live outside the cache directory (got {salt_path})")
+    if salt_path.exists() and not salt_path.is_file():
+        raise PrepError(f"--salt-file is not a regular file: {salt_path}")
     if path_map is not None:
         path_map = Path(path_map).absolute()
         if is_inside(path_map, out):
             raise PrepError(f"--path-map must be written outside the cache directory (got {path_map})")
-    _ensure_writable(out)
+        if path_map.exists() and not path_map.is_file():
+            raise PrepError(f"--path-map is not a regular file: {path_map}")
     salt_created = not salt_path.exists()
+    if not salt_created:  # an existing salt must be usable before anything is created
+        try:
+            load_or_create_salt(salt_path)
+        except (OSError, ValueError) as e:
+            raise PrepError(str(e)) from e
+    _ensure_writable(out)
+    try:
+        lock = cache_lock(out, shard)
+        lock.__enter__()
+    except CacheBusy as e:
+        raise PrepError(str(e)) from e
+    try:
+        return _prep_locked(
+            archives, out, workers, salt_path, salt_created, val_fraction, shard, path_map, progress,
+            max_voxels, decode_timeout, follow_links,
+        )
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _prep_locked(
+    archives: list[Path],
+    out: Path,
+    workers: int,
+    salt_path: Path,
+    salt_created: bool,
+    val_fraction: float,
+    shard: tuple[int, int] | None,
+    path_map: Path | None,
+    progress: bool,
+    max_voxels: int,
+    decode_timeout: float,
+    follow_links: bool,
+) -> PrepSummary:
+    recorded = recorded_salt_fingerprints(out)
+    if salt_created and recorded:
+        raise PrepError(
+            f"cache {out} was built with a salt that is not at {salt_path}: pass the --salt-file it was "
+            "built with (or use a new --out); a new salt would orphan every series in it"
+        )
     try:
         pseudo = Pseudonymizer(load_or_create_salt(salt_path))
     except (OSError, ValueError) as e:
         raise PrepError(str(e)) from e
+    fingerprint = pseudo.fingerprint()
+    if any(fp != fingerprint for fp in recorded):
+        raise PrepError(
+            f"cache {out} was built with another salt (fingerprint {sorted(set(recorded))[0]}, this salt's is "
+            f"{fingerprint}): pass the --salt-file it was built with, or use a new --out"
+        )
+    if not recorded and any((out / "series").glob("*.json")):
+        log.warning("cache %s records no salt fingerprint (built by an older medmae prep): the salt is not checked",
+                    out)
+    _warn_if_exposed(salt_path)
+    write_json_atomic(salt_state_path(out), {"salt_fingerprint": fingerprint})
 
-    records = _scan(archives, out, salt_path, path_map, workers, progress)
+    records = _scan(archives, out, salt_path, path_map, workers, progress, max_voxels, follow_links)
     assembly = assemble(records)
     file_ids = {r.rel: (pseudo.directory(r.rel) if r.is_directory else pseudo.file(r.rel)) for r in records}
+    plans = []
+    for plan in assembly.plans:  # a series too large as a whole (each file fitted): rejected unbuilt
+        if plan.rows * plan.columns * len(plan.slices) > max_voxels:
+            assembly.rejects.update({rel: Reason.TOO_LARGE for rel in plan.rels})
+        else:
+            plans.append(plan)
 
     def mine(pseudonym: str) -> bool:
         return shard is None or shard_of(pseudonym, shard[1]) == shard[0]
@@ -114,10 +190,10 @@ def prep_archive(
 
     tasks = [
         BuildTask(plan, sid, pseudo.patient(plan.patient_key), {rel: file_ids[rel] for rel in plan.rels}, str(out))
-        for plan, sid in ((p, pseudo.series(p.key)) for p in assembly.plans)
+        for plan, sid in ((p, pseudo.series(p.key)) for p in plans)
         if mine(sid)
     ]
-    results = _run_builds(tasks, workers, progress)
+    results = _run_builds(tasks, workers, progress, decode_timeout)
 
     in_series: set[str] = set()
     for task, res in zip(tasks, results, strict=True):
@@ -136,14 +212,16 @@ def prep_archive(
         path_map = _write_path_map(path_map, records, file_ids, tasks, results, outcome, shard)
 
     settings = {
-        "salt_fingerprint": pseudo.fingerprint(),
+        "salt_fingerprint": fingerprint,
         "val_fraction": float(val_fraction),
         "archives": pseudo.file("\0".join(os.path.realpath(a) for a in archives)),
+        "max_voxels": int(max_voxels),
+        "follow_links": bool(follow_links),
     }
     manifest_path = report_path = partial = None
     if shard is None:
         report_path = write_reject_report(out, outcome)
-        write_manifest(out, outcome.rows, val_fraction)  # last: the manifest means "done"
+        write_prep_manifest(out, outcome.rows, val_fraction, fingerprint)  # last: the manifest means "done"
         manifest_path = out / MANIFEST_NAME
     else:
         partial = write_shard_partial(out, shard[0], shard[1], outcome, settings)
@@ -166,6 +244,43 @@ def prep_archive(
     )
 
 
+def salt_state_path(cache_dir: Path) -> Path:
+    """Where a run records its salt's fingerprint before building anything."""
+    return Path(cache_dir) / STATE_DIRNAME / "salt.json"
+
+
+def recorded_salt_fingerprints(cache_dir: Path) -> list[str]:
+    """Salt fingerprints the cache already records (manifest, run state); unreadable ones count as none."""
+    found = []
+    for path in (Path(cache_dir) / MANIFEST_NAME, salt_state_path(cache_dir)):
+        try:
+            fp = json.loads(path.read_text("utf-8")).get("salt_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(fp, str) and fp:
+            found.append(fp)
+    return found
+
+
+def write_prep_manifest(cache_dir: Path, rows: Iterable[ManifestRow], val_fraction: float, fingerprint: str) -> None:
+    """``manifest.json`` as :func:`medmae.data.cache.write_manifest` writes it, plus ``salt_fingerprint``
+    (a keyed hash of a constant: it tells which salt built the cache and reveals nothing of it)."""
+    manifest = Manifest(rows=tuple(sorted(rows, key=lambda r: r.series_id)), val_fraction=float(val_fraction))
+    write_json_atomic(Path(cache_dir) / MANIFEST_NAME, {**manifest.to_json(), "salt_fingerprint": fingerprint})
+
+
+def _warn_if_exposed(salt_path: Path) -> None:
+    try:
+        mode = salt_path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        log.warning(
+            "salt file %s is readable by every user (mode %o): anyone who reads it can link the cache's "
+            "pseudonyms back to archive ids; run `chmod 600 %s`", salt_path, stat.S_IMODE(mode), salt_path
+        )
+
+
 def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
     """Combine the partial results of ``medmae prep --shard i/N`` runs into manifest + reject report.
 
@@ -176,6 +291,14 @@ def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
     cache_dir = Path(cache_dir).absolute()
     if not cache_dir.is_dir():
         raise PrepError(f"cache directory not found: {cache_dir}")
+    try:
+        with cache_lock(cache_dir):
+            return _merge_locked(cache_dir, shards)
+    except CacheBusy as e:
+        raise PrepError(str(e)) from e
+
+
+def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
     parsed = []
     for path in list_shard_partials(cache_dir):
         try:
@@ -194,9 +317,14 @@ def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
     if missing:
         raise PrepError(f"missing shard results for shard(s) {missing} of {shards}")
     settings = [parts[i][0] for i in range(shards)]
-    for key in ("salt_fingerprint", "val_fraction", "archives"):
+    for key in ("salt_fingerprint", "val_fraction", "archives", "max_voxels", "follow_links"):
         if len({json.dumps(s.get(key)) for s in settings}) != 1:
-            raise PrepError(f"shards disagree on {key!r}: they must share salt file, --val-fraction and archives")
+            raise PrepError(f"shards disagree on {key!r}: they must share salt file, --val-fraction, archives, "
+                            "--max-voxels and --follow-links")
+    fingerprint = str(settings[0]["salt_fingerprint"])
+    recorded = recorded_salt_fingerprints(cache_dir)
+    if any(fp != fingerprint for fp in recorded):
+        raise PrepError(f"cache {cache_dir} records another salt than its shard results: they do not belong together")
     outcomes = [parts[i][1] for i in range(shards)]
     if len({o.files_seen for o in outcomes}) != 1:
         log.warning("shards saw different numbers of files (the archive changed while they ran?)")
@@ -209,7 +337,7 @@ def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
         raise PrepError(f"{len(absent)} built series have no sidecar in {cache_dir}; shards must share it")
     val_fraction = float(settings[0]["val_fraction"])
     report_path = write_reject_report(cache_dir, merged)
-    write_manifest(cache_dir, merged.rows, val_fraction)
+    write_prep_manifest(cache_dir, merged.rows, val_fraction, fingerprint)
     return PrepSummary(
         cache_dir=cache_dir,
         files_seen=merged.files_seen,
@@ -261,17 +389,31 @@ def _ensure_writable(out: Path) -> None:
 
 
 def _scan(
-    archives: Sequence[Path], out: Path, salt: Path, path_map: Path | None, workers: int, progress: bool
+    archives: Sequence[Path],
+    out: Path,
+    salt: Path,
+    path_map: Path | None,
+    workers: int,
+    progress: bool,
+    max_voxels: int,
+    follow_links: bool,
 ) -> list[ScanRecord]:
     from tqdm.auto import tqdm
 
     exclude = [out, salt] + ([path_map] if path_map is not None else [])
     with tqdm(desc="scan", unit="file", disable=not progress, dynamic_ncols=True) as bar:
-        return scan_archives(archives, workers=workers, exclude=exclude, on_progress=bar.update)
+        return scan_archives(archives, workers=workers, exclude=exclude, on_progress=bar.update,
+                             max_voxels=max_voxels, follow_links=follow_links)
 
 
-def _run_builds(tasks: Sequence[BuildTask], workers: int, progress: bool) -> list[BuildResult]:
-    """Build all tasks (skipping built ones without leaving the main process); results in task order."""
+def _run_builds(
+    tasks: Sequence[BuildTask], workers: int, progress: bool, decode_timeout: float
+) -> list[BuildResult]:
+    """Build all tasks in supervised worker processes (see :class:`BuildSupervisor`); results in task order.
+
+    Series already built are found without starting a worker. Files dropped on the way are logged
+    with their pseudonym and cause.
+    """
     from tqdm.auto import tqdm
 
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
@@ -287,23 +429,30 @@ def _run_builds(tasks: Sequence[BuildTask], workers: int, progress: bool) -> lis
     built = 0
     with tqdm(total=len(todo), desc="build", unit="series", disable=not progress, dynamic_ncols=True) as bar:
 
-        def finished(i: int, res: BuildResult) -> None:
+        def finished(k: int, res: BuildResult) -> None:
             nonlocal built
-            results[i] = res
+            results[todo[k]] = res
             bar.update(1)
+            for file_id, cause in sorted(res.causes.items()):
+                reason = res.rejects.get(file_id, Reason.BUILD_FAILED)
+                log.warning("series %s: file %s -> %s (%s)", res.series_id, file_id, reason.value, cause)
             if res.record is not None:
                 built += 1
                 if kill_after and built >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        if workers <= 1 or len(todo) <= 1:
-            for i in todo:
-                finished(i, build_series(tasks[i]))
-        else:
-            with worker_pool(min(workers, len(todo))) as pool:
-                futures = {pool.submit(build_series, tasks[i]): i for i in todo}
-                for fut in as_completed(futures):
-                    finished(futures[fut], fut.result())
+        def give_up(k: int, excluded: Mapping[str, str], cause: str) -> None:
+            task = tasks[todo[k]]
+            fid = task.file_ids
+            rejects = {fid[rel]: Reason.BUILD_FAILED for rel in task.plan.rels}
+            causes = {fid[rel]: cause for rel in task.plan.rels}
+            for rel, why in excluded.items():
+                rejects[fid[rel]], causes[fid[rel]] = Reason.PIXEL_DECODE_FAILED, why
+            finished(k, BuildResult(task.series_id, None, rejects, causes=causes))
+
+        if todo:
+            supervisor = BuildSupervisor(min(workers, len(todo)), decode_timeout)
+            supervisor.run([tasks[i] for i in todo], finished, give_up)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 
@@ -326,16 +475,25 @@ def _write_path_map(
     path_of = {file_ids[r.rel]: os.path.abspath(r.path) for r in records}
     series = {res.series_id: sorted(t.file_ids.values()) for t, res in zip(tasks, results, strict=True)}
     files = {f for fs in series.values() for f in fs} | set(outcome.rejects)
+    raw_paths: dict[str, str] = {}
+
+    def text(f: str) -> str:
+        shown, raw_hex = path_text(path_of[f])
+        if raw_hex is not None:
+            raw_paths[f] = raw_hex
+        return shown
+
     doc = {
-        "files": {f: path_of[f] for f in sorted(files) if not f.startswith("d")},
-        "directories": {f: path_of[f] for f in sorted(files) if f.startswith("d")},
+        "files": {f: text(f) for f in sorted(files) if not f.startswith("d")},
+        "directories": {f: text(f) for f in sorted(files) if f.startswith("d")},
         "series": dict(sorted(series.items())),
     }
+    doc["raw_paths"] = dict(sorted(raw_paths.items()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # strict: never an invalid UTF-8 byte
             json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False)
             f.write("\n")
         os.replace(tmp, path)
@@ -343,4 +501,14 @@ def _write_path_map(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def path_text(path: str) -> tuple[str, str | None]:
+    """A path as JSON-safe text: ``(text, None)`` when its bytes are UTF-8; otherwise the text shows
+    each undecodable byte as ``\\xNN`` and the exact bytes come back as hex (``bytes.fromhex``)."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw.hex()
 

@@ -16,6 +16,8 @@ class Reason(str, Enum):
     EMPTY_FILE = "empty_file"
     UNREADABLE_FILE = "unreadable_file"
     UNREADABLE_DIRECTORY = "unreadable_directory"
+    DIRECTORY_LINK = "directory_link"
+    NOT_A_REGULAR_FILE = "not_a_regular_file"
     NOT_RECOGNISED = "not_recognised"
     DICOMDIR = "dicomdir"
     DICOM_UNREADABLE = "dicom_unreadable"
@@ -27,6 +29,8 @@ class Reason(str, Enum):
     UNSUPPORTED_PIXEL_FORMAT = "unsupported_pixel_format"
     MULTIFRAME_WITHOUT_GEOMETRY = "multiframe_without_geometry"
     MOSAIC = "mosaic"
+    TOO_LARGE = "too_large"
+    SIZE_MISMATCH = "size_mismatch"
     NIFTI_UNREADABLE = "nifti_unreadable"
     UNSUPPORTED_NIFTI = "unsupported_nifti"
     # -- series assembly
@@ -47,8 +51,12 @@ class Reason(str, Enum):
 
 DESCRIPTIONS: dict[Reason, str] = {
     Reason.EMPTY_FILE: "zero-byte file",
-    Reason.UNREADABLE_FILE: "the file could not be opened or read (permissions, I/O error, broken link)",
+    Reason.UNREADABLE_FILE: "the file could not be opened or read (permission denied, I/O error, broken link)",
     Reason.UNREADABLE_DIRECTORY: "a folder could not be listed; its id stands for everything inside it",
+    Reason.DIRECTORY_LINK: "a symbolic link to a folder that was not followed (inside an archive: its target is "
+    "scanned under its own path; outside: only with `--follow-links`; or a folder already scanned, e.g. a link "
+    "loop); its id stands for everything behind it",
+    Reason.NOT_A_REGULAR_FILE: "a FIFO, socket or device node: never opened",
     Reason.NOT_RECOGNISED: "neither DICOM (by content) nor NIfTI (`.nii` / `.nii.gz`): text, junk, other formats",
     Reason.DICOMDIR: "a DICOMDIR media index (by name or Media Storage Directory SOP class); holds no image",
     Reason.DICOM_UNREADABLE: "looks like DICOM but its header cannot be parsed",
@@ -61,6 +69,10 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.UNSUPPORTED_PIXEL_FORMAT: "a pixel layout we do not store (1-bit pixels)",
     Reason.MULTIFRAME_WITHOUT_GEOMETRY: "a multi-frame file without per-frame geometry (cine loops, NM frames)",
     Reason.MOSAIC: "a Siemens MOSAIC image (ImageType MOSAIC: many slices tiled in one picture); not demosaiced",
+    Reason.TOO_LARGE: "declares more voxels than `--max-voxels` allows (Rows x Columns x frames of a file, the "
+    "first volume of a NIfTI, or a whole series); rejected before anything is decoded",
+    Reason.SIZE_MISMATCH: "the header contradicts itself about the image size (NumberOfFrames larger than its "
+    "per-frame entries); rejected before anything is decoded",
     Reason.NIFTI_UNREADABLE: "a `.nii`/`.nii.gz` whose header nibabel cannot read",
     Reason.UNSUPPORTED_NIFTI: "a NIfTI that is not a 2D/3D/4D scalar image (CIFTI matrices, > 4 non-trivial "
     "dims, complex values, singular affine)",
@@ -70,7 +82,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.MISSING_SLICES: "a gap of more than 1.5x the median slice spacing (slices missing from the stack)",
     Reason.UNEVEN_SPACING: "a slice lies more than 10% of the slice spacing off the uniform grid",
     Reason.GANTRY_TILT: "slice positions drift in-plane by more than half a pixel (tilted or sheared stack)",
-    Reason.PIXEL_DECODE_FAILED: "header reads but the pixel data does not decode (truncated, corrupt, no decoder)",
+    Reason.PIXEL_DECODE_FAILED: "header reads but the pixel data does not decode (truncated or shorter than "
+    "declared, corrupt, no decoder, the decoder raised, crashed or ran past `--decode-timeout`)",
     Reason.NON_FINITE_VALUES: "NaN or +/-Inf voxels after decoding (rejected, never silently cleaned)",
     Reason.BUILD_FAILED: "an unexpected error while building the series (bug guard; nothing crashes)",
 }

@@ -8,6 +8,7 @@ straight one.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,11 @@ class Outcome:
 
     @property
     def directories_unreadable(self) -> int:
-        return sum(1 for k in self.rejects if k.startswith("d"))
+        return sum(1 for k, r in self.rejects.items() if k.startswith("d") and r == Reason.UNREADABLE_DIRECTORY)
+
+    @property
+    def directory_links_not_followed(self) -> int:
+        return sum(1 for k, r in self.rejects.items() if k.startswith("d") and r == Reason.DIRECTORY_LINK)
 
 
 def reason_counts(rejects: Mapping[str, Reason]) -> dict[str, int]:
@@ -56,6 +61,7 @@ def report_json(outcome: Outcome) -> dict[str, Any]:
         "files_in_built_series": outcome.files_in_series,
         "files_rejected": outcome.files_rejected,
         "directories_unreadable": outcome.directories_unreadable,
+        "directory_links_not_followed": outcome.directory_links_not_followed,
         "series_in_manifest": len(outcome.rows),
         "counts": reason_counts(outcome.rejects),
         "rejected": [{"id": k, "reason": Reason(v).value} for k, v in sorted(outcome.rejects.items())],
@@ -155,20 +161,25 @@ class PrepSummary:
             lines.append("  rejects by reason:")
             width = max(len(k) for k in self.rejects)
             lines += [f"    {k:<{width}}  {v}" for k, v in self.rejects.items()]
-        lines.append(f"  cache:         {self.cache_dir}")
+        lines.append(f"  cache:         {_shown(self.cache_dir)}")
         if self.manifest is not None:
-            lines.append(f"  manifest:      {self.manifest} ({self.series_in_manifest} series)")
+            lines.append(f"  manifest:      {_shown(self.manifest)} ({self.series_in_manifest} series)")
         if self.reject_report is not None:
-            lines.append(f"  reject report: {self.reject_report}")
+            lines.append(f"  reject report: {_shown(self.reject_report)}")
         if self.shard_partial is not None:
-            lines.append(f"  shard result:  {self.shard_partial} (run `medmae prep merge {self.cache_dir}` "
-                         "when all shards are done)")
+            lines.append(f"  shard result:  {_shown(self.shard_partial)} (run `medmae prep merge "
+                         f"{_shown(self.cache_dir)}` when all shards are done)")
         if self.salt_file is not None:
             created = " (created; keep it secret, keep it for reruns)" if self.salt_created else ""
-            lines.append(f"  salt:          {self.salt_file}{created}")
+            lines.append(f"  salt:          {_shown(self.salt_file)}{created}")
         if self.path_map is not None:
-            lines.append(f"  path map:      {self.path_map} (holds archive paths: hospital use only)")
+            lines.append(f"  path map:      {_shown(self.path_map)} (holds archive paths: hospital use only)")
         return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """A path printable on any terminal: bytes that are not UTF-8 appear as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def total(outcomes: Iterable[Outcome]) -> Outcome:

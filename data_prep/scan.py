@@ -9,7 +9,9 @@ here is ever written out.
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from data_prep.workers import worker_pool
 
 #: Files per task sent to a scan worker: large enough to amortise pickling, small enough to balance.
 SCAN_CHUNK = 128
+#: Default ``--max-voxels``: the most voxels one file (or one series) may declare (512 x 512 x 1024).
+DEFAULT_MAX_VOXELS = 2**28
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Modalities that never carry an image we can train on (used when the SOP class is unknown).
@@ -95,54 +99,112 @@ class ScanRecord:
 # ----------------------------------------------------------------------------- walk
 
 
-def walk(archives: Sequence[Path], exclude: Iterable[Path] = ()) -> Iterator[tuple[str, str, bool]]:
-    """Yield ``(path, rel, unreadable_directory)`` for every file below the archives, sorted.
+def walk(
+    archives: Sequence[Path], exclude: Iterable[Path] = (), *, follow_links: bool = False
+) -> Iterator[tuple[str, str, Reason | None]]:
+    """Yield ``(path, rel, folder_reason)`` for every entry below the archives, sorted per folder.
 
-    Folders that cannot be listed are yielded once with ``unreadable_directory=True`` (os.walk's
-    ``onerror``) instead of aborting; ``exclude`` (the cache itself, say) is pruned.
+    ``folder_reason`` is None for a file (regular or not: FIFOs, devices and broken links are files
+    here, :func:`scan_file` classifies them). A folder stands for everything inside it and is
+    yielded once with a reason instead of vanishing:
+
+    * ``unreadable_directory``: it cannot be listed (its contents are then unknown);
+    * ``directory_link``: a symbolic link to a folder that is not followed. A link whose target lies
+      inside a declared archive is never followed (the target is scanned under its own path, once);
+      a link leading out of the archives is followed only with ``follow_links``; a folder already
+      entered (a link loop, a second link to one place) is never entered twice.
+
+    ``exclude`` (the cache itself, say) is pruned silently.
     """
     excluded = {os.path.realpath(p) for p in exclude}
+    roots = [os.path.realpath(a) for a in archives]
+    visited: set[tuple[int, int]] = set()  # (device, inode) of every folder entered, across archives
+
+    def inside_an_archive(real: str) -> bool:
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
     for index, root in enumerate(archives):
         root = os.fspath(root)
-        errors: list[OSError] = []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
-            while errors:
-                yield from _error_entries(errors.pop(0), root, index)
+        try:
+            st = os.stat(root)
+            visited.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        stack = [root]
+        while stack:
+            dirpath = stack.pop()
+            try:
+                with os.scandir(dirpath) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                yield dirpath, _rel(dirpath, root, index), Reason.UNREADABLE_DIRECTORY
+                continue
             real_dir = os.path.realpath(dirpath)  # once per folder, not per file
-            dirnames[:] = sorted(d for d in dirnames if os.path.join(real_dir, d) not in excluded)
-            for name in sorted(filenames):
-                if os.path.join(real_dir, name) in excluded:
+            subdirs: list[str] = []
+            for entry in entries:
+                if os.path.join(real_dir, entry.name) in excluded:
                     continue
-                path = os.path.join(dirpath, name)
-                yield path, f"{index}/{os.path.relpath(path, root)}", False
-        while errors:
-            yield from _error_entries(errors.pop(0), root, index)
+                try:
+                    is_link = entry.is_symlink()
+                    is_dir = entry.is_dir()  # follows links; False for a broken one
+                except OSError:
+                    is_link, is_dir = False, False
+                if not is_dir:
+                    yield entry.path, _rel(entry.path, root, index), None
+                    continue
+                target = os.path.realpath(entry.path)
+                if target in excluded:
+                    continue
+                try:
+                    st = os.stat(entry.path)
+                    key = (st.st_dev, st.st_ino)
+                except OSError:
+                    yield entry.path, _rel(entry.path, root, index), Reason.UNREADABLE_DIRECTORY
+                    continue
+                if is_link and (inside_an_archive(target) or not follow_links):
+                    yield entry.path, _rel(entry.path, root, index), Reason.DIRECTORY_LINK
+                    continue
+                if key in visited:  # a loop, or a second way into a folder already scanned
+                    yield entry.path, _rel(entry.path, root, index), Reason.DIRECTORY_LINK
+                    continue
+                visited.add(key)
+                subdirs.append(entry.path)
+            stack.extend(reversed(subdirs))  # depth first, in name order
 
 
-def _error_entries(err: OSError, root: str, index: int) -> Iterator[tuple[str, str, bool]]:
-    path = err.filename if isinstance(err.filename, str) else root
-    yield path, f"{index}/{os.path.relpath(path, root)}", True
+def _rel(path: str, root: str, index: int) -> str:
+    return f"{index}/{os.path.relpath(path, root)}"
 
 
 # ----------------------------------------------------------------------------- per-file read
 
 
-def scan_file(path: str, rel: str) -> ScanRecord:
-    """Classify one file and read its header; any failure becomes a reject record."""
+def scan_file(path: str, rel: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> ScanRecord:
+    """Classify one file and read its header; any failure becomes a reject record.
+
+    Only regular files are opened (a FIFO would block the scan, a device could be endless or have
+    side effects); a file that cannot be opened is ``unreadable_file`` whatever its extension. A
+    header declaring more than ``max_voxels`` voxels is ``too_large`` before anything is allocated.
+    """
     try:
         st = os.stat(path)
     except OSError:
         return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+    if not stat.S_ISREG(st.st_mode):
+        return ScanRecord(rel, path, "reject", Reason.NOT_A_REGULAR_FILE)
     if st.st_size == 0:
         return ScanRecord(rel, path, "reject", Reason.EMPTY_FILE)
-    lower = os.path.basename(path).lower()
-    if lower.endswith((".nii", ".nii.gz")):
-        return _scan_nifti(path, rel)
-    try:
-        with open(path, "rb") as f:
+    try:  # O_NONBLOCK + fstat: a file swapped for a FIFO after the stat still cannot block us
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return ScanRecord(rel, path, "reject", Reason.NOT_A_REGULAR_FILE)
             head = f.read(132)
     except OSError:
         return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+    lower = os.path.basename(path).lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return _scan_nifti(path, rel, max_voxels)
     if lower == "dicomdir":
         return ScanRecord(rel, path, "reject", Reason.DICOMDIR)
     kind = sniff_dicom(head)
@@ -152,8 +214,10 @@ def scan_file(path: str, rel: str) -> ScanRecord:
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=kind == "raw")
-        header_or_reason = dicom_header(ds)
-    except Exception:  # a broken header must not stop the scan
+        header_or_reason = dicom_header(ds, max_voxels)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # a broken header must not stop the scan (BaseException: pyo3 panics too)
         return ScanRecord(rel, path, "reject", Reason.DICOM_UNREADABLE)
     if isinstance(header_or_reason, Reason):
         if header_or_reason is Reason.NO_PIXEL_DATA and kind == "raw":
@@ -183,7 +247,7 @@ def sniff_dicom(head: bytes) -> str | None:
     return None
 
 
-def _scan_nifti(path: str, rel: str) -> ScanRecord:
+def _scan_nifti(path: str, rel: str, max_voxels: int) -> ScanRecord:
     import nibabel as nib
     import numpy as np
 
@@ -204,14 +268,21 @@ def _scan_nifti(path: str, rel: str) -> ScanRecord:
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
+    if math.prod(int(s) for s in shape[:3]) > max_voxels:  # only the first volume is ever read
+        return ScanRecord(rel, path, "reject", Reason.TOO_LARGE)
     return ScanRecord(rel, path, "nifti")
 
 
 # ----------------------------------------------------------------------------- header parsing
 
 
-def dicom_header(ds: Any) -> DicomHeader | Reason:
-    """Extract a :class:`DicomHeader` from a header-only dataset, or the reason it is not usable."""
+def dicom_header(ds: Any, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader | Reason:
+    """Extract a :class:`DicomHeader` from a header-only dataset, or the reason it is not usable.
+
+    Sizes are checked before anything is built per frame: Rows x Columns x NumberOfFrames above
+    ``max_voxels`` is ``too_large``; an enhanced file declaring more frames than it has per-frame
+    entries is ``size_mismatch`` (so a header claiming 2**31 frames costs nothing).
+    """
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
@@ -241,7 +312,13 @@ def dicom_header(ds: Any) -> DicomHeader | Reason:
     if _int(ds.get("BitsAllocated")) == 1:
         return Reason.UNSUPPORTED_PIXEL_FORMAT
     n_frames = _int(ds.get("NumberOfFrames")) or 1
+    if rows < 0 or columns < 0 or n_frames < 0:
+        return Reason.SIZE_MISMATCH
+    if rows * columns * n_frames > max_voxels:
+        return Reason.TOO_LARGE
     enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if enhanced and n_frames > len(ds.PerFrameFunctionalGroupsSequence):
+        return Reason.SIZE_MISMATCH
     if enhanced:
         frames = _enhanced_frames(ds, n_frames)
     elif n_frames > 1:
@@ -433,10 +510,10 @@ def _num_key(v: Any) -> str:
 # ----------------------------------------------------------------------------- pool driver
 
 
-def scan_batch(items: Sequence[tuple[str, str]]) -> list[ScanRecord]:
+def scan_batch(items: Sequence[tuple[str, str]], max_voxels: int = DEFAULT_MAX_VOXELS) -> list[ScanRecord]:
     """Worker entry point: scan a chunk of files with library chatter silenced."""
     with quiet_libraries():
-        return [scan_file(path, rel) for path, rel in items]
+        return [scan_file(path, rel, max_voxels) for path, rel in items]
 
 
 def scan_archives(
@@ -445,11 +522,14 @@ def scan_archives(
     workers: int = 1,
     exclude: Iterable[Path] = (),
     on_progress: Callable[[int], None] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    follow_links: bool = False,
 ) -> list[ScanRecord]:
-    """Scan every file below ``archives``; one record per file (and per unreadable folder), sorted by rel.
+    """Scan every file below ``archives``; one record per file (and per folder not entered), sorted by rel.
 
     With ``workers > 1`` header reads run in a process pool, ``SCAN_CHUNK`` files per task, while the
     walk goes on; at most ``4 * workers`` chunks are in flight so memory stays flat on huge trees.
+    See :func:`walk` for folders and links, :func:`scan_file` for files.
     """
     records: list[ScanRecord] = []
 
@@ -458,37 +538,31 @@ def scan_archives(
         if on_progress is not None:
             on_progress(len(batch))
 
-    chunk: list[tuple[str, str]] = []
-    if workers <= 1:
-        for path, rel, bad_dir in walk(archives, exclude):
-            if bad_dir:
-                records.append(ScanRecord(rel, path, "reject", Reason.UNREADABLE_DIRECTORY, is_directory=True))
+    def chunks() -> Iterator[list[tuple[str, str]]]:
+        chunk: list[tuple[str, str]] = []
+        for path, rel, folder_reason in walk(archives, exclude, follow_links=follow_links):
+            if folder_reason is not None:
+                records.append(ScanRecord(rel, path, "reject", folder_reason, is_directory=True))
                 continue
             chunk.append((path, rel))
             if len(chunk) >= SCAN_CHUNK:
-                done(scan_batch(chunk))
+                yield chunk
                 chunk = []
         if chunk:
-            done(scan_batch(chunk))
+            yield chunk
+
+    if workers <= 1:
+        for chunk in chunks():
+            done(scan_batch(chunk, max_voxels))
     else:
         with worker_pool(workers) as pool:
             pending: set[Future[list[ScanRecord]]] = set()
-            for path, rel, bad_dir in walk(archives, exclude):
-                if bad_dir:
-                    records.append(
-                        ScanRecord(rel, path, "reject", Reason.UNREADABLE_DIRECTORY, is_directory=True)
-                    )
-                    continue
-                chunk.append((path, rel))
-                if len(chunk) >= SCAN_CHUNK:
-                    pending.add(pool.submit(scan_batch, chunk))
-                    chunk = []
-                    if len(pending) >= 4 * workers:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            done(fut.result())
-            if chunk:
-                pending.add(pool.submit(scan_batch, chunk))
+            for chunk in chunks():
+                pending.add(pool.submit(scan_batch, chunk, max_voxels))
+                if len(pending) >= 4 * workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        done(fut.result())
             for fut in pending:
                 done(fut.result())
     records.sort(key=lambda r: r.rel)

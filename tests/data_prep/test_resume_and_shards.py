@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +141,13 @@ def test_merge_refuses_missing_or_mismatched_shards(reference, tmp_path: Path) -
     with pytest.raises(PrepError, match=r"missing shard results for shard\(s\) \[1\]"):
         merge_shards(out)
     other_salt = tmp_path / "other.salt"
-    prep_archive([archive], out, salt_file=other_salt, shard=(1, 2), progress=False)
+    with pytest.raises(PrepError, match="built with a salt that is not at"):  # refused before writing
+        prep_archive([archive], out, salt_file=other_salt, shard=(1, 2), progress=False)
+    # a shard result built elsewhere with another salt, copied in: merge refuses it
+    elsewhere = tmp_path / "elsewhere"
+    prep_archive([archive], elsewhere, salt_file=other_salt, shard=(1, 2), progress=False)
+    for partial in (elsewhere / "prep_state").glob("shard-*.json"):
+        shutil.copy(partial, out / "prep_state" / partial.name)
     with pytest.raises(PrepError, match="salt_fingerprint"):
         merge_shards(out)
 

@@ -105,8 +105,8 @@ def test_walk_is_sorted_excludes_the_cache_and_reports_unlistable_folders(tmp_pa
         return real(path, *a, **k)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    entries = [(rel, bad) for _, rel, bad in walk([tmp_path], exclude=[tmp_path / "cache"])]
-    assert entries == [("0/a/0", False), ("0/a/1", False), ("0/b/2", False), ("0/locked", True)]
+    entries = [(rel, why) for _, rel, why in walk([tmp_path], exclude=[tmp_path / "cache"])]
+    assert entries == [("0/a/0", None), ("0/a/1", None), ("0/b/2", None), ("0/locked", Reason.UNREADABLE_DIRECTORY)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
