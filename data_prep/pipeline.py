@@ -43,7 +43,14 @@ from data_prep.report import (
 from data_prep.scan import DEFAULT_MAX_VOXELS, ScanRecord, scan_archives
 from data_prep.series import assemble
 from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildSupervisor
-from medmae.data.cache import MANIFEST_NAME, Manifest, ManifestRow, sidecar_path, write_json_atomic
+from medmae.data.cache import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestRow,
+    built_series_ids,
+    sidecar_path,
+    write_json_atomic,
+)
 
 log = logging.getLogger("data_prep")
 
@@ -223,6 +230,10 @@ def _prep_locked(
         report_path = write_reject_report(out, outcome)
         write_prep_manifest(out, outcome.rows, val_fraction, fingerprint)  # last: the manifest means "done"
         manifest_path = out / MANIFEST_NAME
+        orphans = set(built_series_ids(out)) - {r.series_id for r in outcome.rows}
+        if orphans:
+            log.warning("%d series in %s are not in this run's manifest (built from other archives or settings); "
+                        "training ignores them", len(orphans), out)
     else:
         partial = write_shard_partial(out, shard[0], shard[1], outcome, settings)
     return PrepSummary(
