@@ -1,0 +1,265 @@
+"""Does MAE pretraining help downstream? Few-label brain-tissue segmentation, pretrained vs random init.
+
+Data (real, offline): the MNI ICBM152 2009a T1 template (1 mm, an average of 152 real brain MRIs)
+and its grey- and white-matter probability maps, which ship inside the nilearn wheel
+(``pip install -e ".[transfer]"``; only the data files are used). Labels: ``argmax(1-gm-wm, gm, wm)``
+= background/CSF, grey matter, white matter.
+
+Split: the axial range holding brain is cut into slabs of ``--slab`` planes; slab ``i`` goes to
+*test* when ``i % 4 == 1``, to *validation* when ``i % 4 == 3``, otherwise to the training pool, from
+which ``--labelled`` slabs (≤ 5, spread evenly) get labels. Pretraining sees every non-test plane
+without labels. Recipes were chosen on validation Dice; the test slabs were only scored for the
+final table (docs/transfer.md).
+
+Everything runs through the product's own path: NIfTI files -> ``data_prep.prep_archive`` -> cache ->
+``CacheDataModule`` + ``MAEPretrainModule`` (Lightning) -> ``export_encoder`` -> ``SegmentationModule``
+(``medmae:DIR`` vs ``random:DIR``: the same UNETR, the same preprocessing from the card, the same
+budget) -> whole-volume Dice on the test slabs. Every seed is printed.
+
+    pip install -e ".[transfer]"
+    python benchmarks/transfer.py                     # the documented recipe, 3 seeds (~15 min on 2 cores)
+    python benchmarks/transfer.py --quick             # smoke run of the whole path (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import nibabel as nib
+import numpy as np
+import torch
+
+from data_prep import prep_archive
+from medmae.data import CacheDataModule
+from medmae.export import export_encoder
+from medmae.finetune.seg_data import SegmentationDataModule, prepare_case, SegCase
+from medmae.finetune.segment import SegmentationModule, dice_per_class, predict_planes
+from medmae.train import MAEPretrainModule
+
+MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of one transfer comparison (defaults: the CPU recipe of docs/transfer.md)."""
+
+    img_size: int = 96
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    pretrain_steps: int = 400
+    pretrain_batch: int = 32
+    blr: float = 1.5e-3
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    slab: int = 8
+    labelled: int = 3
+    finetune_steps: int = 300
+    finetune_batch: int = 8
+    lr: float = 1e-3
+    layer_decay: float = 0.75
+    warmup_steps: int = 30
+    finetune_crop_scale: tuple[float, float] = (0.5, 1.0)
+    feature_size: int = 16
+
+
+def nilearn_data() -> Path:
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit('benchmarks/transfer.py needs the MNI152 files shipped with nilearn: pip install -e ".[transfer]"')
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]]:
+    """Slab NIfTI files (image + label) per role, and the unlabelled non-test runs for pretraining."""
+    data = nilearn_data()
+    img = nib.load(str(data / MNI.format("t1")))
+    t1 = np.asarray(img.dataobj).astype(np.int16)  # (x, y, z) RAS, axial planes along z
+    gm = np.asarray(nib.load(str(data / MNI.format("gm"))).dataobj, dtype=np.float32) / 255.0
+    wm = np.asarray(nib.load(str(data / MNI.format("wm"))).dataobj, dtype=np.float32) / 255.0
+    label = np.argmax(np.stack([1 - gm - wm, gm, wm]), axis=0).astype(np.uint8)
+    zs = np.where((label > 0).any(axis=(0, 1)))[0]
+    z0, n = int(zs.min()), (int(zs.max()) + 1 - int(zs.min())) // recipe.slab
+    slabs = [(z0 + i * recipe.slab, z0 + (i + 1) * recipe.slab) for i in range(n)]
+    roles = {"test": [i for i in range(n) if i % 4 == 1], "val": [i for i in range(n) if i % 4 == 3]}
+    pool = [i for i in range(n) if i % 4 in (0, 2)]
+    picks = [pool[p] for p in np.linspace(0, len(pool) - 1, 5).round().astype(int)]
+    roles["train"] = [picks[k] for k in (2, 0, 4, 1, 3)][: recipe.labelled]  # nested: 1 = middle slab, ...
+
+    def affine_at(z: int) -> np.ndarray:
+        a = img.affine.copy()
+        a[:3, 3] = img.affine[:3, :3] @ np.array([0, 0, z]) + img.affine[:3, 3]
+        return a
+
+    out: dict[str, list[tuple[Path, Path]]] = {}
+    (work / "labelled").mkdir(parents=True, exist_ok=True)
+    for role, idx in roles.items():
+        out[role] = []
+        for i in idx:
+            a, b = slabs[i]
+            image, lab = work / "labelled" / f"{role}_{i:02d}.nii.gz", work / "labelled" / f"{role}_{i:02d}_label.nii.gz"
+            nib.save(nib.Nifti1Image(t1[:, :, a:b], affine_at(a)), str(image))
+            nib.save(nib.Nifti1Image(label[:, :, a:b], affine_at(a)), str(lab))
+            out[role].append((image, lab))
+    # pretraining archive: every contiguous run of non-test planes, images only
+    test_planes = {z for i in roles["test"] for z in range(*slabs[i])}
+    archive = work / "unlabelled"
+    archive.mkdir(exist_ok=True)
+    keep = [z for z in range(t1.shape[2]) if z not in test_planes]
+    runs: list[list[int]] = [[keep[0]]]
+    for z in keep[1:]:
+        (runs[-1].append(z) if z == runs[-1][-1] + 1 else runs.append([z]))
+    for j, run in enumerate(runs):
+        nib.save(nib.Nifti1Image(t1[:, :, run[0] : run[-1] + 1], affine_at(run[0])), str(archive / f"run{j:02d}.nii.gz"))
+    return out
+
+
+def pretrain(work: Path, recipe: Recipe, seed: int = 0) -> Path:
+    """data_prep -> MAE pretraining -> export: the product path on the unlabelled planes."""
+    cache = work / "cache"
+    prep_archive([work / "unlabelled"], cache, workers=1, salt_file=work / "salt", val_fraction=0.0, progress=False)
+    pl.seed_everything(seed, verbose=False)
+    data = CacheDataModule(
+        str(cache), img_size=recipe.img_size, batch_size=recipe.pretrain_batch, num_workers=0, seed=seed,
+        crop_scale=recipe.crop_scale, samples_per_epoch=recipe.pretrain_batch * 50, min_size=32, hflip_prob=0.5,
+    )
+    module = MAEPretrainModule(
+        variant="mae_vit_tiny_patch16", img_size=recipe.img_size, patch_size=16, embed_dim=recipe.embed_dim,
+        depth=recipe.depth, num_heads=recipe.num_heads, mask_ratio=recipe.mask_ratio,
+        norm_pix_loss=recipe.norm_pix_loss, decoder_embed_dim=recipe.decoder_embed_dim,
+        decoder_depth=recipe.decoder_depth, decoder_num_heads=4, blr=recipe.blr, warmup_steps=recipe.pretrain_steps // 10,
+        min_lr=1e-5, seed=seed, log_images_every_n_steps=0,
+    )
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe.pretrain_steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=work)
+    trainer.fit(module, datamodule=data)
+    export = work / "encoder"
+    export_encoder(module.model, export, data.preprocessing(), {"global_step": trainer.global_step})
+    return export
+
+
+def write_csv(path: Path, cases: dict[str, list[tuple[Path, Path]]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "patient", "split"])
+        for role in ("train", "val"):
+            for image, label in cases[role]:
+                w.writerow([image, label, image.stem, role])
+    return path
+
+
+def finetune(work: Path, export: Path, init: str, seed: int, recipe: Recipe, cases_csv: Path,
+             test: list[tuple[Path, Path]]) -> dict[str, float]:
+    """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs."""
+    pl.seed_everything(seed, verbose=False)
+    data = SegmentationDataModule(
+        f"{init}:{export}", 3, csv=str(cases_csv), batch_size=recipe.finetune_batch, seed=seed,
+        samples_per_epoch=recipe.finetune_batch * recipe.finetune_steps, crop_scale=recipe.finetune_crop_scale,
+    )
+    module = SegmentationModule(f"{init}:{export}", 3, lr=recipe.lr, layer_decay=recipe.layer_decay,
+                                warmup_steps=recipe.warmup_steps, feature_size=recipe.feature_size)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe.finetune_steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=work)
+    trainer.fit(module, datamodule=data)
+    net = module.net.eval()
+    pre = module.preprocessing
+    scores = {}
+    for role, cases in (("val", data.val_cases), ("test", None)):
+        if cases is None:
+            cases = [prepare_case(SegCase(0, str(i), str(lab), "", "test"), pre, 3, "OT", None) for i, lab in test]
+        per_case = [dice_per_class(predict_planes(net, c.images, pre, c.plane_shape), c.label_stack, 3) for c in cases]
+        scores[role] = float(np.mean(per_case))
+    return scores
+
+
+def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str, float]:
+    pre = [r[role] for r in results["medmae"]]
+    rnd = [r[role] for r in results["random"]]
+    return {
+        "pretrained_mean": statistics.mean(pre), "pretrained_sd": statistics.pstdev(pre),
+        "random_mean": statistics.mean(rnd), "random_sd": statistics.pstdev(rnd),
+        "ratio": statistics.mean(pre) / statistics.mean(rnd), "every_pretrained_above_every_random": min(pre) > max(rnd),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temporary)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    for field, default in asdict(Recipe()).items():
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        if kind is bool:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                                default=default)
+        else:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default,
+                                nargs=2 if isinstance(default, tuple) else None)
+    args = parser.parse_args(argv)
+    values = {f: (tuple(getattr(args, f)) if isinstance(d, tuple) else getattr(args, f)) for f, d in asdict(Recipe()).items()}
+    if args.quick:
+        values.update(pretrain_steps=4, finetune_steps=4, pretrain_batch=8, finetune_batch=4, img_size=64, depth=10,
+                      embed_dim=96, warmup_steps=1)
+    recipe = Recipe(**values)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medmae_transfer_") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        cases = write_slabs(work, recipe)
+        t0 = time.perf_counter()
+        export = pretrain(work, recipe)
+        pretrain_s = time.perf_counter() - t0
+        cases_csv = write_csv(work / "cases.csv", cases)
+        results: dict[str, list[dict[str, float]]] = {"medmae": [], "random": []}
+        for seed in args.seeds:
+            for init in ("medmae", "random"):
+                r = finetune(work, export, init, seed, recipe, cases_csv, cases["test"])
+                results[init].append(r)
+                print(f"seed {seed} {init:<7} val Dice {r['val']:.4f}  test Dice {r['test']:.4f}", flush=True)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "recipe": asdict(recipe), "seeds": args.seeds, "per_seed": results,
+        "val": summarise(results, "val"), "test": summarise(results, "test"),
+        "pretrain_seconds": round(pretrain_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "labelled_slabs": len(cases["train"]), "val_slabs": len(cases["val"]), "test_slabs": len(cases["test"]),
+    }
+    print(f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s")
+    print(f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; val {report['val_slabs']}, test {report['test_slabs']}")
+    print("| init | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd |")
+    print("|---|" + "---:|" * (len(args.seeds) + 1))
+    for init, name in (("medmae", "medmae-pretrained"), ("random", "random init")):
+        vals = [r["test"] for r in results[init]]
+        print(f"| {name} (test Dice) | " + " | ".join(f"{v:.4f}" for v in vals)
+              + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |")
+    t = report["test"]
+    print(f"test: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
+          f"{t['every_pretrained_above_every_random']}  (val ratio {report['val']['ratio']:.3f}x)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
