@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from medmae.models.masking import random_masking
+from medmae.models.masking import random_masking, visible_count
 from medmae.models.patches import grid_shape, patchify, unpatchify
 from medmae.models.pos_embed import sincos_pos_embed_2d
 
@@ -106,6 +106,7 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"only square patches are supported, got patch_size {patch}")
         self.patch_size = int(patch[0])
         self.grid = grid_shape(self.img_size, self.patch_size)
+        visible_count(self.grid[0] * self.grid[1], mask_ratio)  # at least one visible patch, or ValueError
         embed_dim = self.encoder.embed_dim
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
