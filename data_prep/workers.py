@@ -54,6 +54,9 @@ def _build_worker_main(conn: Any, parent: int) -> None:
     """Child process: build the tasks the supervisor sends, reporting which file it is decoding."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A Rust decoder that panics prints its message to stderr; a symbolised backtrace per corrupt
+    # file (RUST_BACKTRACE=1) would flood the terminal and cost seconds each. The cause is logged.
+    os.environ["RUST_BACKTRACE"] = "0"
     from data_prep.build import build_series
 
     while True:
