@@ -14,6 +14,9 @@ The three starts build the *same* downstream model so a transfer comparison is o
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,23 @@ def resolve_encoder(init: EncoderInit, in_chans: int | None = None) -> EncoderSo
     return _timm_source(init, in_chans or 1)
 
 
+@contextmanager
+def _offline() -> Iterator[None]:
+    """Forbid the Hugging Face hub from reaching the network: weights come from the local cache or not at all."""
+    import huggingface_hub.constants as hub
+
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
 def _timm_source(init: EncoderInit, in_chans: int) -> EncoderSource:
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -131,7 +151,8 @@ def _timm_source(init: EncoderInit, in_chans: int) -> EncoderSource:
     if not timm.is_model(name):
         raise ValueError(f"init timm:{name}: not a timm model name")
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        with _offline():
+            model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as e:  # hub errors differ by version; nothing may be downloaded here anyway
         raise ValueError(
             f"init timm:{name}: pretrained weights are not available offline ({e.__class__.__name__}); "

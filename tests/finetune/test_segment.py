@@ -180,3 +180,29 @@ def test_bad_inputs_name_the_file(tmp_path: Path, seg_encoder: Path, cases_csv: 
     with pytest.raises(SystemExit):
         _fit(tmp_path / "run2", broken, cases_csv, "medmae", 1)
     assert "preprocessing.axis" in capsys.readouterr().err
+
+
+def test_timm_init_uses_only_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm:NAME loads weights from the local Hugging Face cache; an empty cache is a clear error, no download."""
+    import huggingface_hub.constants as hub
+    import timm
+    from safetensors.torch import save_file
+
+    from medmae.finetune.encoders import parse_init, resolve_encoder
+    from medmae.finetune.segment import build_segmenter
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="not available offline"):
+        resolve_encoder(parse_init("timm:vit_tiny_patch16_224"))
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    repo = tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(snapshot / "model.safetensors"))
+    source = resolve_encoder(parse_init("timm:vit_tiny_patch16_224"))
+    folded = reference.patch_embed.proj.weight.detach().sum(1, keepdim=True)  # 3 RGB filters -> 1 channel
+    torch.testing.assert_close(source.state["patch_embed.proj.weight"], folded)
+    net = build_segmenter(source, num_classes=2, feature_size=8)
+    assert net(torch.rand(1, 1, 224, 224)).shape == (1, 2, 224, 224)
