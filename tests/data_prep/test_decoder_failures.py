@@ -122,3 +122,25 @@ def test_fuzz_200_pixel_mutants_across_compressed_syntaxes(tmp_path: Path, prep,
     assert set(counts) <= {"pixel_decode_failed", "non_finite_values", "build_failed"}, counts
     assert counts.get("pixel_decode_failed", 0) >= 10 and run.report["series_in_manifest"] >= 10
     print(json.dumps(counts), sum(1 for p in mutants if run.reason(p) is None), "built")
+
+
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Machine problems are not a file's fault: the run stops (exit 1, one line) and a rerun resumes."""
+    import errno
+
+    from data_prep.cli import main
+
+    a = tmp_path / "archive"
+    volume_series(a / "ct", n=3)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = data_prep.build.write_series
+    monkeypatch.setattr(data_prep.build, "write_series", full)  # runs in the forked worker
+    assert main([str(a), "--out", str(tmp_path / "cache"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "rerun to resume" in err[0]
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    monkeypatch.setattr(data_prep.build, "write_series", real)
+    assert main([str(a), "--out", str(tmp_path / "cache"), "--quiet"]) == 0
