@@ -7,6 +7,9 @@ crops and fixed per-sample RNG, identical every epoch. Batches are dicts::
     {"image": float32 (B, C, H, W) in [0, 1], "index": int64 (B,), "series": int64 (B,),
      "slice": int64 (B,), "skipped": int64 (B,), "rejected": int64 (B,)}
 
+Training batches also get ``"step_key": (epoch, batch number in the epoch)`` (host ints, from the
+batch's own sampler keys) right before the training step; the MAE module seeds its masks from it.
+
 ``skipped``/``rejected`` count the replacements made for each sample (unreadable cache entry /
 background crop); summing them in the training loop covers every worker. No path or PHI is in a
 batch or in :meth:`CacheDataModule.preprocessing`.
@@ -48,6 +51,10 @@ from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = 1
+
+#: batch entry added just before a training step: ``(epoch, batch number in the epoch)`` as host ints,
+#: read from the batch's own sampler keys (the module seeds its masks from it)
+STEP_KEY = "step_key"
 
 
 class NoUsableDataError(RuntimeError):
@@ -203,6 +210,11 @@ class CacheDataModule(pl.LightningDataModule):
             raise ValueError(f"sampling_alpha must be in [0, 1], got {sampling_alpha!r}")
         self.sampling_alpha = float(sampling_alpha)
         self.samples_per_epoch = _check_optional_int(samples_per_epoch, "samples_per_epoch", 1)
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            raise ValueError(
+                f"samples_per_epoch={self.samples_per_epoch} is smaller than batch_size={self.batch_size}: "
+                "no full batch per epoch (raise samples_per_epoch or lower batch_size)"
+            )
         self.val_samples = _check_optional_int(val_samples, "val_samples", 1)
         self.foreground_tries = _check_int(foreground_tries, "foreground_tries", 0)
         self.pin_memory = bool(pin_memory)
@@ -231,6 +243,10 @@ class CacheDataModule(pl.LightningDataModule):
         self.val_dataset: CacheSliceDataset | None = None
         #: per split: series kept, slices, and drop counts by reason (filled by ``setup``)
         self.setup_report: dict[str, dict[str, Any]] = {}
+        #: where training stands in the sampler's stream: the epoch and the draws (over all ranks) of
+        #: the last batch handed to a training step; saved in checkpoints (``state_dict``)
+        self.train_position: dict[str, int] | None = None
+        self._num_replicas = 1
 
     # ------------------------------------------------------------------ what the model needs to know
 
@@ -312,10 +328,20 @@ class CacheDataModule(pl.LightningDataModule):
         logger.info("%s split: %s", split, self.setup_report[split])
         if len(index) == 0:
             if split == "train":
+                fields = {
+                    "modality": f"data.modalities={self.modalities}",
+                    "image": f"data.include_images={self.include_images}",
+                    "min_size": f"data.min_size={self.min_size}",
+                    "min_slices": f"data.min_slices={self.min_slices}",
+                    "anisotropy": f"data.max_anisotropy={self.max_anisotropy}",
+                }
+                named = [fields[r] for r in sorted(dropped) if r in fields]
+                hint = (
+                    f"dropped by {', '.join(named)}" if named else "check the cache's reject report (medmae prep)"
+                )
                 raise NoUsableDataError(
-                    f"no usable training slices in cache {self.cache_dir}: {total} train series, dropped "
-                    f"{dict(sorted(dropped.items())) or 'none'}; check modalities, "
-                    f"min_size, min_slices, axis and the cache's reject report"
+                    f"data.cache_dir {self.cache_dir}: no usable training slice ({total} train series, dropped "
+                    f"{dict(sorted(dropped.items())) or 'none'}); {hint}"
                 )
             return None
         positions = None
@@ -339,7 +365,14 @@ class CacheDataModule(pl.LightningDataModule):
         need_val = stage in (None, "fit", "validate") and self.val_dataset is None and "val" not in self.setup_report
         if not (need_train or need_val):
             return
-        rows = load_manifest(self.cache_dir).rows
+        if not self.cache_dir.exists():
+            raise FileNotFoundError(f"data.cache_dir {self.cache_dir} does not exist; run `medmae prep` first")
+        if not self.cache_dir.is_dir():
+            raise NotADirectoryError(f"data.cache_dir {self.cache_dir} is not a directory")
+        try:
+            rows = load_manifest(self.cache_dir).rows
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"data.cache_dir: {e}") from e
         if need_train:
             self.train_dataset = self._build_split("train", rows)
         if need_val:
@@ -383,9 +416,58 @@ class CacheDataModule(pl.LightningDataModule):
             )
         return sampler
 
+    def check_batches_per_epoch(self, world_size: int) -> None:
+        """Raise ``ValueError`` when an epoch would not give every one of ``world_size`` devices a full batch."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        samples = self.samples_per_epoch or max(len(self.train_dataset.index), self.batch_size * world_size)
+        if samples // world_size < self.batch_size:
+            raise ValueError(
+                f"data.samples_per_epoch={samples} gives {samples // world_size} samples per device on "
+                f"{world_size} device(s), fewer than data.batch_size={self.batch_size}: no full batch per epoch"
+            )
+
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
+        self._num_replicas = sampler.num_replicas
+        sampler.follow(self._trained_position)
         return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ exact resume
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the sampler position of each batch the trainer is about to train on.
+
+        Lightning calls this hook for exactly the batches that reach a training step (its fetcher's
+        look-ahead batch is not counted yet), on the host, before the device copy: reading the keys
+        costs no device sync. The batch's own ``(epoch, index)`` keys are the only source of truth.
+        """
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "epoch" in batch:
+            epoch = int(batch["epoch"][0])
+            last_draw = int(batch["index"].max())
+            replicas = max(1, self._num_replicas)
+            # rank r takes draws r, r+R, ...: after draw d every rank has taken d // R + 1 of its own
+            self.train_position = {"epoch": epoch, "draws_done": (last_draw // replicas + 1) * replicas}
+            first_draw = int(batch["index"].min())
+            batch[STEP_KEY] = (epoch, first_draw // (replicas * len(batch["index"])))
+        return batch
+
+    def _trained_position(self) -> tuple[int, int] | None:
+        if self.train_position is None:
+            return None
+        return self.train_position["epoch"], self.train_position["draws_done"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training position in the sampler's stream (no paths)."""
+        return {"train_position": dict(self.train_position) if self.train_position is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume the next training loader continues right after the last trained batch."""
+        position = state_dict.get("train_position")
+        if position is not None:
+            self.train_position = {"epoch": int(position["epoch"]), "draws_done": int(position["draws_done"])}
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None and "val" not in self.setup_report:

@@ -54,7 +54,8 @@ class CacheSliceDataset(Dataset):
         max_open_files: memory maps kept open per process.
 
     Returns (per item) a dict: ``image`` float32 ``(C, H, W)`` in [0, 1]; ``index`` (the draw number,
-    or the int key); ``series`` and ``slice`` (where the sample came from, by position in
+    or the int key); ``epoch`` (the sampler's epoch of a training key, -1 for an int key); ``series``
+    and ``slice`` (where the sample came from, by position in
     ``index.rows`` and plane number); ``skipped`` and ``rejected`` (replacements made).
     """
 
@@ -101,15 +102,15 @@ class CacheSliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index) if self.positions is None else len(self.positions)
 
-    def _resolve(self, key: Any) -> tuple[np.random.Generator, int, int]:
+    def _resolve(self, key: Any) -> tuple[np.random.Generator, int, int, int]:
         if isinstance(key, tuple):
             epoch, draw, position = (int(v) for v in SampleKey(*key))
-            return np.random.default_rng([self.seed, STREAM_TRAIN_SAMPLE, epoch, draw]), position, draw
+            return np.random.default_rng([self.seed, STREAM_TRAIN_SAMPLE, epoch, draw]), position, draw, epoch
         i = int(key)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} samples")
         position = i if self.positions is None else int(self.positions[i])
-        return np.random.default_rng([self.seed, STREAM_FIXED_SAMPLE, i]), position, i
+        return np.random.default_rng([self.seed, STREAM_FIXED_SAMPLE, i]), position, i, -1
 
     def _record_skip(self, series: int, error: CacheEntryError) -> None:
         self.skip_counts[error.reason] += 1
@@ -124,7 +125,7 @@ class CacheSliceDataset(Dataset):
             )
 
     def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
-        rng, position, ident = self._resolve(key)
+        rng, position, ident, epoch = self._resolve(key)
         skipped = rejected = 0
         while True:
             series, centre = self.index.locate(position)
@@ -154,6 +155,7 @@ class CacheSliceDataset(Dataset):
             return {
                 "image": image,
                 "index": ident,
+                "epoch": epoch,
                 "series": series,
                 "slice": centre,
                 "skipped": skipped,

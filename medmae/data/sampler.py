@@ -14,11 +14,15 @@ leaves it in place and calls :meth:`set_epoch` on it every epoch, on any Lightni
 count and rank default to the initialised ``torch.distributed`` process group (1 and 0 without one).
 With a plain DataLoader, call ``set_epoch(e)`` like for any ``DistributedSampler``; if ``set_epoch`` is
 never called, each new iteration advances the epoch by one by itself.
+
+Exact resume: :meth:`EpochWeightedSampler.resume_at` makes the next iteration continue an epoch after
+the draws already trained (``state_dict`` / ``load_state_dict`` carry the same position). The position
+is rank-independent (draws over all ranks), so a run may even resume on another number of devices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -91,10 +95,47 @@ class EpochWeightedSampler(DistributedSampler):
         self.num_samples = self.samples_per_epoch // self.num_replicas
         self.total_size = self.num_samples * self.num_replicas
         self._explicit_epoch = False
+        self._resume: tuple[int, int] | None = None
+        self._position_fn: Callable[[], tuple[int, int] | None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._explicit_epoch = True
+
+    def resume_at(self, epoch: int, draws_done: int) -> None:
+        """Make the next iteration continue ``epoch`` after its first ``draws_done`` draws (all ranks).
+
+        The pending position wins over a later :meth:`set_epoch` for that one iteration (Lightning
+        calls ``set_epoch`` with its own epoch counter, which after a restore may be off by one); a
+        finished epoch (``draws_done >= total_size``) resumes at the start of ``epoch + 1``.
+        """
+        if epoch < 0 or draws_done < 0:
+            raise ValueError(f"resume position must be >= 0, got epoch {epoch!r}, draws_done {draws_done!r}")
+        epoch, draws_done = int(epoch), int(draws_done)
+        if draws_done >= self.total_size:
+            epoch, draws_done = epoch + 1, 0
+        self._resume = (epoch, draws_done)
+        self.epoch = epoch
+        self._explicit_epoch = True
+
+    def follow(self, position_fn: Callable[[], tuple[int, int] | None]) -> None:
+        """Start every iteration right after the position ``position_fn()`` returns.
+
+        ``position_fn`` gives ``(epoch, draws_done)`` of the last batch actually trained (or None before
+        the first one). Each new iteration then continues that epoch, or starts ``epoch + 1`` when it
+        was finished, whatever epoch number the training loop passes to :meth:`set_epoch`: iterators
+        that a loop creates and drops without training on them change nothing, and a loop whose own
+        epoch counter is off by one after a restore (Lightning) cannot shift the data.
+        """
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        """The position the next iteration starts from (epoch, draws over all ranks already taken)."""
+        epoch, draws = self._resume if self._resume is not None else (int(self.epoch), 0)
+        return {"epoch": epoch, "draws_done": draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(int(state["epoch"]), int(state["draws_done"]))
 
     def epoch_positions(self, epoch: int) -> np.ndarray:
         """All ``total_size`` positions drawn in ``epoch`` (every rank's, in draw order)."""
@@ -102,11 +143,22 @@ class EpochWeightedSampler(DistributedSampler):
         return np.asarray(self.index.draw(rng, self.total_size))
 
     def __iter__(self) -> Iterator[SampleKey]:
-        epoch = int(self.epoch)
+        start = self.rank
+        position = self._position_fn() if self._position_fn is not None else None
+        if self._resume is None and position is not None:
+            epoch, draws_done = position
+            self._resume = (epoch + 1, 0) if draws_done >= self.total_size else (epoch, draws_done)
+        if self._resume is not None:
+            (epoch, draws_done), self._resume = self._resume, None
+            # this rank's draws are rank, rank + R, ...: skip those below draws_done
+            start = -(-(draws_done - self.rank) // self.num_replicas) * self.num_replicas + self.rank
+            start = max(start, self.rank)
+        else:
+            epoch = int(self.epoch)
         if not self._explicit_epoch:
-            self.epoch += 1
+            self.epoch = epoch + 1
         positions = self.epoch_positions(epoch)
-        for draw in range(self.rank, self.total_size, self.num_replicas):
+        for draw in range(start, self.total_size, self.num_replicas):
             yield SampleKey(epoch, draw, int(positions[draw]))
 
     def __len__(self) -> int:

@@ -140,9 +140,23 @@ class MAEPretrainModule(pl.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         return self._mask_generator.manual_seed(mask_seed(self.hparams.seed, rank, *stream))
 
+    def train_mask_stream(self, batch: Any, batch_idx: int) -> tuple[int, int, int]:
+        """``(0, epoch, batch number)`` of a training batch, the stream its masks are drawn from.
+
+        A :class:`~medmae.data.CacheDataModule` batch carries ``step_key`` = (epoch, batch number)
+        read from its own sampler keys, so the data and the masks share one position and a resumed run
+        draws the very masks of the uninterrupted one. Other data fall back to Lightning's
+        ``(current_epoch, batch_idx)``.
+        """
+        key = batch.get("step_key") if isinstance(batch, dict) else None
+        if key is not None:
+            epoch, number = key
+            return 0, int(epoch), int(number)
+        return 0, self.current_epoch, batch_idx
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]
-        out = self.model(imgs, generator=self.mask_generator((0, self.current_epoch, batch_idx)))
+        out = self.model(imgs, generator=self.mask_generator(self.train_mask_stream(batch, batch_idx)))
         self._note_finite(out.loss)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, batch_size=imgs.shape[0])
         self._count_data_replacements(batch)
@@ -244,8 +258,10 @@ class MAEPretrainModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         from medmae.train.callbacks import ReconstructionLogger, ThroughputLogger
+        from medmae.train.checkpoint_io import AtomicCheckpoints
 
         return [
+            AtomicCheckpoints(),
             ThroughputLogger(),
             ReconstructionLogger(self.hparams.log_images_every_n_steps, self.hparams.num_log_images),
         ]

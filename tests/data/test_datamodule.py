@@ -40,7 +40,8 @@ def test_batches_have_the_promised_shape_and_keys(noise_cache: Callable[[], Path
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 24, 40) and batch["image"].dtype == torch.float32
     assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
-    assert set(batch) == {"image", "index", "series", "slice", "skipped", "rejected"}
+    assert set(batch) == {"image", "index", "epoch", "series", "slice", "skipped", "rejected"}
+    assert batch["epoch"].tolist() == [0] * 4
     assert dm.setup_report["train"]["series"] == 4 and dm.setup_report["train"]["slices"] == 31
     assert dm.setup_report["val"]["series"] == 1
 
