@@ -1,0 +1,277 @@
+"""Classification fine-tuning: a timm ViT from the exported encoder (MAE recipe), slice or series level.
+
+Model: :func:`~medmae.export.encoder.timm_from_encoder` with ``global_pool="avg"`` (the encoder's final
+``norm`` dropped, a fresh ``fc_norm`` on the averaged patch tokens), drop path, a fresh linear head,
+layer-wise lr decay and warmup + cosine. ``timm:NAME`` encoders get their own mean/std in front.
+
+* **slice level**: every plane is a sample; a series is scored by the mean of its planes' probabilities.
+* **series level**: the pre-logit features (``fc_norm`` output) of a series' planes are averaged and the
+  head classifies the average, so the series is the sample.
+* **linear probe** (``linear_probe: true``): the MAE recipe — the encoder is frozen (and kept in eval
+  mode), the head is ``BatchNorm1d(affine=False)`` + ``Linear``; only the head trains.
+
+Targets: ``binary`` (one logit, BCE), ``multiclass`` (softmax, cross-entropy with label smoothing, 0.1
+by default), ``multilabel`` (one logit per label, BCE). Smoothing for the BCE tasks pulls targets to
+0.5 by the same amount. Validation is per series: ``val/auroc`` and ``val/acc`` (torchmetrics; macro
+AUROC over classes / labels, accuracy at 0.5 or the arg-max) and ``val/loss`` of the series prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from medmae.export.card import CardError
+from medmae.export.encoder import timm_from_encoder
+from medmae.finetune.cls_data import LEVELS, card_error_with_path, check_target, num_outputs
+from medmae.finetune.encoders import InputNorm, parse_init, resolve_encoder
+from medmae.finetune.layer_decay import layer_decay_groups
+from medmae.finetune.schedule import warmup_cosine
+
+#: key under which a checkpoint keeps what inference needs besides weights (no paths, no header data)
+CKPT_KEY = "medmae_classification"
+POOLS = ("avg", "token")
+
+
+def pool_series(features: torch.Tensor, series: torch.Tensor, num_series: int) -> torch.Tensor:
+    """Mean of the plane features ``(N, D)`` of each series (``series``: ``(N,)`` index) -> ``(B, D)``."""
+    total = features.new_zeros(num_series, features.shape[1]).index_add_(0, series, features)
+    count = torch.bincount(series, minlength=num_series).clamp_min(1).to(features.dtype)
+    return total / count[:, None]
+
+
+class Classifier(nn.Module):
+    """Input normalisation, timm ViT features, optional series pooling, head."""
+
+    def __init__(self, vit: nn.Module, input_norm: InputNorm | None, linear_probe: bool = False) -> None:
+        super().__init__()
+        self.input_norm = input_norm if input_norm is not None else nn.Identity()
+        self.vit = vit
+        self.linear_probe = linear_probe
+        if linear_probe:
+            head = vit.head
+            vit.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+            for name, p in vit.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.linear_probe:  # frozen encoder: no drop path, no dropout; the head's BatchNorm trains
+            self.vit.eval()
+            self.vit.head.train(mode)
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features ``(N, D)`` of planes ``(N, C, H, W)``."""
+        return self.vit.forward_head(self.vit.forward_features(self.input_norm(x)), pre_logits=True)
+
+    def forward(self, x: torch.Tensor, series: torch.Tensor | None = None, num_series: int = 0) -> torch.Tensor:
+        f = self.features(x)
+        if series is not None:
+            f = pool_series(f, series, num_series)
+        return self.vit.head(f)
+
+
+def _metrics(task: str, k: int) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
+    from torchmetrics import classification as C
+
+    if task == "binary":
+        return C.BinaryAUROC(), C.BinaryAccuracy()
+    if task == "multiclass":
+        return C.MulticlassAUROC(num_classes=k, average="macro"), C.MulticlassAccuracy(num_classes=k, average="micro")
+    return C.MultilabelAUROC(num_labels=k, average="macro"), C.MultilabelAccuracy(num_labels=k, average="macro")
+
+
+class ClassificationModule(pl.LightningModule):
+    """Fine-tune (or linearly probe) a timm ViT classifier from ``init``.
+
+    Args:
+        init: ``medmae:DIR`` | ``random:DIR`` | ``timm:NAME`` (see :mod:`medmae.finetune.encoders`).
+        task: ``binary`` | ``multiclass`` | ``multilabel``.
+        classes: class values of the label column (binary default ``["0", "1"]``, negative first);
+            for multilabel the names of the 0/1 label columns.
+        level: ``slice`` or ``series`` (features pooled over the series' planes).
+        card: export folder for architecture/preprocessing when ``init`` is plain ``random``.
+        linear_probe: freeze the encoder; train only a BatchNorm1d(affine=False) + Linear head.
+        global_pool: ``avg`` (MAE fine-tuning: fc_norm on averaged patch tokens) or ``token``
+            (class token through the pretrained final norm).
+        lr: peak AdamW learning rate of the head (top layer); lower layers get ``lr * layer_decay**k``.
+        min_lr: lr at the end of the cosine.
+        layer_decay: lr factor per encoder layer going down (1 = none; ignored by the linear probe).
+        weight_decay: AdamW weight decay (not on biases, norms, positions, tokens).
+        warmup_steps: linear warmup in optimizer steps.
+        drop_path_rate: stochastic depth of the encoder blocks (0 in the linear probe).
+        label_smoothing: None = 0.1 for multiclass, 0 for binary / multilabel.
+        infer_batch: planes per forward pass in validation.
+    """
+
+    def __init__(
+        self,
+        init: str,
+        task: str = "binary",
+        classes: list[str] | None = None,
+        level: str = "slice",
+        card: str | None = None,
+        linear_probe: bool = False,
+        global_pool: str = "avg",
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 50,
+        drop_path_rate: float = 0.1,
+        label_smoothing: float | None = None,
+        infer_batch: int = 64,
+    ) -> None:
+        super().__init__()
+        classes = check_target(task, classes, "model")
+        if level not in LEVELS:
+            raise ValueError(f"model.level must be one of {LEVELS}, got {level!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"model.global_pool must be one of {POOLS}, got {global_pool!r}")
+        if not lr > 0 or not 0 <= min_lr <= lr or not weight_decay >= 0:
+            raise ValueError(f"model.lr must be > 0 with 0 <= model.min_lr <= lr and weight_decay >= 0, "
+                             f"got lr={lr!r}, min_lr={min_lr!r}, weight_decay={weight_decay!r}")
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        smoothing = (0.1 if task == "multiclass" else 0.0) if label_smoothing is None else float(label_smoothing)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.save_hyperparameters()  # only what the user typed; no CSV content, no volume header
+        self.classes, self.smoothing = classes, smoothing
+        parsed = parse_init(init, card)
+        try:
+            source = resolve_encoder(parsed)
+        except CardError as e:
+            raise card_error_with_path(e, parsed.export_dir) from None
+        self.source_description = source.init.describe()
+        self.spec, self.preprocessing = source.spec, source.preprocessing
+        self.norm_stats = (
+            None if source.input_norm is None
+            else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
+        )
+        vit = timm_from_encoder(
+            source.spec, source.state, parsed.card, global_pool=global_pool, num_classes=num_outputs(task, classes),
+            drop_path_rate=0.0 if linear_probe else drop_path_rate,
+            img_size=source.preprocessing.image_size, in_chans=source.preprocessing.channels,
+        )
+        self.net = Classifier(vit, source.input_norm, linear_probe)
+        self.depth = len(vit.blocks)
+        self.auroc, self.acc = _metrics(task, num_outputs(task, classes) if task != "binary" else 1)
+        self._val_loss: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ targets and losses
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training loss of logits ``(B, K)`` against CSV targets ``(B, T)``."""
+        if self.hparams.task == "multiclass":
+            return F.cross_entropy(logits, target[:, 0].long(), label_smoothing=self.smoothing)
+        soft = target * (1.0 - self.smoothing) + 0.5 * self.smoothing
+        return F.binary_cross_entropy_with_logits(logits, soft)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1) if self.hparams.task == "multiclass" else logits.sigmoid()
+
+    def _prob_loss(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Log loss of series probabilities (no smoothing: the validation loss is the plain one)."""
+        probs = probs.clamp(1e-7, 1 - 1e-7)
+        if self.hparams.task == "multiclass":
+            return F.nll_loss(probs.log(), target[:, 0].long())
+        return F.binary_cross_entropy(probs, target)
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, x: torch.Tensor, series: torch.Tensor | None = None, num_series: int = 0) -> torch.Tensor:
+        return self.net(x, series, num_series)
+
+    def on_train_epoch_start(self) -> None:
+        data = getattr(self.trainer.datamodule, "train_set", None)
+        if data is not None:
+            data.epoch = int(self.current_epoch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        target = batch["target"]
+        if self.hparams.level == "series":
+            logits = self.net(batch["image"], batch["series"], target.shape[0])
+        else:
+            logits = self.net(batch["image"])
+        loss = self.loss(logits, target)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=target.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def series_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` probabilities of one series ``(N, C, H, W)``: pooled features (series level) or
+        mean of plane probabilities (slice level)."""
+        step = max(1, int(self.hparams.infer_batch))
+        if self.hparams.level == "series":
+            feats = torch.cat([self.net.features(images[i : i + step]) for i in range(0, len(images), step)])
+            return self.probabilities(self.net.vit.head(feats.mean(0, keepdim=True)))[0]
+        probs = torch.cat([self.probabilities(self.net(images[i : i + step])) for i in range(0, len(images), step)])
+        return probs.mean(0)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = self.series_probabilities(batch["image"])[None]
+        target = batch["target"]
+        self._val_loss.append(self._prob_loss(probs, target).detach())
+        if self.hparams.task == "binary":
+            self.auroc.update(probs[:, 0], target[:, 0].long())
+            self.acc.update(probs[:, 0], target[:, 0].long())
+        elif self.hparams.task == "multiclass":
+            self.auroc.update(probs, target[:, 0].long())
+            self.acc.update(probs, target[:, 0].long())
+        else:
+            self.auroc.update(probs, target.long())
+            self.acc.update(probs, target.long())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_loss or self.trainer.sanity_checking:  # a few sanity series: metrics would mislead
+            self.auroc.reset()
+            self.acc.reset()
+            self._val_loss = []
+            return
+        self.log("val/loss", torch.stack(self._val_loss).mean(), prog_bar=True)
+        self.log("val/auroc", self.auroc.compute(), prog_bar=True)
+        self.log("val/acc", self.acc.compute(), prog_bar=True)
+        self.auroc.reset()
+        self.acc.reset()
+        self._val_loss = []
+
+    # ------------------------------------------------------------------ optimisation
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer)`` (trainable parameters only)."""
+        hp = self.hparams
+        decay = 1.0 if hp.linear_probe else hp.layer_decay
+        return layer_decay_groups(self.net.named_parameters(), depth=self.depth, layer_decay=decay,
+                                  weight_decay=hp.weight_decay, encoder_prefix="vit.")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.param_groups()
+        for g in groups:
+            g.pop("names")
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = warmup_cosine(opt, hp.lr, hp.min_lr, hp.warmup_steps, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What inference needs besides weights: encoder spec, preprocessing, input norm, classes."""
+        checkpoint[CKPT_KEY] = {
+            "encoder": dataclasses.asdict(self.spec),
+            "preprocessing": dataclasses.asdict(self.preprocessing),
+            "input_norm": self.norm_stats,
+            "init": self.source_description,
+            "task": self.hparams.task,
+            "classes": list(self.classes),
+            "level": self.hparams.level,
+        }
