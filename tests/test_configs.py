@@ -1,4 +1,4 @@
-"""Every shipped config parses through LightningCLI and builds a model that fits its data settings."""
+"""Every shipped pretraining config parses through LightningCLI and builds a model that fits its data settings."""
 
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from medmae.train import MAEPretrainModule
 from medmae.train.cli import MedMAECLI
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+CONFIGS = sorted((CONFIG_DIR / "pretrain").rglob("*.yaml"))  # finetune configs: tests/finetune
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

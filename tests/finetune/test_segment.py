@@ -206,3 +206,22 @@ def test_timm_init_uses_only_the_local_cache(tmp_path: Path, monkeypatch: pytest
     torch.testing.assert_close(source.state["patch_embed.proj.weight"], folded)
     net = build_segmenter(source, num_classes=2, feature_size=8)
     assert net(torch.rand(1, 1, 224, 224)).shape == (1, 2, 224, 224)
+
+
+SEG_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "finetune").glob("seg_*.yaml"))
+
+
+@pytest.mark.parametrize("config", SEG_CONFIGS, ids=[c.name for c in SEG_CONFIGS])
+def test_seg_configs_instantiate(config: Path, seg_encoder: Path, cases_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from medmae.finetune.seg_cli import SegmentationCLI
+    from medmae.finetune.seg_data import SegmentationDataModule
+
+    monkeypatch.setattr(sys, "argv", [
+        "medmae", "--config", str(config), "--model.init", f"medmae:{seg_encoder}", "--data.csv", str(cases_csv),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        "--trainer.logger", "false",
+    ])
+    cli = SegmentationCLI(SegmentationModule, SegmentationDataModule, run=False, seed_everything_default=0)
+    assert cli.datamodule.init == cli.model.hparams.init and cli.datamodule.num_classes == cli.model.hparams.num_classes
