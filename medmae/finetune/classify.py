@@ -115,7 +115,7 @@ class ClassificationModule(pl.LightningModule):
         self,
         init: str,
         task: str = "binary",
-        classes: list[str] | None = None,
+        classes: list[str | int] | None = None,
         level: str = "slice",
         card: str | None = None,
         linear_probe: bool = False,
@@ -219,7 +219,7 @@ class ClassificationModule(pl.LightningModule):
         return probs.mean(0)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        probs = self.series_probabilities(batch["image"])[None]
+        probs = self.series_probabilities(batch["image"])[None].float()
         target = batch["target"]
         self._val_loss.append(self._prob_loss(probs, target).detach())
         if self.hparams.task == "binary":
@@ -238,7 +238,7 @@ class ClassificationModule(pl.LightningModule):
             self.acc.reset()
             self._val_loss = []
             return
-        self.log("val/loss", torch.stack(self._val_loss).mean(), prog_bar=True)
+        self.log("val/loss", torch.stack(self._val_loss).mean(), prog_bar=True, sync_dist=True)
         self.log("val/auroc", self.auroc.compute(), prog_bar=True)
         self.log("val/acc", self.acc.compute(), prog_bar=True)
         self.auroc.reset()

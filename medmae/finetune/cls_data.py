@@ -49,7 +49,7 @@ LEVELS = ("slice", "series")
 SPLITS = ("train", "val")
 
 
-def check_target(task: str, classes: Sequence[str] | None, where: str = "model") -> list[str]:
+def check_target(task: str, classes: Sequence[str | int] | None, where: str = "model") -> list[str]:
     """The checked class list of a task (binary defaults to ``["0", "1"]``); ValueError names the field."""
     if task not in TASKS:
         raise ValueError(f"{where}.task must be one of {TASKS}, got {task!r}")
@@ -153,13 +153,16 @@ def read_label_csv(
                 if _same(v, "0") or _same(v, "1"):
                     target.append(float(float(v)))
                 else:
-                    raise VolumeError(f"{where}: column {c!r} value {v!r} is not 0 or 1 (multilabel: one 0/1 column per class)")
+                    raise VolumeError(
+                        f"{where}: column {c!r} value {v!r} is not 0 or 1 (multilabel: one 0/1 column per class)"
+                    )
         else:
             v = r.get(label_column, "")
             hits = [k for k, name in enumerate(classes) if _same(v, name)]
             if not hits:
                 raise VolumeError(
-                    f"{where}: column {label_column!r} value {v!r} is outside the declared classes {list(classes)} (data.classes)"
+                    f"{where}: column {label_column!r} value {v!r} is outside the declared classes "
+                    f"{list(classes)} (data.classes)"
                 )
             target = [float(hits[0])]
         patient = r.get("patient", "") or image
@@ -331,7 +334,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         init: str,
         csv: str,
         task: str = "binary",
-        classes: list[str] | None = None,
+        classes: list[str | int] | None = None,
         level: str = "slice",
         *,
         card: str | None = None,

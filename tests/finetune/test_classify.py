@@ -27,7 +27,11 @@ from medmae.models import create_mae
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 #: (file, label, time points); the last time point of each run (and functional t10) is validation
-RUNS = (("example4d.nii.gz", "e4d", (0, 1)), ("example_nifti2.nii.gz", "n2", (0, 1)), ("functional.nii", "func", (0, 1, 2, 10, 15)))
+RUNS = (
+    ("example4d.nii.gz", "e4d", (0, 1)),
+    ("example_nifti2.nii.gz", "n2", (0, 1)),
+    ("functional.nii", "func", (0, 1, 2, 10, 15)),
+)
 CLASSES = "[e4d, n2, func]"
 
 
@@ -46,7 +50,8 @@ def cls_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cls_encoder")
     mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2,
                      decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)
-    export_encoder(mae, out / "encoder", preprocessing=CacheDataModule(str(out / "no_cache"), img_size=32).preprocessing())
+    record = CacheDataModule(str(out / "no_cache"), img_size=32).preprocessing()
+    export_encoder(mae, out / "encoder", preprocessing=record)
     return out / "encoder"
 
 
@@ -161,7 +166,8 @@ def test_linear_probe_trains_only_the_batchnorm_linear_head(tmp_path: Path, cls_
     assert "head.1.weight" in changed  # the linear layer learnt; the BatchNorm tracked statistics
     bn = fresh.net.vit.head[0]
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine
-    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["net.vit.head.1.weight", "net.vit.head.1.bias"]
+    trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+    assert trainable == ["net.vit.head.1.weight", "net.vit.head.1.bias"]
     fresh.train()
     assert not fresh.net.vit.blocks.training and fresh.net.vit.head.training
 
@@ -219,7 +225,9 @@ def _variant(cls_csv: Path, tmp: Path, edit) -> Path:  # type: ignore[no-untyped
     return write_csv(tmp / "labels.csv", rows)
 
 
-def test_row_pointing_at_nothing_names_row_and_reference(capsys, tmp_path: Path, cls_encoder: Path, cls_csv: Path) -> None:
+def test_row_pointing_at_nothing_names_row_and_reference(
+    capsys, tmp_path: Path, cls_encoder: Path, cls_csv: Path
+) -> None:
     def edit(rows):  # type: ignore[no-untyped-def]
         rows[2]["image"] = "missing/scan.nii.gz"
         return rows
@@ -256,3 +264,24 @@ def test_card_with_a_missing_field_names_card_and_field(
     (broken / "encoder.json").write_text(json.dumps(card))
     err = _error(capsys, tmp_path, broken, cls_csv)
     assert f"{broken / 'encoder.json'}: field '{section}.{field}' is missing" in err
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_binary_and_multilabel_targets_train_and_report_series_metrics(
+    tmp_path: Path, cls_encoder: Path, cls_csv: Path, task: str
+) -> None:
+    def edit(rows):  # type: ignore[no-untyped-def]
+        for r in rows:  # binary: is it the `functional` run; multilabel: one 0/1 column per run
+            r["label"] = str(int(r["label"] == "func"))
+            r["is_e4d"], r["is_func"] = str(int(r["image"].startswith("e4d"))), r["label"]
+        return rows
+
+    labels = _variant(cls_csv, tmp_path, edit)
+    classes = "[is_e4d, is_func]" if task == "multilabel" else "[0, 1]"
+    _run(tmp_path, cls_encoder, labels, 4, "--model.task", task, "--model.classes", classes,
+         "--data.samples_per_epoch", "32")
+    scalars = _scalars(tmp_path)
+    assert len(scalars["val/auroc"]) == 2 and all(0.0 <= v <= 1.0 for v in scalars["val/auroc"] + scalars["val/acc"])
+    assert all(np.isfinite(scalars["val/loss"]))
+    ckpt = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"]["net.vit.head.weight"].shape[0] == (2 if task == "multilabel" else 1)
