@@ -285,3 +285,19 @@ def test_binary_and_multilabel_targets_train_and_report_series_metrics(
     assert all(np.isfinite(scalars["val/loss"]))
     ckpt = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), map_location="cpu", weights_only=True)
     assert ckpt["state_dict"]["net.vit.head.weight"].shape[0] == (2 if task == "multilabel" else 1)
+
+
+@pytest.mark.parametrize("config", ["cls_tiny_cpu.yaml", "cls_vit_base.yaml"])
+def test_shipped_configs_parse_and_build(monkeypatch: pytest.MonkeyPatch, cls_encoder: Path, cls_csv: Path,
+                                         config: str) -> None:
+    from medmae.finetune.cls_cli import ClassificationCLI
+
+    # GPU configs are checked on CPU: only the hardware fields are overridden
+    monkeypatch.setattr("sys.argv", [
+        "medmae finetune-cls", "--config", f"configs/finetune/{config}", "--model.init", f"medmae:{cls_encoder}",
+        "--data.csv", str(cls_csv), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        "--trainer.logger", "false",
+    ])
+    cli = ClassificationCLI(ClassificationModule, ClassificationDataModule, run=False)
+    assert cli.model.hparams.layer_decay == 0.75 and cli.model.hparams.drop_path_rate == 0.1
+    assert cli.datamodule.init == cli.model.hparams.init and cli.datamodule.task == "binary"
