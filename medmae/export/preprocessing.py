@@ -170,51 +170,52 @@ class PlanePreprocessor:
         return up[..., box.top : box.top + box.height, box.left : box.left + box.width]
 
 
-def _field(d: Mapping[str, Any], path: str) -> Any:
+def _field(d: Mapping[str, Any], path: str, where: str) -> Any:
     node: Any = d
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            raise CardError(f"card: field 'preprocessing.{path}' is missing")
+            raise CardError(f"{where}: field 'preprocessing.{path}' is missing")
         node = node[part]
     return node
 
 
-def preprocessing_from_card(card: Mapping[str, Any]) -> PlanePreprocessor:
+def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> PlanePreprocessor:
     """Rebuild the pretraining preprocessing from a card (as returned by :func:`load_card`).
 
-    Raises :class:`CardError` naming the field when the record is missing or malformed.
+    Raises :class:`CardError` naming ``where`` (the card's file) and the field when the record is
+    missing or malformed.
     """
     pre = card.get("preprocessing")
     if not isinstance(pre, Mapping) or not pre:
-        raise CardError("card: field 'preprocessing' is missing or empty (the encoder was exported without data)")
-    axis = _field(pre, "axis")
+        raise CardError(f"{where}: field 'preprocessing' is missing or empty (the encoder was exported without data)")
+    axis = _field(pre, "axis", where)
     if axis not in AXES:
-        raise CardError(f"card: field 'preprocessing.axis' must be one of {tuple(AXES)}, got {axis!r}")
-    size = _field(pre, "image_size")
+        raise CardError(f"{where}: field 'preprocessing.axis' must be one of {tuple(AXES)}, got {axis!r}")
+    size = _field(pre, "image_size", where)
     if not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise CardError(f"card: field 'preprocessing.image_size' must be [height, width], got {size!r}")
-    offsets = _field(pre, "slice_offsets")
+        raise CardError(f"{where}: field 'preprocessing.image_size' must be [height, width], got {size!r}")
+    offsets = _field(pre, "slice_offsets", where)
     if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets):
-        raise CardError(f"card: field 'preprocessing.slice_offsets' must be a list of ints, got {offsets!r}")
-    interp = _field(pre, "resize.interpolation")
+        raise CardError(f"{where}: field 'preprocessing.slice_offsets' must be a list of ints, got {offsets!r}")
+    interp = _field(pre, "resize.interpolation", where)
     if interp not in INTERPOLATIONS:
-        raise CardError(f"card: field 'preprocessing.resize.interpolation' must be one of {INTERPOLATIONS}")
-    windows = _field(pre, "intensity.ct.windows_level_width")
+        raise CardError(f"{where}: field 'preprocessing.resize.interpolation' must be one of {INTERPOLATIONS}")
+    windows = _field(pre, "intensity.ct.windows_level_width", where)
     try:
         ct_windows = tuple((float(lv), float(wd)) for lv, wd in windows)
     except (TypeError, ValueError):
-        raise CardError(f"card: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}") from None
+        raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}") from None
     if not ct_windows or any(not wd > 0 for _, wd in ct_windows):
-        raise CardError("card: field 'preprocessing.intensity.ct.windows_level_width' needs windows of width > 0")
-    mode = _field(pre, "intensity.ct.mode")
+        raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' needs windows of width > 0")
+    mode = _field(pre, "intensity.ct.mode", where)
     if mode not in ("random", "channels"):
-        raise CardError(f"card: field 'preprocessing.intensity.ct.mode' must be random or channels, got {mode!r}")
+        raise CardError(f"{where}: field 'preprocessing.intensity.ct.mode' must be random or channels, got {mode!r}")
     inference_window = pre["intensity"]["ct"].get("inference_window", 0)
     if not isinstance(inference_window, int) or not 0 <= inference_window < len(ct_windows):
-        raise CardError(f"card: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}")
-    pcts = _field(pre, "intensity.other.percentiles")
+        raise CardError(f"{where}: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}")
+    pcts = _field(pre, "intensity.other.percentiles", where)
     if not isinstance(pcts, list) or len(pcts) != 2 or any(p not in PERCENTILES for p in pcts) or not pcts[0] < pcts[1]:
-        raise CardError(f"card: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")
+        raise CardError(f"{where}: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")
     antialias = bool(pre["resize"].get("antialias", True))
     return PlanePreprocessor(
         axis=axis,

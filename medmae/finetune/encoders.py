@@ -110,13 +110,27 @@ class EncoderSource:
     input_norm: InputNorm | None = None
 
 
+def resolve_preprocessing(init: EncoderInit) -> PlanePreprocessor:
+    """Only the input pipeline of ``init`` (data modules need no weights): the card's, or the timm default."""
+    if init.kind in ("medmae", "random"):
+        assert init.export_dir is not None and init.card is not None
+        return preprocessing_from_card(init.card, where=str(init.export_dir / CARD_NAME))
+    import timm
+
+    if not timm.is_model(init.timm_name):
+        raise ValueError(f"init timm:{init.timm_name}: not a timm model name")
+    cfg = timm.models.get_pretrained_cfg(init.timm_name)
+    size = tuple(int(s) for s in (cfg.input_size[1:] if cfg is not None else (224, 224)))
+    return default_preprocessing(size, 1)  # type: ignore[arg-type]
+
+
 def resolve_encoder(init: EncoderInit, in_chans: int | None = None) -> EncoderSource:
     """Load (or not) the encoder named by ``init``; ``in_chans`` for timm models (default: 1)."""
     if init.kind in ("medmae", "random"):
         assert init.export_dir is not None and init.card is not None
         where = str(init.export_dir / CARD_NAME)
         spec = check_encoder_section(init.card["encoder"], where)
-        pre = preprocessing_from_card(init.card)
+        pre = preprocessing_from_card(init.card, where=where)
         if pre.channels != spec.in_chans:
             raise ValueError(
                 f"{where}: preprocessing yields {pre.channels} channel(s) but encoder.in_chans is {spec.in_chans}"

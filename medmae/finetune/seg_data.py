@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medmae.data.transforms import random_resized_crop_box
 from medmae.export.preprocessing import PlanePreprocessor
-from medmae.finetune.encoders import parse_init, resolve_encoder
+from medmae.finetune.encoders import parse_init, resolve_preprocessing
 from medmae.finetune.volumes import NIFTI_SUFFIXES, VolumeError, read_image, read_label
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is not None:
             return
-        self.preprocessing = resolve_encoder(parse_init(self.init, self.card)).preprocessing
+        self.preprocessing = resolve_preprocessing(parse_init(self.init, self.card))
         cases = self.cases()
         train = [c for c in cases if c.split == "train"]
         val = [c for c in cases if c.split == "val"]

@@ -26,7 +26,9 @@ from torch import nn
 
 from medmae.export.card import EncoderSpec
 from medmae.export.preprocessing import PlanePreprocessor
+from medmae.export.encoder import timm_from_encoder
 from medmae.export.unetr import unetr_from_encoder
+from medmae.finetune.light_decoder import LightSegmenter
 from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.schedule import warmup_cosine
@@ -38,27 +40,43 @@ log = logging.getLogger(__name__)
 CKPT_KEY = "medmae_segmentation"
 
 
-class Segmenter(nn.Module):
-    """Input normalisation (identity for medmae encoders) followed by the UNETR."""
+DECODERS = ("unetr", "light")
+#: where the encoder's parameters sit inside ``Segmenter`` per decoder (for layer-wise lr decay)
+ENCODER_PREFIX = {"unetr": "model.vit.", "light": "model.encoder."}
 
-    def __init__(self, unetr: nn.Module, input_norm: InputNorm | None) -> None:
+
+class Segmenter(nn.Module):
+    """Input normalisation (identity for medmae encoders) followed by the segmentation network."""
+
+    def __init__(self, model: nn.Module, input_norm: InputNorm | None) -> None:
         super().__init__()
         self.input_norm = input_norm if input_norm is not None else nn.Identity()
-        self.unetr = unetr
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unetr(self.input_norm(x))
+        return self.model(self.input_norm(x))
 
 
 def build_segmenter(source: EncoderSource, num_classes: int, feature_size: int = 16, cls_token: bool = True,
-                    dropout_rate: float = 0.0) -> Segmenter:
-    """The fine-tuning network for an encoder source (weights loaded when the source has them)."""
+                    dropout_rate: float = 0.0, decoder: str = "unetr") -> Segmenter:
+    """The fine-tuning network for an encoder source (weights loaded when the source has them).
+
+    ``unetr``: MONAI UNETR (patch 16, >= 10 blocks); ``light``: the same design over the timm encoder
+    for any power-of-two patch and depth (:mod:`medmae.finetune.light_decoder`).
+    """
     pre = source.preprocessing
-    unetr = unetr_from_encoder(
-        source.spec, source.state, num_classes, img_size=pre.image_size, in_chans=pre.channels,
-        feature_size=feature_size, cls_token=cls_token, dropout_rate=dropout_rate, where=source.init.describe(),
-    )
-    return Segmenter(unetr, source.input_norm)
+    if decoder == "unetr":
+        net: nn.Module = unetr_from_encoder(
+            source.spec, source.state, num_classes, img_size=pre.image_size, in_chans=pre.channels,
+            feature_size=feature_size, cls_token=cls_token, dropout_rate=dropout_rate, where=source.init.describe(),
+        )
+    elif decoder == "light":
+        encoder = timm_from_encoder(source.spec, source.state, None, img_size=pre.image_size, in_chans=pre.channels,
+                                    proj_drop_rate=dropout_rate)
+        net = LightSegmenter(encoder, num_classes, feature_size)
+    else:
+        raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")
+    return Segmenter(net, source.input_norm)
 
 
 def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list[float]:
@@ -95,7 +113,9 @@ class SegmentationModule(pl.LightningModule):
         layer_decay: lr factor per encoder layer going down (1 = none).
         weight_decay: AdamW weight decay (not on biases, norms, positions, tokens).
         warmup_steps: linear warmup in optimizer steps.
-        feature_size: UNETR decoder width.
+        decoder: ``unetr`` (MONAI UNETR: patch 16, >= 10 blocks) or ``light`` (UNETR's design over the
+            timm encoder: any power-of-two patch, any depth).
+        feature_size: decoder width at full resolution.
         cls_token: keep the pretrained class token in the encoder.
         dropout_rate: dropout inside the ViT blocks.
         dice_weight, ce_weight: weights of the Dice and cross-entropy terms of ``DiceCELoss``.
@@ -112,6 +132,7 @@ class SegmentationModule(pl.LightningModule):
         layer_decay: float = 0.75,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
+        decoder: str = "unetr",
         feature_size: int = 16,
         cls_token: bool = True,
         dropout_rate: float = 0.0,
@@ -136,8 +157,8 @@ class SegmentationModule(pl.LightningModule):
             None if source.input_norm is None
             else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
         )
-        self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate)
-        self.depth = len(self.net.unetr.vit.blocks)
+        self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder)
+        self.depth = sum(1 for m in self.net.model.modules() if type(m).__name__ in ("Block", "TransformerBlock"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
         self._val_dice: list[list[float]] = []
 
@@ -170,7 +191,7 @@ class SegmentationModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = layer_decay_groups(self.net.named_parameters(), depth=self.depth, layer_decay=hp.layer_decay,
-                                    weight_decay=hp.weight_decay, encoder_prefix="unetr.vit.")
+                                    weight_decay=hp.weight_decay, encoder_prefix=ENCODER_PREFIX[hp.decoder])
         for g in groups:
             g.pop("names")
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
@@ -212,7 +233,8 @@ def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor,
     )
     norm = None if meta["input_norm"] is None else InputNorm(tuple(meta["input_norm"][0]), tuple(meta["input_norm"][1]))
     source = EncoderSource(EncoderInit("random"), spec, None, pre, norm)
-    net = build_segmenter(source, int(hp["num_classes"]), int(hp["feature_size"]), bool(hp["cls_token"]))
+    net = build_segmenter(source, int(hp["num_classes"]), int(hp["feature_size"]), bool(hp["cls_token"]),
+                          decoder=str(hp.get("decoder", "unetr")))
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state, strict=True)
     return net.eval(), pre, int(hp["num_classes"])

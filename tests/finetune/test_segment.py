@@ -71,6 +71,7 @@ def cases_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fit(tmp: Path, encoder: Path, cases: Path, init: str, steps: int, extra: tuple[str, ...] = ()) -> None:
+    """One finetune-seg run through the real CLI entry (the tiny CPU config, small budgets)."""
     finetune_main([
         "--config", "configs/finetune/seg_tiny_cpu.yaml",
         "--model.init", f"{init}:{encoder}", "--model.num_classes", "3", "--model.feature_size", "8",
@@ -103,6 +104,25 @@ def test_finetune_seg_improves_dice_and_predict_writes_masks_on_the_input_grid(
     assert np.mean(dice_per_class(np.asarray(mask.dataobj), truth, 3)) == pytest.approx(last, abs=0.02)
 
 
+def test_light_decoder_fine_tunes_the_demo_sized_encoder(tmp_path: Path, cases_csv: Path) -> None:
+    """Patch 8, 4 blocks (UNETR cannot carry it): the light decoder trains and its Dice improves."""
+    encoder = tmp_path / "demo_encoder"
+    mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=4, decoder_depth=1)
+    export_encoder(mae, encoder, preprocessing=CacheDataModule(str(tmp_path / "c"), img_size=32).preprocessing())
+    with pytest.raises(SystemExit):  # UNETR names the field it cannot take
+        _fit(tmp_path / "unetr", encoder, cases_csv, "medmae", 1)
+    _fit(tmp_path / "before", encoder, cases_csv, "medmae", 1, ("--model.decoder", "light"))
+    _fit(tmp_path / "after", encoder, cases_csv, "medmae", 40, ("--model.decoder", "light"))
+    assert _val_dice(tmp_path / "after") > _val_dice(tmp_path / "before") + 0.1
+
+
+def test_light_decoder_taps_match_unetr_for_twelve_blocks() -> None:
+    from medmae.finetune.light_decoder import tap_blocks
+
+    assert tap_blocks(12, 4) == [9, 6, 3]  # MONAI UNETR's hidden states 9, 6, 3 for patch 16
+    assert tap_blocks(4, 3) == [3, 1] and tap_blocks(1, 1) == []
+
+
 def _val_dice(run: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -115,21 +135,21 @@ def _val_dice(run: Path) -> float:
 def test_layer_decay_groups_carry_documented_scales(seg_encoder: Path) -> None:
     module = SegmentationModule(f"medmae:{seg_encoder}", num_classes=3, feature_size=8, layer_decay=0.5)
     groups = layer_decay_groups(module.net.named_parameters(), depth=10, layer_decay=0.5, weight_decay=0.05,
-                                encoder_prefix="unetr.vit.")
+                                encoder_prefix="model.vit.")
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    assert scale["unetr.vit.patch_embedding.patch_embeddings.weight"] == 0.5**11
-    assert scale["unetr.vit.blocks.0.attn.qkv.weight"] == 0.5**10
-    assert scale["unetr.vit.blocks.9.mlp.linear1.weight"] == 0.5**1
-    assert scale["unetr.vit.norm.weight"] == 1.0 and scale["unetr.out.conv.conv.weight"] == 1.0
+    assert scale["model.vit.patch_embedding.patch_embeddings.weight"] == 0.5**11
+    assert scale["model.vit.blocks.0.attn.qkv.weight"] == 0.5**10
+    assert scale["model.vit.blocks.9.mlp.linear1.weight"] == 0.5**1
+    assert scale["model.vit.norm.weight"] == 1.0 and scale["model.out.conv.conv.weight"] == 1.0
     decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
-    assert decay["unetr.vit.blocks.0.norm1.weight"] == 0.0 and decay["unetr.vit.blocks.0.attn.qkv.weight"] == 0.05
+    assert decay["model.vit.blocks.0.norm1.weight"] == 0.0 and decay["model.vit.blocks.0.attn.qkv.weight"] == 0.05
 
 
 def test_random_init_is_the_same_model_without_the_weights(seg_encoder: Path) -> None:
     pre = SegmentationModule(f"medmae:{seg_encoder}", num_classes=3, feature_size=8)
     rnd = SegmentationModule(f"random:{seg_encoder}", num_classes=3, feature_size=8)
     assert [n for n, _ in pre.named_parameters()] == [n for n, _ in rnd.named_parameters()]
-    assert not torch.equal(pre.net.unetr.vit.blocks[3].attn.qkv.weight, rnd.net.unetr.vit.blocks[3].attn.qkv.weight)
+    assert not torch.equal(pre.net.model.vit.blocks[3].attn.qkv.weight, rnd.net.model.vit.blocks[3].attn.qkv.weight)
 
 
 def test_card_preprocessing_matches_pretraining_on_square_planes(seg_encoder: Path, tmp_path: Path) -> None:

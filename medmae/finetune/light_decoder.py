@@ -1,0 +1,80 @@
+"""The ``light`` segmentation decoder: UNETR's design over the timm encoder itself, for any patch and depth.
+
+MONAI's UNETR fixes 16-pixel patches and reads blocks 3, 6 and 9 of a 12-block ViT. This decoder keeps
+its structure and generalises both limits, so every medmae encoder (e.g. the demo's patch-8, 4-block
+ViT) can be fine-tuned for segmentation:
+
+* the encoder is the exported timm ``VisionTransformer`` as is (class token, fused attention, no key map);
+* a patch of ``p = 2**L`` pixels needs ``L`` upsampling stages from the token grid to the input;
+* the ``L - 1`` intermediate resolutions get skips from encoder blocks spread evenly over the depth
+  (deeper blocks feed coarser resolutions, as in UNETR), made with MONAI's ``UnetrPrUpBlock``;
+* the full resolution gets a convolutional skip from the input (MONAI ``UnetrBasicBlock``), and each
+  stage fuses with MONAI's ``UnetrUpBlock``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+def tap_blocks(depth: int, levels: int) -> list[int]:
+    """0-based blocks feeding the skips at grid x 2**j, j = 1 .. levels-1 (deeper block -> coarser level).
+
+    For 12 blocks and patch 16 these are UNETR's own: blocks 9, 6, 3.
+    """
+    return [min(depth - 1, round(depth * (levels - j) / levels)) for j in range(1, levels)]
+
+
+class LightSegmenter(nn.Module):
+    """timm ViT encoder + UNETR-style decoder generalised to ``patch = 2**L`` and any depth."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, feature_size: int = 16,
+                 norm_name: str | tuple = "instance") -> None:
+        super().__init__()
+        patch = int(encoder.patch_embed.patch_size[0])
+        levels = int(round(math.log2(patch)))
+        if 2**levels != patch or levels < 1:
+            raise ValueError(f"the light decoder needs a power-of-two patch size, got encoder.patch_size {patch}")
+        self.encoder = encoder
+        self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
+        self.taps = tap_blocks(len(encoder.blocks), levels)
+        dim, in_chans = int(encoder.embed_dim), int(encoder.patch_embed.proj.in_channels)
+        width = [feature_size * 2**j for j in range(levels)]  # channels at full res / 2**j
+        self.stem = UnetrBasicBlock(2, in_chans, width[0], kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+        # skip at resolution grid * 2**j lives at full-res / 2**(levels - j): width index levels - j
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(2, dim, width[levels - j], num_layer=j - 1, kernel_size=3, stride=1,
+                           upsample_kernel_size=2, norm_name=norm_name, conv_block=True, res_block=True)
+            for j in range(1, levels)
+        )
+        ups = []
+        in_ch = dim
+        for j in range(1, levels + 1):  # to grid * 2**j
+            out_ch = width[levels - j]
+            ups.append(UnetrUpBlock(2, in_ch, out_ch, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name,
+                                    res_block=True))
+            in_ch = out_ch
+        self.ups = nn.ModuleList(ups)
+        self.head = UnetOutBlock(2, width[0], num_classes)
+
+    def _fmap(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.encoder.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        tokens = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+        hidden = []
+        for block in enc.blocks:
+            tokens = block(tokens)
+            hidden.append(tokens)
+        y = self._fmap(enc.norm(tokens))
+        skips = [skip(self._fmap(hidden[b])) for skip, b in zip(self.skips, self.taps, strict=True)]
+        for j, up in enumerate(self.ups, start=1):  # j-th upsampling reaches grid * 2**j
+            y = up(y, skips[j - 1] if j <= len(skips) else self.stem(x))
+        return self.head(y)
