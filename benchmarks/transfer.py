@@ -76,6 +76,8 @@ class Recipe:
     warmup_steps: int = 30
     finetune_crop_scale: tuple[float, float] = (0.5, 1.0)
     feature_size: int = 16
+    decoder: str = "unetr"
+    tap_norm: bool = True
 
 
 def nilearn_data() -> Path:
@@ -165,7 +167,7 @@ def write_csv(path: Path, cases: dict[str, list[tuple[Path, Path]]]) -> Path:
 
 
 def finetune(work: Path, export: Path, init: str, seed: int, recipe: Recipe, cases_csv: Path,
-             test: list[tuple[Path, Path]]) -> dict[str, float]:
+             test: list[tuple[Path, Path]] | None) -> dict[str, float]:
     """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs."""
     pl.seed_everything(seed, verbose=False)
     data = SegmentationDataModule(
@@ -173,7 +175,8 @@ def finetune(work: Path, export: Path, init: str, seed: int, recipe: Recipe, cas
         samples_per_epoch=recipe.finetune_batch * recipe.finetune_steps, crop_scale=recipe.finetune_crop_scale,
     )
     module = SegmentationModule(f"{init}:{export}", 3, lr=recipe.lr, layer_decay=recipe.layer_decay,
-                                warmup_steps=recipe.warmup_steps, feature_size=recipe.feature_size)
+                                warmup_steps=recipe.warmup_steps, feature_size=recipe.feature_size,
+                                decoder=recipe.decoder, tap_norm=recipe.tap_norm)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe.finetune_steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, default_root_dir=work)
@@ -181,7 +184,8 @@ def finetune(work: Path, export: Path, init: str, seed: int, recipe: Recipe, cas
     net = module.net.eval()
     pre = module.preprocessing
     scores = {}
-    for role, cases in (("val", data.val_cases), ("test", None)):
+    roles = [("val", data.val_cases)] + ([("test", None)] if test is not None else [])
+    for role, cases in roles:
         if cases is None:
             cases = [prepare_case(SegCase(0, str(i), str(lab), "", "test"), pre, 3, "OT", None) for i, lab in test]
         per_case = [dice_per_class(predict_planes(net, c.images, pre, c.plane_shape), c.label_stack, 3) for c in cases]
@@ -206,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--encoder", type=Path, default=None,
+                        help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="recipe search: score the validation slabs only, never look at the test slabs")
     for field, default in asdict(Recipe()).items():
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
         if kind is bool:
@@ -229,32 +237,34 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cases = write_slabs(work, recipe)
         t0 = time.perf_counter()
-        export = pretrain(work, recipe)
+        export = args.encoder or pretrain(work, recipe)
         pretrain_s = time.perf_counter() - t0
         cases_csv = write_csv(work / "cases.csv", cases)
         results: dict[str, list[dict[str, float]]] = {"medmae": [], "random": []}
         for seed in args.seeds:
             for init in ("medmae", "random"):
-                r = finetune(work, export, init, seed, recipe, cases_csv, cases["test"])
+                r = finetune(work, export, init, seed, recipe, cases_csv, None if args.val_only else cases["test"])
                 results[init].append(r)
-                print(f"seed {seed} {init:<7} val Dice {r['val']:.4f}  test Dice {r['test']:.4f}", flush=True)
+                shown = "  ".join(f"{k} Dice {v:.4f}" for k, v in r.items())
+                print(f"seed {seed} {init:<7} {shown}", flush=True)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "recipe": asdict(recipe), "seeds": args.seeds, "per_seed": results,
-        "val": summarise(results, "val"), "test": summarise(results, "test"),
+        "val": summarise(results, "val"), "test": None if args.val_only else summarise(results, "test"),
         "pretrain_seconds": round(pretrain_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
         "labelled_slabs": len(cases["train"]), "val_slabs": len(cases["val"]), "test_slabs": len(cases["test"]),
     }
     print(f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s")
     print(f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; val {report['val_slabs']}, test {report['test_slabs']}")
+    role = "val" if args.val_only else "test"
     print("| init | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd |")
     print("|---|" + "---:|" * (len(args.seeds) + 1))
     for init, name in (("medmae", "medmae-pretrained"), ("random", "random init")):
-        vals = [r["test"] for r in results[init]]
-        print(f"| {name} (test Dice) | " + " | ".join(f"{v:.4f}" for v in vals)
+        vals = [r[role] for r in results[init]]
+        print(f"| {name} ({role} Dice) | " + " | ".join(f"{v:.4f}" for v in vals)
               + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |")
-    t = report["test"]
-    print(f"test: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
+    t = report[role]
+    print(f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
           f"{t['every_pretrained_above_every_random']}  (val ratio {report['val']['ratio']:.3f}x)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -9,7 +9,10 @@ ViT) can be fine-tuned for segmentation:
 * the ``L - 1`` intermediate resolutions get skips from encoder blocks spread evenly over the depth
   (deeper blocks feed coarser resolutions, as in UNETR), made with MONAI's ``UnetrPrUpBlock``;
 * the full resolution gets a convolutional skip from the input (MONAI ``UnetrBasicBlock``), and each
-  stage fuses with MONAI's ``UnetrUpBlock``.
+  stage fuses with MONAI's ``UnetrUpBlock``;
+* every tapped block output passes a fresh LayerNorm first (``tap_norm``): an MAE-pretrained residual
+  stream carries a large shared offset (token RMS ~10x a random init's at blocks 3/6/9 here), which
+  UNETR feeds its decoder unnormalised.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class LightSegmenter(nn.Module):
     """timm ViT encoder + UNETR-style decoder generalised to ``patch = 2**L`` and any depth."""
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, feature_size: int = 16,
-                 norm_name: str | tuple = "instance") -> None:
+                 norm_name: str | tuple = "instance", tap_norm: bool = True) -> None:
         super().__init__()
         patch = int(encoder.patch_embed.patch_size[0])
         levels = int(round(math.log2(patch)))
@@ -44,6 +47,9 @@ class LightSegmenter(nn.Module):
         self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
         self.taps = tap_blocks(len(encoder.blocks), levels)
         dim, in_chans = int(encoder.embed_dim), int(encoder.patch_embed.proj.in_channels)
+        self.tap_norms = nn.ModuleList(
+            nn.LayerNorm(dim, eps=1e-6) if tap_norm else nn.Identity() for _ in self.taps
+        )
         width = [feature_size * 2**j for j in range(levels)]  # channels at full res / 2**j
         self.stem = UnetrBasicBlock(2, in_chans, width[0], kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
         # skip at resolution grid * 2**j lives at full-res / 2**(levels - j): width index levels - j
@@ -74,7 +80,9 @@ class LightSegmenter(nn.Module):
             tokens = block(tokens)
             hidden.append(tokens)
         y = self._fmap(enc.norm(tokens))
-        skips = [skip(self._fmap(hidden[b])) for skip, b in zip(self.skips, self.taps, strict=True)]
+        skips = [
+            skip(self._fmap(norm(hidden[b]))) for skip, norm, b in zip(self.skips, self.tap_norms, self.taps, strict=True)
+        ]
         for j, up in enumerate(self.ups, start=1):  # j-th upsampling reaches grid * 2**j
             y = up(y, skips[j - 1] if j <= len(skips) else self.stem(x))
         return self.head(y)

@@ -58,7 +58,7 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(source: EncoderSource, num_classes: int, feature_size: int = 16, cls_token: bool = True,
-                    dropout_rate: float = 0.0, decoder: str = "unetr") -> Segmenter:
+                    dropout_rate: float = 0.0, decoder: str = "unetr", tap_norm: bool = True) -> Segmenter:
     """The fine-tuning network for an encoder source (weights loaded when the source has them).
 
     ``unetr``: MONAI UNETR (patch 16, >= 10 blocks); ``light``: the same design over the timm encoder
@@ -73,7 +73,7 @@ def build_segmenter(source: EncoderSource, num_classes: int, feature_size: int =
     elif decoder == "light":
         encoder = timm_from_encoder(source.spec, source.state, None, img_size=pre.image_size, in_chans=pre.channels,
                                     proj_drop_rate=dropout_rate)
-        net = LightSegmenter(encoder, num_classes, feature_size)
+        net = LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
     else:
         raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")
     return Segmenter(net, source.input_norm)
@@ -116,6 +116,7 @@ class SegmentationModule(pl.LightningModule):
         decoder: ``unetr`` (MONAI UNETR: patch 16, >= 10 blocks) or ``light`` (UNETR's design over the
             timm encoder: any power-of-two patch, any depth).
         feature_size: decoder width at full resolution.
+        tap_norm: ``light`` decoder only: LayerNorm on each tapped block output (see light_decoder.py).
         cls_token: keep the pretrained class token in the encoder.
         dropout_rate: dropout inside the ViT blocks.
         dice_weight, ce_weight: weights of the Dice and cross-entropy terms of ``DiceCELoss``.
@@ -134,6 +135,7 @@ class SegmentationModule(pl.LightningModule):
         warmup_steps: int = 50,
         decoder: str = "unetr",
         feature_size: int = 16,
+        tap_norm: bool = True,
         cls_token: bool = True,
         dropout_rate: float = 0.0,
         dice_weight: float = 1.0,
@@ -157,7 +159,7 @@ class SegmentationModule(pl.LightningModule):
             None if source.input_norm is None
             else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
         )
-        self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder)
+        self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
         self.depth = sum(1 for m in self.net.model.modules() if type(m).__name__ in ("Block", "TransformerBlock"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
         self._val_dice: list[list[float]] = []
@@ -234,7 +236,7 @@ def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor,
     norm = None if meta["input_norm"] is None else InputNorm(tuple(meta["input_norm"][0]), tuple(meta["input_norm"][1]))
     source = EncoderSource(EncoderInit("random"), spec, None, pre, norm)
     net = build_segmenter(source, int(hp["num_classes"]), int(hp["feature_size"]), bool(hp["cls_token"]),
-                          decoder=str(hp.get("decoder", "unetr")))
+                          decoder=str(hp.get("decoder", "unetr")), tap_norm=bool(hp.get("tap_norm", True)))
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state, strict=True)
     return net.eval(), pre, int(hp["num_classes"])
