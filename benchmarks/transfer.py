@@ -44,7 +44,7 @@ import torch
 from data_prep import prep_archive
 from medmae.data import CacheDataModule
 from medmae.export import export_encoder
-from medmae.finetune.seg_data import SegmentationDataModule, prepare_case, SegCase
+from medmae.finetune.seg_data import SegCase, SegmentationDataModule, prepare_case
 from medmae.finetune.segment import SegmentationModule, dice_per_class, predict_planes
 from medmae.train import MAEPretrainModule
 
@@ -83,7 +83,9 @@ class Recipe:
 def nilearn_data() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit('benchmarks/transfer.py needs the MNI152 files shipped with nilearn: pip install -e ".[transfer]"')
+        raise SystemExit(
+            'benchmarks/transfer.py needs the MNI152 files shipped with nilearn: pip install -e ".[transfer]"'
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
@@ -114,7 +116,10 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
         out[role] = []
         for i in idx:
             a, b = slabs[i]
-            image, lab = work / "labelled" / f"{role}_{i:02d}.nii.gz", work / "labelled" / f"{role}_{i:02d}_label.nii.gz"
+            image, lab = (
+                work / "labelled" / f"{role}_{i:02d}.nii.gz",
+                work / "labelled" / f"{role}_{i:02d}_label.nii.gz",
+            )
             nib.save(nib.Nifti1Image(t1[:, :, a:b], affine_at(a)), str(image))
             nib.save(nib.Nifti1Image(label[:, :, a:b], affine_at(a)), str(lab))
             out[role].append((image, lab))
@@ -127,7 +132,9 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
     for z in keep[1:]:
         (runs[-1].append(z) if z == runs[-1][-1] + 1 else runs.append([z]))
     for j, run in enumerate(runs):
-        nib.save(nib.Nifti1Image(t1[:, :, run[0] : run[-1] + 1], affine_at(run[0])), str(archive / f"run{j:02d}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(t1[:, :, run[0] : run[-1] + 1], affine_at(run[0])), str(archive / f"run{j:02d}.nii.gz")
+        )
     return out
 
 
@@ -137,19 +144,45 @@ def pretrain(work: Path, recipe: Recipe, seed: int = 0) -> Path:
     prep_archive([work / "unlabelled"], cache, workers=1, salt_file=work / "salt", val_fraction=0.0, progress=False)
     pl.seed_everything(seed, verbose=False)
     data = CacheDataModule(
-        str(cache), img_size=recipe.img_size, batch_size=recipe.pretrain_batch, num_workers=0, seed=seed,
-        crop_scale=recipe.crop_scale, samples_per_epoch=recipe.pretrain_batch * 50, min_size=32, hflip_prob=0.5,
+        str(cache),
+        img_size=recipe.img_size,
+        batch_size=recipe.pretrain_batch,
+        num_workers=0,
+        seed=seed,
+        crop_scale=recipe.crop_scale,
+        samples_per_epoch=recipe.pretrain_batch * 50,
+        min_size=32,
+        hflip_prob=0.5,
     )
     module = MAEPretrainModule(
-        variant="mae_vit_tiny_patch16", img_size=recipe.img_size, patch_size=16, embed_dim=recipe.embed_dim,
-        depth=recipe.depth, num_heads=recipe.num_heads, mask_ratio=recipe.mask_ratio,
-        norm_pix_loss=recipe.norm_pix_loss, decoder_embed_dim=recipe.decoder_embed_dim,
-        decoder_depth=recipe.decoder_depth, decoder_num_heads=4, blr=recipe.blr, warmup_steps=recipe.pretrain_steps // 10,
-        min_lr=1e-5, seed=seed, log_images_every_n_steps=0,
+        variant="mae_vit_tiny_patch16",
+        img_size=recipe.img_size,
+        patch_size=16,
+        embed_dim=recipe.embed_dim,
+        depth=recipe.depth,
+        num_heads=recipe.num_heads,
+        mask_ratio=recipe.mask_ratio,
+        norm_pix_loss=recipe.norm_pix_loss,
+        decoder_embed_dim=recipe.decoder_embed_dim,
+        decoder_depth=recipe.decoder_depth,
+        decoder_num_heads=4,
+        blr=recipe.blr,
+        warmup_steps=recipe.pretrain_steps // 10,
+        min_lr=1e-5,
+        seed=seed,
+        log_images_every_n_steps=0,
     )
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe.pretrain_steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, default_root_dir=work)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=recipe.pretrain_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=work,
+    )
     trainer.fit(module, datamodule=data)
     export = work / "encoder"
     export_encoder(module.model, export, data.preprocessing(), {"global_step": trainer.global_step})
@@ -166,20 +199,47 @@ def write_csv(path: Path, cases: dict[str, list[tuple[Path, Path]]]) -> Path:
     return path
 
 
-def finetune(work: Path, export: Path, init: str, seed: int, recipe: Recipe, cases_csv: Path,
-             test: list[tuple[Path, Path]] | None) -> dict[str, float]:
+def finetune(
+    work: Path,
+    export: Path,
+    init: str,
+    seed: int,
+    recipe: Recipe,
+    cases_csv: Path,
+    test: list[tuple[Path, Path]] | None,
+) -> dict[str, float]:
     """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs."""
     pl.seed_everything(seed, verbose=False)
     data = SegmentationDataModule(
-        f"{init}:{export}", 3, csv=str(cases_csv), batch_size=recipe.finetune_batch, seed=seed,
-        samples_per_epoch=recipe.finetune_batch * recipe.finetune_steps, crop_scale=recipe.finetune_crop_scale,
+        f"{init}:{export}",
+        3,
+        csv=str(cases_csv),
+        batch_size=recipe.finetune_batch,
+        seed=seed,
+        samples_per_epoch=recipe.finetune_batch * recipe.finetune_steps,
+        crop_scale=recipe.finetune_crop_scale,
     )
-    module = SegmentationModule(f"{init}:{export}", 3, lr=recipe.lr, layer_decay=recipe.layer_decay,
-                                warmup_steps=recipe.warmup_steps, feature_size=recipe.feature_size,
-                                decoder=recipe.decoder, tap_norm=recipe.tap_norm)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe.finetune_steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, default_root_dir=work)
+    module = SegmentationModule(
+        f"{init}:{export}",
+        3,
+        lr=recipe.lr,
+        layer_decay=recipe.layer_decay,
+        warmup_steps=recipe.warmup_steps,
+        feature_size=recipe.feature_size,
+        decoder=recipe.decoder,
+        tap_norm=recipe.tap_norm,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=recipe.finetune_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=work,
+    )
     trainer.fit(module, datamodule=data)
     net = module.net.eval()
     pre = module.preprocessing
@@ -197,9 +257,12 @@ def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str
     pre = [r[role] for r in results["medmae"]]
     rnd = [r[role] for r in results["random"]]
     return {
-        "pretrained_mean": statistics.mean(pre), "pretrained_sd": statistics.pstdev(pre),
-        "random_mean": statistics.mean(rnd), "random_sd": statistics.pstdev(rnd),
-        "ratio": statistics.mean(pre) / statistics.mean(rnd), "every_pretrained_above_every_random": min(pre) > max(rnd),
+        "pretrained_mean": statistics.mean(pre),
+        "pretrained_sd": statistics.pstdev(pre),
+        "random_mean": statistics.mean(rnd),
+        "random_sd": statistics.pstdev(rnd),
+        "ratio": statistics.mean(pre) / statistics.mean(rnd),
+        "every_pretrained_above_every_random": min(pre) > max(rnd),
     }
 
 
@@ -210,23 +273,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--encoder", type=Path, default=None,
-                        help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)")
-    parser.add_argument("--val-only", action="store_true",
-                        help="recipe search: score the validation slabs only, never look at the test slabs")
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)",
+    )
+    parser.add_argument(
+        "--val-only",
+        action="store_true",
+        help="recipe search: score the validation slabs only, never look at the test slabs",
+    )
     for field, default in asdict(Recipe()).items():
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
         if kind is bool:
-            parser.add_argument(f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                                default=default)
+            parser.add_argument(
+                f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default
+            )
         else:
-            parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default,
-                                nargs=2 if isinstance(default, tuple) else None)
+            parser.add_argument(
+                f"--{field.replace('_', '-')}",
+                type=kind,
+                default=default,
+                nargs=2 if isinstance(default, tuple) else None,
+            )
     args = parser.parse_args(argv)
-    values = {f: (tuple(getattr(args, f)) if isinstance(d, tuple) else getattr(args, f)) for f, d in asdict(Recipe()).items()}
+    values = {
+        f: (tuple(getattr(args, f)) if isinstance(d, tuple) else getattr(args, f)) for f, d in asdict(Recipe()).items()
+    }
     if args.quick:
-        values.update(pretrain_steps=4, finetune_steps=4, pretrain_batch=8, finetune_batch=4, img_size=64, depth=10,
-                      embed_dim=96, warmup_steps=1)
+        values.update(
+            pretrain_steps=4,
+            finetune_steps=4,
+            pretrain_batch=8,
+            finetune_batch=4,
+            img_size=64,
+            depth=10,
+            embed_dim=96,
+            warmup_steps=1,
+        )
     recipe = Recipe(**values)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -248,24 +333,41 @@ def main(argv: list[str] | None = None) -> int:
                 shown = "  ".join(f"{k} Dice {v:.4f}" for k, v in r.items())
                 print(f"seed {seed} {init:<7} {shown}", flush=True)
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "recipe": asdict(recipe), "seeds": args.seeds, "per_seed": results,
-        "val": summarise(results, "val"), "test": None if args.val_only else summarise(results, "test"),
-        "pretrain_seconds": round(pretrain_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
-        "labelled_slabs": len(cases["train"]), "val_slabs": len(cases["val"]), "test_slabs": len(cases["test"]),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "recipe": asdict(recipe),
+        "seeds": args.seeds,
+        "per_seed": results,
+        "val": summarise(results, "val"),
+        "test": None if args.val_only else summarise(results, "test"),
+        "pretrain_seconds": round(pretrain_s, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "labelled_slabs": len(cases["train"]),
+        "val_slabs": len(cases["val"]),
+        "test_slabs": len(cases["test"]),
     }
-    print(f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s")
-    print(f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; val {report['val_slabs']}, test {report['test_slabs']}")
+    print(
+        f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s"
+    )
+    print(
+        f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; "
+        f"val {report['val_slabs']}, test {report['test_slabs']}"
+    )
     role = "val" if args.val_only else "test"
     print("| init | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd |")
     print("|---|" + "---:|" * (len(args.seeds) + 1))
     for init, name in (("medmae", "medmae-pretrained"), ("random", "random init")):
         vals = [r[role] for r in results[init]]
-        print(f"| {name} ({role} Dice) | " + " | ".join(f"{v:.4f}" for v in vals)
-              + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |")
+        print(
+            f"| {name} ({role} Dice) | "
+            + " | ".join(f"{v:.4f}" for v in vals)
+            + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
+        )
     t = report[role]
-    print(f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
-          f"{t['every_pretrained_above_every_random']}  (val ratio {report['val']['ratio']:.3f}x)")
+    print(
+        f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
+        f"{t['every_pretrained_above_every_random']}  (val ratio {report['val']['ratio']:.3f}x)"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

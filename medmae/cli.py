@@ -23,8 +23,14 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("medmae.train.cli:fit_main", "pretrain an MAE from a LightningCLI YAML config"),
     "validate": ("medmae.train.cli:validate_main", "compute the validation loss of a checkpoint"),
     "export": ("medmae.export.cli:main", "export the encoder of a checkpoint as safetensors + JSON card"),
-    "finetune-seg": ("medmae.finetune.seg_cli:finetune_main", "fine-tune a segmentation UNETR from an exported encoder"),
-    "predict-seg": ("medmae.finetune.seg_cli:predict_main", "write NIfTI masks with a fine-tuned segmentation checkpoint"),
+    "finetune-seg": (
+        "medmae.finetune.seg_cli:finetune_main",
+        "fine-tune a segmentation UNETR from an exported encoder",
+    ),
+    "predict-seg": (
+        "medmae.finetune.seg_cli:predict_main",
+        "write NIfTI masks with a fine-tuned segmentation checkpoint",
+    ),
     "finetune-cls": ("medmae.finetune.cls_cli:finetune_main", "fine-tune a timm classifier from an exported encoder"),
     "demo": ("medmae.demo:main", "run prep -> pretrain on the sample scans bundled with pydicom/nibabel"),
 }

@@ -119,7 +119,8 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path) -> Path:
         module = MAEPretrainModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt_path}: checkpoint does not rebuild its MAE ({str(e).splitlines()[0][:200]})")
+        detail = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        raise CheckpointError(f"{ckpt_path}: checkpoint does not rebuild its MAE ({detail})") from None
     extra = ckpt.get("medmae", {}) if isinstance(ckpt.get("medmae"), dict) else {}
     training = {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
     return export_encoder(module.model, out_dir, extra.get("preprocessing"), training)
@@ -226,7 +227,8 @@ def timm_from_encoder(
     not_fresh = [k for k in missing if not k.startswith(fresh)]
     if unexpected or not_fresh:
         raise ValueError(
-            f"exported encoder does not match {spec.arch} with {overrides}: missing {not_fresh}, unexpected {unexpected}"
+            f"exported encoder does not match {spec.arch} with {overrides}: "
+            f"missing {not_fresh}, unexpected {unexpected}"
         )
     return vit
 

@@ -204,7 +204,9 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
     try:
         ct_windows = tuple((float(lv), float(wd)) for lv, wd in windows)
     except (TypeError, ValueError):
-        raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}") from None
+        raise CardError(
+            f"{where}: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}"
+        ) from None
     if not ct_windows or any(not wd > 0 for _, wd in ct_windows):
         raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' needs windows of width > 0")
     mode = _field(pre, "intensity.ct.mode", where)
@@ -212,7 +214,9 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
         raise CardError(f"{where}: field 'preprocessing.intensity.ct.mode' must be random or channels, got {mode!r}")
     inference_window = pre["intensity"]["ct"].get("inference_window", 0)
     if not isinstance(inference_window, int) or not 0 <= inference_window < len(ct_windows):
-        raise CardError(f"{where}: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}")
+        raise CardError(
+            f"{where}: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}"
+        )
     pcts = _field(pre, "intensity.other.percentiles", where)
     if not isinstance(pcts, list) or len(pcts) != 2 or any(p not in PERCENTILES for p in pcts) or not pcts[0] < pcts[1]:
         raise CardError(f"{where}: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.networks.nets import UNETR
 from monai.networks.blocks.transformerblock import TransformerBlock
+from monai.networks.nets import UNETR
 from torch import nn
 
 from medmae.export.adapt import adapt_state_dict
@@ -63,8 +63,14 @@ def timm_to_monai_vit(state: dict[str, torch.Tensor], depth: int, cls_token: boo
     }
     if cls_token:
         out["cls_token"] = state["cls_token"] + pos[:, :1]
-    names = {"norm1": "norm1", "norm2": "norm2", "attn.qkv": "attn.qkv", "attn.proj": "attn.out_proj",
-             "mlp.fc1": "mlp.linear1", "mlp.fc2": "mlp.linear2"}
+    names = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.qkv": "attn.qkv",
+        "attn.proj": "attn.out_proj",
+        "mlp.fc1": "mlp.linear1",
+        "mlp.fc2": "mlp.linear2",
+    }
     for i in range(depth):
         for timm_name, monai_name in names.items():
             for p in ("weight", "bias"):
@@ -118,8 +124,17 @@ def build_unetr(
     spec = check_encoder_section(card["encoder"], where)
     state = read_encoder_weights(export_dir, card) if load_weights else None
     return unetr_from_encoder(
-        spec, state, out_channels, img_size=img_size, in_chans=in_chans, feature_size=feature_size,
-        norm_name=norm_name, res_block=res_block, dropout_rate=dropout_rate, cls_token=cls_token, where=where,
+        spec,
+        state,
+        out_channels,
+        img_size=img_size,
+        in_chans=in_chans,
+        feature_size=feature_size,
+        norm_name=norm_name,
+        res_block=res_block,
+        dropout_rate=dropout_rate,
+        cls_token=cls_token,
+        where=where,
     )
 
 
@@ -147,9 +162,20 @@ def unetr_from_encoder(
     embed_dim = spec.embed_dim
     cls = EncoderUNETR if cls_token else UNETR
     model = cls(
-        in_channels=chans, out_channels=out_channels, img_size=size, feature_size=feature_size,
-        hidden_size=embed_dim, mlp_dim=mlp_dim, num_heads=heads, proj_type="conv", norm_name=norm_name,
-        conv_block=True, res_block=res_block, dropout_rate=dropout_rate, spatial_dims=2, qkv_bias=True,
+        in_channels=chans,
+        out_channels=out_channels,
+        img_size=size,
+        feature_size=feature_size,
+        hidden_size=embed_dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        proj_type="conv",
+        norm_name=norm_name,
+        conv_block=True,
+        res_block=res_block,
+        dropout_rate=dropout_rate,
+        spatial_dims=2,
+        qkv_bias=True,
     )
     vit = model.vit
     if len(vit.blocks) != depth:  # MONAI always builds 12 blocks; match the encoder's depth
@@ -176,7 +202,9 @@ def unetr_from_encoder(
             raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
         missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
         if missing or unexpected:
-            raise ValueError(f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
+            )
     return model
 
 
@@ -186,7 +214,6 @@ def _meta_encoder(spec: EncoderSpec) -> torch.nn.Module:
 
     kwargs = {k: v for k, v in spec.kwargs.items() if k != "drop_path_rate"}
     with torch.device("meta"):
-        return timm.create_model(spec.arch, pretrained=False, num_classes=0, in_chans=spec.in_chans,
-                                 img_size=spec.img_size, **kwargs)
-
-
+        return timm.create_model(
+            spec.arch, pretrained=False, num_classes=0, in_chans=spec.in_chans, img_size=spec.img_size, **kwargs
+        )

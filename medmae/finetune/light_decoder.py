@@ -36,8 +36,14 @@ def tap_blocks(depth: int, levels: int) -> list[int]:
 class LightSegmenter(nn.Module):
     """timm ViT encoder + UNETR-style decoder generalised to ``patch = 2**L`` and any depth."""
 
-    def __init__(self, encoder: VisionTransformer, num_classes: int, feature_size: int = 16,
-                 norm_name: str | tuple = "instance", tap_norm: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        num_classes: int,
+        feature_size: int = 16,
+        norm_name: str | tuple = "instance",
+        tap_norm: bool = True,
+    ) -> None:
         super().__init__()
         patch = int(encoder.patch_embed.patch_size[0])
         levels = int(round(math.log2(patch)))
@@ -47,23 +53,34 @@ class LightSegmenter(nn.Module):
         self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
         self.taps = tap_blocks(len(encoder.blocks), levels)
         dim, in_chans = int(encoder.embed_dim), int(encoder.patch_embed.proj.in_channels)
-        self.tap_norms = nn.ModuleList(
-            nn.LayerNorm(dim, eps=1e-6) if tap_norm else nn.Identity() for _ in self.taps
-        )
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) if tap_norm else nn.Identity() for _ in self.taps)
         width = [feature_size * 2**j for j in range(levels)]  # channels at full res / 2**j
         self.stem = UnetrBasicBlock(2, in_chans, width[0], kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
         # skip at resolution grid * 2**j lives at full-res / 2**(levels - j): width index levels - j
         self.skips = nn.ModuleList(
-            UnetrPrUpBlock(2, dim, width[levels - j], num_layer=j - 1, kernel_size=3, stride=1,
-                           upsample_kernel_size=2, norm_name=norm_name, conv_block=True, res_block=True)
+            UnetrPrUpBlock(
+                2,
+                dim,
+                width[levels - j],
+                num_layer=j - 1,
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm_name,
+                conv_block=True,
+                res_block=True,
+            )
             for j in range(1, levels)
         )
         ups = []
         in_ch = dim
         for j in range(1, levels + 1):  # to grid * 2**j
             out_ch = width[levels - j]
-            ups.append(UnetrUpBlock(2, in_ch, out_ch, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name,
-                                    res_block=True))
+            ups.append(
+                UnetrUpBlock(
+                    2, in_ch, out_ch, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True
+                )
+            )
             in_ch = out_ch
         self.ups = nn.ModuleList(ups)
         self.head = UnetOutBlock(2, width[0], num_classes)
@@ -81,7 +98,8 @@ class LightSegmenter(nn.Module):
             hidden.append(tokens)
         y = self._fmap(enc.norm(tokens))
         skips = [
-            skip(self._fmap(norm(hidden[b]))) for skip, norm, b in zip(self.skips, self.tap_norms, self.taps, strict=True)
+            skip(self._fmap(norm(hidden[b])))
+            for skip, norm, b in zip(self.skips, self.tap_norms, self.taps, strict=True)
         ]
         for j, up in enumerate(self.ups, start=1):  # j-th upsampling reaches grid * 2**j
             y = up(y, skips[j - 1] if j <= len(skips) else self.stem(x))

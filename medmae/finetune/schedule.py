@@ -17,8 +17,14 @@ def _factor(step: int, base_lr: float, min_lr: float, warmup: int, total: int, s
 def warmup_cosine(optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float, warmup: int, total: int) -> LambdaLR:
     """Per-step schedule; group ``g`` runs at ``g["lr_scale"] * lr(step)`` (AdamW's lr must be ``base_lr``)."""
     rules = [
-        partial(_factor, base_lr=base_lr, min_lr=min(min_lr, base_lr), warmup=min(warmup, total), total=max(1, total),
-                scale=float(g.get("lr_scale", 1.0)))
+        partial(
+            _factor,
+            base_lr=base_lr,
+            min_lr=min(min_lr, base_lr),
+            warmup=min(warmup, total),
+            total=max(1, total),
+            scale=float(g.get("lr_scale", 1.0)),
+        )
         for g in optimizer.param_groups
     ]
     return LambdaLR(optimizer, rules)

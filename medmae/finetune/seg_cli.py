@@ -23,8 +23,8 @@ import numpy as np
 from lightning.pytorch.cli import LightningCLI
 
 from medmae.export.card import CardError
-from medmae.finetune.segment import SegmentationModule, load_segmenter, predict_planes
 from medmae.finetune.seg_data import SegmentationDataModule
+from medmae.finetune.segment import SegmentationModule, load_segmenter, predict_planes
 from medmae.finetune.volumes import VolumeError, read_image
 
 
@@ -54,16 +54,21 @@ def finetune_main(argv: Sequence[str]) -> int:
     # finetune-seg is always LightningCLI's `fit` (so --ckpt_path resumes); -h/--help shows fit's options
     sys.argv = ["medmae finetune-seg", "fit", *argv]
     try:
-        SegmentationCLI(SegmentationModule, SegmentationDataModule, seed_everything_default=0,
-                        save_config_kwargs={"overwrite": True})
+        SegmentationCLI(
+            SegmentationModule,
+            SegmentationDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+        )
     finally:
         sys.argv = saved
     return 0
 
 
 def predict_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="medmae predict-seg", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medmae predict-seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="checkpoint written by `medmae finetune-seg`")
     parser.add_argument("images", nargs="+", help="NIfTI files or DICOM series folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for the <name>_seg.nii.gz masks")

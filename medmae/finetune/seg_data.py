@@ -119,7 +119,9 @@ class PreparedCase:
     plane_shape: tuple[int, int]
 
 
-def prepare_case(case: SegCase, pre: PlanePreprocessor, num_classes: int, modality: str, cache_dir: str | None) -> PreparedCase:
+def prepare_case(
+    case: SegCase, pre: PlanePreprocessor, num_classes: int, modality: str, cache_dir: str | None
+) -> PreparedCase:
     image = read_image(case.image, modality=modality, cache_dir=cache_dir)
     label = read_label(case.label, image, num_classes)
     stack = np.ascontiguousarray(pre.stack(label))
@@ -138,11 +140,19 @@ class PlaneDataset(Dataset):
     and a sample is a pure function of (seed, epoch, index).
     """
 
-    def __init__(self, cases: list[PreparedCase], crop_scale: tuple[float, float], hflip_prob: float, seed: int,
-                 include_empty: bool = False) -> None:
+    def __init__(
+        self,
+        cases: list[PreparedCase],
+        crop_scale: tuple[float, float],
+        hflip_prob: float,
+        seed: int,
+        include_empty: bool = False,
+    ) -> None:
         self.cases = cases
         self.items = [
-            (c, z) for c, case in enumerate(cases) for z in range(case.labels.shape[0])
+            (c, z)
+            for c, case in enumerate(cases)
+            for z in range(case.labels.shape[0])
             if include_empty or bool(case.labels[z].any())
         ]
         if not self.items:
@@ -279,7 +289,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             train = train[: self.max_train_cases]
         prep = [prepare_case(c, self.preprocessing, self.num_classes, self.modality, self.cache_dir) for c in train]
         self.train_cases = prep
-        self.val_cases = [prepare_case(c, self.preprocessing, self.num_classes, self.modality, self.cache_dir) for c in val]
+        self.val_cases = [
+            prepare_case(c, self.preprocessing, self.num_classes, self.modality, self.cache_dir) for c in val
+        ]
         logger.info("segmentation data: %d training and %d validation volumes", len(train), len(val))
 
     def train_dataloader(self) -> DataLoader:
@@ -291,8 +303,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         n = self.samples_per_epoch or max(len(data), self.batch_size)
         g = torch.Generator().manual_seed(self.seed)
         sampler = torch.utils.data.RandomSampler(data, replacement=n != len(data), num_samples=n, generator=g)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=n >= self.batch_size, persistent_workers=False)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=n >= self.batch_size,
+            persistent_workers=False,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_cases:

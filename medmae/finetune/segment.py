@@ -25,12 +25,12 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medmae.export.card import EncoderSpec
-from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.encoder import timm_from_encoder
+from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.unetr import unetr_from_encoder
-from medmae.finetune.light_decoder import LightSegmenter
 from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
+from medmae.finetune.light_decoder import LightSegmenter
 from medmae.finetune.schedule import warmup_cosine
 from medmae.finetune.seg_data import PreparedCase
 
@@ -57,8 +57,15 @@ class Segmenter(nn.Module):
         return self.model(self.input_norm(x))
 
 
-def build_segmenter(source: EncoderSource, num_classes: int, feature_size: int = 16, cls_token: bool = True,
-                    dropout_rate: float = 0.0, decoder: str = "unetr", tap_norm: bool = True) -> Segmenter:
+def build_segmenter(
+    source: EncoderSource,
+    num_classes: int,
+    feature_size: int = 16,
+    cls_token: bool = True,
+    dropout_rate: float = 0.0,
+    decoder: str = "unetr",
+    tap_norm: bool = True,
+) -> Segmenter:
     """The fine-tuning network for an encoder source (weights loaded when the source has them).
 
     ``unetr``: MONAI UNETR (patch 16, >= 10 blocks); ``light``: the same design over the timm encoder
@@ -67,12 +74,20 @@ def build_segmenter(source: EncoderSource, num_classes: int, feature_size: int =
     pre = source.preprocessing
     if decoder == "unetr":
         net: nn.Module = unetr_from_encoder(
-            source.spec, source.state, num_classes, img_size=pre.image_size, in_chans=pre.channels,
-            feature_size=feature_size, cls_token=cls_token, dropout_rate=dropout_rate, where=source.init.describe(),
+            source.spec,
+            source.state,
+            num_classes,
+            img_size=pre.image_size,
+            in_chans=pre.channels,
+            feature_size=feature_size,
+            cls_token=cls_token,
+            dropout_rate=dropout_rate,
+            where=source.init.describe(),
         )
     elif decoder == "light":
-        encoder = timm_from_encoder(source.spec, source.state, None, img_size=pre.image_size, in_chans=pre.channels,
-                                    proj_drop_rate=dropout_rate)
+        encoder = timm_from_encoder(
+            source.spec, source.state, None, img_size=pre.image_size, in_chans=pre.channels, proj_drop_rate=dropout_rate
+        )
         net = LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
     else:
         raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")
@@ -90,8 +105,9 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> li
 
 
 @torch.no_grad()
-def predict_planes(net: nn.Module, images: torch.Tensor, pre: PlanePreprocessor, plane_shape: tuple[int, int],
-                   batch: int = 16) -> np.ndarray:
+def predict_planes(
+    net: nn.Module, images: torch.Tensor, pre: PlanePreprocessor, plane_shape: tuple[int, int], batch: int = 16
+) -> np.ndarray:
     """Class map of every plane at its original resolution: ``(Z, h, w)`` uint8."""
     device = next(net.parameters()).device
     out = []
@@ -156,7 +172,8 @@ class SegmentationModule(pl.LightningModule):
         self.preprocessing = source.preprocessing
         self.spec = source.spec
         self.norm_stats = (
-            None if source.input_norm is None
+            None
+            if source.input_norm is None
             else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
         )
         self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
@@ -192,8 +209,13 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = layer_decay_groups(self.net.named_parameters(), depth=self.depth, layer_decay=hp.layer_decay,
-                                    weight_decay=hp.weight_decay, encoder_prefix=ENCODER_PREFIX[hp.decoder])
+        groups = layer_decay_groups(
+            self.net.named_parameters(),
+            depth=self.depth,
+            layer_decay=hp.layer_decay,
+            weight_decay=hp.weight_decay,
+            encoder_prefix=ENCODER_PREFIX[hp.decoder],
+        )
         for g in groups:
             g.pop("names")
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
@@ -224,19 +246,36 @@ def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor,
         raise ValueError(f"{ckpt_path}: not a medmae segmentation checkpoint (written by `medmae finetune-seg`)")
     meta, hp = ckpt[CKPT_KEY], ckpt["hyper_parameters"]
     enc = dict(meta["encoder"])
-    spec = EncoderSpec(enc["arch"], dict(enc["kwargs"]), int(enc["in_chans"]), tuple(enc["img_size"]),
-                       int(enc["patch_size"]), int(enc["embed_dim"]))
+    spec = EncoderSpec(
+        enc["arch"],
+        dict(enc["kwargs"]),
+        int(enc["in_chans"]),
+        tuple(enc["img_size"]),
+        int(enc["patch_size"]),
+        int(enc["embed_dim"]),
+    )
     p = dict(meta["preprocessing"])
     pre = PlanePreprocessor(
-        axis=p["axis"], image_size=tuple(p["image_size"]), slice_offsets=tuple(p["slice_offsets"]),
-        interpolation=p["interpolation"], antialias=bool(p["antialias"]),
-        ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
-        inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
+        axis=p["axis"],
+        image_size=tuple(p["image_size"]),
+        slice_offsets=tuple(p["slice_offsets"]),
+        interpolation=p["interpolation"],
+        antialias=bool(p["antialias"]),
+        ct_windows=tuple(tuple(w) for w in p["ct_windows"]),
+        ct_window_mode=p["ct_window_mode"],
+        inference_window=int(p["inference_window"]),
+        percentiles=tuple(p["percentiles"]),
     )
     norm = None if meta["input_norm"] is None else InputNorm(tuple(meta["input_norm"][0]), tuple(meta["input_norm"][1]))
     source = EncoderSource(EncoderInit("random"), spec, None, pre, norm)
-    net = build_segmenter(source, int(hp["num_classes"]), int(hp["feature_size"]), bool(hp["cls_token"]),
-                          decoder=str(hp.get("decoder", "unetr")), tap_norm=bool(hp.get("tap_norm", True)))
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net = build_segmenter(
+        source,
+        int(hp["num_classes"]),
+        int(hp["feature_size"]),
+        bool(hp["cls_token"]),
+        decoder=str(hp.get("decoder", "unetr")),
+        tap_norm=bool(hp.get("tap_norm", True)),
+    )
+    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state, strict=True)
     return net.eval(), pre, int(hp["num_classes"])

@@ -112,8 +112,9 @@ def read_dicom_series(folder: str | Path) -> Volume:
         raise VolumeError(f"{folder}: DICOM series folder not found")
     with tempfile.TemporaryDirectory(prefix="medmae_series_") as tmp:
         cache = Path(tmp) / "cache"
-        summary = prep_archive([folder], cache, workers=1, salt_file=Path(tmp) / "salt", val_fraction=0.0,
-                               progress=False)
+        summary = prep_archive(
+            [folder], cache, workers=1, salt_file=Path(tmp) / "salt", val_fraction=0.0, progress=False
+        )
         rows = load_manifest(cache).rows if (cache / "manifest.json").exists() else ()
         volumes = [r for r in rows if r.kind == "volume"] or list(rows)
         if len(volumes) != 1:
@@ -137,7 +138,9 @@ def read_cache_series(cache_dir: str | Path, series_id: str) -> Volume:
     return Volume(series_id, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats))
 
 
-def read_image(reference: str, *, base: Path | None = None, modality: str = "OT", cache_dir: str | None = None) -> Volume:
+def read_image(
+    reference: str, *, base: Path | None = None, modality: str = "OT", cache_dir: str | None = None
+) -> Volume:
     """Resolve an image reference (NIfTI file, DICOM folder, ``cache:SERIES_ID``) to a :class:`Volume`."""
     if reference.startswith("cache:"):
         if not cache_dir:

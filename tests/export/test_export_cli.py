@@ -64,6 +64,10 @@ def test_out_that_is_a_file_is_refused_before_loading(tmp_path: Path, capsys) ->
 def test_medmae_export_cli_process_prints_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "junk.ckpt"
     bad.write_bytes(b"\x00" * 64)
-    done = subprocess.run([sys.executable, "-m", "medmae.cli", "export", str(bad), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "medmae.cli", "export", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and "junk.ckpt" in done.stderr

@@ -132,7 +132,7 @@ def test_card_only_rebuild_with_plain_timm(tiny_export) -> None:
     script = f"""
 import json, sys, timm, torch
 from safetensors.torch import load_file
-card = json.load(open({str(path / 'encoder.json')!r}))
+card = json.load(open({str(path / "encoder.json")!r}))
 enc = card["encoder"]
 vit = timm.create_model(enc["arch"], num_classes=0, in_chans=enc["in_chans"], img_size=enc["img_size"], **enc["kwargs"])
 vit.load_state_dict(load_file({str(path)!r} + "/" + card["weights"]), strict=True)
@@ -160,7 +160,10 @@ def _copy(src: Path, dst: Path) -> Path:
         (lambda c: c["encoder"].pop("arch"), "encoder.arch"),
         (lambda c: c["encoder"].__setitem__("in_chans", "one"), "encoder.in_chans"),
         (lambda c: c["encoder"].__setitem__("img_size", [10**6, 32]), "encoder.img_size"),
-        (lambda c: c["encoder"]["kwargs"].__setitem__("checkpoint_path", "/tmp/x.pth"), "encoder.kwargs.checkpoint_path"),
+        (
+            lambda c: c["encoder"]["kwargs"].__setitem__("checkpoint_path", "/tmp/x.pth"),
+            "encoder.kwargs.checkpoint_path",
+        ),
         (lambda c: c.__setitem__("weights", "../../etc/passwd"), "weights"),
         (lambda c: c.__setitem__("format", 99), "format"),
         (lambda c: c["encoder"].__setitem__("arch", "resnet50"), "encoder.arch"),

@@ -72,15 +72,39 @@ def cases_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _fit(tmp: Path, encoder: Path, cases: Path, init: str, steps: int, extra: tuple[str, ...] = ()) -> None:
     """One finetune-seg run through the real CLI entry (the tiny CPU config, small budgets)."""
-    finetune_main([
-        "--config", "configs/finetune/seg_tiny_cpu.yaml",
-        "--model.init", f"{init}:{encoder}", "--model.num_classes", "3", "--model.feature_size", "8",
-        "--model.lr", "3e-3", "--model.warmup_steps", "5",
-        "--data.csv", str(cases), "--data.batch_size", "8", "--data.samples_per_epoch", str(8 * steps),  # one epoch: validated at its end
-        "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(tmp),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks.init_args.dirpath", str(tmp / "ckpt"), *extra,
-    ])
+    finetune_main(
+        [
+            "--config",
+            "configs/finetune/seg_tiny_cpu.yaml",
+            "--model.init",
+            f"{init}:{encoder}",
+            "--model.num_classes",
+            "3",
+            "--model.feature_size",
+            "8",
+            "--model.lr",
+            "3e-3",
+            "--model.warmup_steps",
+            "5",
+            "--data.csv",
+            str(cases),
+            "--data.batch_size",
+            "8",
+            "--data.samples_per_epoch",
+            str(8 * steps),  # one epoch: validated at its end
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.default_root_dir",
+            str(tmp),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks.init_args.dirpath",
+            str(tmp / "ckpt"),
+            *extra,
+        ]
+    )
 
 
 def test_finetune_seg_improves_dice_and_predict_writes_masks_on_the_input_grid(
@@ -134,8 +158,9 @@ def _val_dice(run: Path) -> float:
 
 def test_layer_decay_groups_carry_documented_scales(seg_encoder: Path) -> None:
     module = SegmentationModule(f"medmae:{seg_encoder}", num_classes=3, feature_size=8, layer_decay=0.5)
-    groups = layer_decay_groups(module.net.named_parameters(), depth=10, layer_decay=0.5, weight_decay=0.05,
-                                encoder_prefix="model.vit.")
+    groups = layer_decay_groups(
+        module.net.named_parameters(), depth=10, layer_decay=0.5, weight_decay=0.05, encoder_prefix="model.vit."
+    )
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale["model.vit.patch_embedding.patch_embeddings.weight"] == 0.5**11
     assert scale["model.vit.blocks.0.attn.qkv.weight"] == 0.5**10
@@ -162,8 +187,11 @@ def test_card_preprocessing_matches_pretraining_on_square_planes(seg_encoder: Pa
 
     plane = torch.from_numpy(vol.array[10].astype(np.float32))[None]
     box = pre.pad_box(plane.shape[-2:])
-    padded = torch.nn.functional.pad(plane, (box.left, box.padded[1] - box.width - box.left,
-                                             box.top, box.padded[0] - box.height - box.top), value=vol.stats["min"])
+    padded = torch.nn.functional.pad(
+        plane,
+        (box.left, box.padded[1] - box.width - box.left, box.top, box.padded[0] - box.height - box.top),
+        value=vol.stats["min"],
+    )
     ref = scale_intensity(resize(padded, (32, 32)), vol.stats["p0.5"], vol.stats["p99.5"])
     torch.testing.assert_close(x[0], ref)
 
@@ -232,16 +260,34 @@ SEG_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "finetun
 
 
 @pytest.mark.parametrize("config", SEG_CONFIGS, ids=[c.name for c in SEG_CONFIGS])
-def test_seg_configs_instantiate(config: Path, seg_encoder: Path, cases_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seg_configs_instantiate(
+    config: Path, seg_encoder: Path, cases_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     from medmae.finetune.seg_cli import SegmentationCLI
     from medmae.finetune.seg_data import SegmentationDataModule
 
-    monkeypatch.setattr(sys, "argv", [
-        "medmae", "--config", str(config), "--model.init", f"medmae:{seg_encoder}", "--data.csv", str(cases_csv),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-        "--trainer.logger", "false",
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "medmae",
+            "--config",
+            str(config),
+            "--model.init",
+            f"medmae:{seg_encoder}",
+            "--data.csv",
+            str(cases_csv),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.logger",
+            "false",
+        ],
+    )
     cli = SegmentationCLI(SegmentationModule, SegmentationDataModule, run=False, seed_everything_default=0)
     assert cli.datamodule.init == cli.model.hparams.init and cli.datamodule.num_classes == cli.model.hparams.num_classes
