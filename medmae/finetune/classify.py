@@ -27,9 +27,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from medmae.export.card import CardError
 from medmae.export.encoder import timm_from_encoder
-from medmae.finetune.cls_data import LEVELS, card_error_with_path, check_target, num_outputs
+from medmae.finetune.cls_data import LEVELS, check_target, num_outputs
 from medmae.finetune.encoders import InputNorm, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.schedule import warmup_cosine
@@ -147,11 +146,7 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.save_hyperparameters()  # only what the user typed; no CSV content, no volume header
         self.classes, self.smoothing = classes, smoothing
-        parsed = parse_init(init, card)
-        try:
-            source = resolve_encoder(parsed)
-        except CardError as e:
-            raise card_error_with_path(e, parsed.export_dir) from None
+        source = resolve_encoder(parse_init(init, card))
         self.source_description = source.init.describe()
         self.spec, self.preprocessing = source.spec, source.preprocessing
         self.norm_stats = (
@@ -159,7 +154,8 @@ class ClassificationModule(pl.LightningModule):
             else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
         )
         vit = timm_from_encoder(
-            source.spec, source.state, parsed.card, global_pool=global_pool, num_classes=num_outputs(task, classes),
+            source.spec, source.state, source.init.card, global_pool=global_pool,
+            num_classes=num_outputs(task, classes),
             drop_path_rate=0.0 if linear_probe else drop_path_rate,
             img_size=source.preprocessing.image_size, in_chans=source.preprocessing.channels,
         )

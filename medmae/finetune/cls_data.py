@@ -23,7 +23,6 @@ random-resized crop on the preprocessed tensors. Errors name the CSV, the row an
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,9 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from medmae.data.transforms import random_resized_crop_box
-from medmae.export.card import CARD_NAME, CardError
-from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
-from medmae.finetune.encoders import parse_init, resolve_encoder
+from medmae.export.preprocessing import PlanePreprocessor
+from medmae.finetune.encoders import parse_init, patient_split, resolve_preprocessing
 from medmae.finetune.volumes import VolumeError, read_image
 
 logger = logging.getLogger(__name__)
@@ -71,11 +69,6 @@ def check_target(task: str, classes: Sequence[str | int] | None, where: str = "m
 def num_outputs(task: str, classes: Sequence[str]) -> int:
     """Logits of the head: one for binary, one per class / label otherwise."""
     return 1 if task == "binary" else len(classes)
-
-
-def _split_of(patient: str, val_fraction: float, seed: int) -> str:
-    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def _same(value: str, name: str) -> bool:
@@ -166,7 +159,7 @@ def read_label_csv(
                 )
             target = [float(hits[0])]
         patient = r.get("patient", "") or image
-        split = r.get("split", "").lower() or _split_of(patient, val_fraction, seed)
+        split = r.get("split", "").lower() or patient_split(patient, val_fraction, seed)
         if split not in SPLITS:
             raise VolumeError(f"{where}: column 'split' must be train or val, got {split!r}")
         out.append(ClsRow(i, resolved, tuple(target), patient, split, r.get("modality", "") or modality))
@@ -183,25 +176,6 @@ def _check_patients(path: Path, rows: list[ClsRow]) -> None:
                 f"{path}: row {r.row}: patient is in split {r.split!r} but row {first[1]} puts it in {first[0]!r} "
                 "(a patient must be on one side only)"
             )
-
-
-def preprocessing_for(init: str, card: str | None = None) -> PlanePreprocessor:
-    """The encoder input of ``init`` (read from the card; timm models need their config)."""
-    parsed = parse_init(init, card)
-    if parsed.kind == "timm":
-        return resolve_encoder(parsed).preprocessing
-    try:
-        return preprocessing_from_card(parsed.card)  # type: ignore[arg-type]
-    except CardError as e:
-        raise card_error_with_path(e, parsed.export_dir) from None
-
-
-def card_error_with_path(e: CardError, export_dir: Path | None) -> CardError:
-    """``card: field ...`` -> ``DIR/encoder.json: field ...`` (name the file)."""
-    msg = str(e)
-    if export_dir is not None and msg.startswith("card:"):
-        return CardError(f"{Path(export_dir) / CARD_NAME}:{msg[len('card:'):]}")
-    return e
 
 
 @dataclass
@@ -387,7 +361,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is not None:
             return
-        pre = preprocessing_for(self.init, self.card)
+        pre = resolve_preprocessing(parse_init(self.init, self.card))
         rows = self.rows()  # every row is checked before any volume is read
         train = [r for r in rows if r.split == "train"]
         val = [r for r in rows if r.split == "val"]

@@ -14,6 +14,7 @@ The three starts build the *same* downstream model so a transfer comparison is o
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,12 @@ def parse_init(init: str, card: str | Path | None = None) -> EncoderInit:
         raise ValueError(f"init {init!r} needs an export folder: write {kind}:DIR, or set card: DIR")
     export_dir = Path(source)
     return EncoderInit(kind, export_dir=export_dir, card=load_card(export_dir))
+
+
+def patient_split(patient: str, val_fraction: float, seed: int) -> str:
+    """``train`` or ``val`` for a patient key: a keyed hash, so a patient never lands on both sides."""
+    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def default_preprocessing(image_size: tuple[int, int], in_chans: int = 1) -> PlanePreprocessor:

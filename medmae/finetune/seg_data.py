@@ -18,7 +18,6 @@ into the volume.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medmae.data.transforms import random_resized_crop_box
 from medmae.export.preprocessing import PlanePreprocessor
-from medmae.finetune.encoders import parse_init, resolve_preprocessing
+from medmae.finetune.encoders import parse_init, patient_split, resolve_preprocessing
 from medmae.finetune.volumes import NIFTI_SUFFIXES, VolumeError, read_image, read_label
 
 logger = logging.getLogger(__name__)
@@ -47,11 +46,6 @@ class SegCase:
     label: str
     patient: str
     split: str
-
-
-def _split_of(patient: str, val_fraction: float, seed: int) -> str:
-    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def read_cases_csv(path: Path, val_fraction: float, seed: int) -> list[SegCase]:
@@ -81,7 +75,7 @@ def read_cases_csv(path: Path, val_fraction: float, seed: int) -> list[SegCase]:
                 raise VolumeError(f"{path}: row {i}: image {image!r} points at nothing")
             image = str(image_path)
         patient = (r.get("patient") or "").strip() or image
-        split = (r.get("split") or "").strip().lower() or _split_of(patient, val_fraction, seed)
+        split = (r.get("split") or "").strip().lower() or patient_split(patient, val_fraction, seed)
         if split not in ("train", "val"):
             raise VolumeError(f"{path}: row {i}: split must be train or val, got {split!r}")
         cases.append(SegCase(i, image, str(label_path), patient, split))
@@ -103,7 +97,7 @@ def read_cases_folder(folder: Path, val_fraction: float, seed: int) -> list[SegC
         name = stem(p)
         if name not in label_of:
             raise VolumeError(f"{folder}: image {p.name} has no label labels/{name}.nii[.gz]")
-        cases.append(SegCase(i, str(p), str(label_of[name]), name, _split_of(name, val_fraction, seed)))
+        cases.append(SegCase(i, str(p), str(label_of[name]), name, patient_split(name, val_fraction, seed)))
     if not cases:
         raise VolumeError(f"{folder}: no NIfTI images in images/")
     return cases
