@@ -25,7 +25,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("medmae.export.cli:main", "export the encoder of a checkpoint as safetensors + JSON card"),
     "finetune-seg": (
         "medmae.finetune.seg_cli:finetune_main",
-        "fine-tune a segmentation UNETR from an exported encoder",
+        "fine-tune segmentation (UNETR / light decoder) from an exported encoder",
     ),
     "predict-seg": (
         "medmae.finetune.seg_cli:predict_main",

@@ -142,6 +142,9 @@ def main(argv: Sequence[str]) -> int:
         f"  checkpoint            {out.checkpoint}\n"
         f"  reconstruction image  {out.reconstruction_png}\n"
         f"  exported encoder      {out.encoder} (+ encoder.json)\n\n"
-        f"Look at training curves and reconstructions with:\n  tensorboard --logdir {out.logs.parent}"
+        f"Look at training curves and reconstructions with:\n  tensorboard --logdir {out.logs.parent}\n\n"
+        f"Fine-tune the encoder on your labelled scans (docs/finetune.md), e.g.:\n"
+        f"  medmae finetune-seg --config configs/finetune/seg_tiny_cpu.yaml --model.init medmae:{out.encoder.parent} "
+        f"--model.decoder light --model.num_classes K --data.csv cases.csv"
     )
     return 0
