@@ -18,7 +18,6 @@ AUROC over classes / labels, accuracy at 0.5 or the arg-max) and ``val/loss`` of
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ from medmae.export.encoder import timm_from_encoder
 from medmae.finetune.cls_data import LEVELS, check_target, num_outputs
 from medmae.finetune.encoders import InputNorm, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
-from medmae.finetune.schedule import warmup_cosine
+from medmae.finetune.schedule import adamw_warmup_cosine
 
 #: key under which a checkpoint keeps what inference needs besides weights (no paths, no header data)
 CKPT_KEY = "medmae_classification"
@@ -147,12 +146,8 @@ class ClassificationModule(pl.LightningModule):
         self.save_hyperparameters()  # only what the user typed; no CSV content, no volume header
         self.classes, self.smoothing = classes, smoothing
         source = resolve_encoder(parse_init(init, card))
-        self.source_description = source.init.describe()
+        self.source_record = source.record()
         self.spec, self.preprocessing = source.spec, source.preprocessing
-        self.norm_stats = (
-            None if source.input_norm is None
-            else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
-        )
         vit = timm_from_encoder(
             source.spec, source.state, source.init.card, global_pool=global_pool,
             num_classes=num_outputs(task, classes),
@@ -252,21 +247,13 @@ class ClassificationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = self.param_groups()
-        for g in groups:
-            g.pop("names")
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = warmup_cosine(opt, hp.lr, hp.min_lr, hp.warmup_steps, total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.param_groups(), hp.lr, hp.min_lr, hp.warmup_steps, total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What inference needs besides weights: encoder spec, preprocessing, input norm, classes."""
         checkpoint[CKPT_KEY] = {
-            "encoder": dataclasses.asdict(self.spec),
-            "preprocessing": dataclasses.asdict(self.preprocessing),
-            "input_norm": self.norm_stats,
-            "init": self.source_description,
+            **self.source_record,
             "task": self.hparams.task,
             "classes": list(self.classes),
             "level": self.hparams.level,

@@ -14,6 +14,7 @@ The three starts build the *same* downstream model so a transfer comparison is o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -115,6 +116,32 @@ class EncoderSource:
     state: dict[str, torch.Tensor] | None
     preprocessing: PlanePreprocessor
     input_norm: InputNorm | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What a fine-tuning checkpoint keeps to rebuild the network without the export folder."""
+        norm = self.input_norm
+        return {
+            "encoder": dataclasses.asdict(self.spec),
+            "preprocessing": dataclasses.asdict(self.preprocessing),
+            "input_norm": None if norm is None else (norm.mean.flatten().tolist(), norm.std.flatten().tolist()),
+            "init": self.init.describe(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EncoderSource:
+        """The architecture and input pipeline of :meth:`record` (no weights: the checkpoint has them)."""
+        enc, p = dict(record["encoder"]), dict(record["preprocessing"])
+        spec = EncoderSpec(enc["arch"], dict(enc["kwargs"]), int(enc["in_chans"]), tuple(enc["img_size"]),
+                           int(enc["patch_size"]), int(enc["embed_dim"]))
+        pre = PlanePreprocessor(
+            axis=p["axis"], image_size=tuple(p["image_size"]), slice_offsets=tuple(p["slice_offsets"]),
+            interpolation=p["interpolation"], antialias=bool(p["antialias"]),
+            ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
+            inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
+        )
+        norm = record.get("input_norm")
+        input_norm = None if norm is None else InputNorm(tuple(norm[0]), tuple(norm[1]))
+        return cls(EncoderInit("random"), spec, None, pre, input_norm)
 
 
 def resolve_preprocessing(init: EncoderInit) -> PlanePreprocessor:

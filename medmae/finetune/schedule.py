@@ -28,3 +28,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, base_lr: float, min_lr: floa
         for g in optimizer.param_groups
     ]
     return LambdaLR(optimizer, rules)
+
+
+def adamw_warmup_cosine(groups: list[dict], lr: float, min_lr: float, warmup: int, total: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer for layer-decay groups: AdamW + per-step warmup-cosine."""
+    for g in groups:
+        g.pop("names", None)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    schedule = warmup_cosine(opt, lr, min_lr, warmup, total)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

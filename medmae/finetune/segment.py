@@ -13,7 +13,6 @@ computed against the original labels. ``val/dice`` is the mean over foreground c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,13 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medmae.export.card import EncoderSpec
 from medmae.export.encoder import timm_from_encoder
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.unetr import unetr_from_encoder
 from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.light_decoder import LightSegmenter
-from medmae.finetune.schedule import warmup_cosine
+from medmae.finetune.schedule import adamw_warmup_cosine
 from medmae.finetune.seg_data import PreparedCase
 
 log = logging.getLogger(__name__)
@@ -168,14 +166,8 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"model.num_classes must be an int >= 2, got {num_classes!r}")
         self.save_hyperparameters()
         source = resolve_encoder(parse_init(init, card))
-        self.source_description = source.init.describe()
+        self.source_record = source.record()
         self.preprocessing = source.preprocessing
-        self.spec = source.spec
-        self.norm_stats = (
-            None
-            if source.input_norm is None
-            else (source.input_norm.mean.flatten().tolist(), source.input_norm.std.flatten().tolist())
-        )
         self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
         self.depth = sum(1 for m in self.net.model.modules() if type(m).__name__ in ("Block", "TransformerBlock"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
@@ -216,27 +208,16 @@ class SegmentationModule(pl.LightningModule):
             weight_decay=hp.weight_decay,
             encoder_prefix=ENCODER_PREFIX[hp.decoder],
         )
-        for g in groups:
-            g.pop("names")
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = warmup_cosine(opt, hp.lr, hp.min_lr, hp.warmup_steps, total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(groups, hp.lr, hp.min_lr, hp.warmup_steps, total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything inference needs without the export folder: encoder spec, preprocessing, norm."""
-        checkpoint[CKPT_KEY] = {
-            "encoder": dataclasses.asdict(self.spec),
-            "preprocessing": dataclasses.asdict(self.preprocessing),
-            "input_norm": self.norm_stats,
-            "init": self.source_description,
-        }
+        checkpoint[CKPT_KEY] = self.source_record
 
 
 def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor, int]:
     """A fine-tuned segmenter for inference from its checkpoint alone (read safely, ``weights_only``)."""
-    from medmae.finetune.encoders import EncoderInit
-
     ckpt_path = Path(ckpt_path)
     try:
         ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
@@ -245,29 +226,8 @@ def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor,
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt:
         raise ValueError(f"{ckpt_path}: not a medmae segmentation checkpoint (written by `medmae finetune-seg`)")
     meta, hp = ckpt[CKPT_KEY], ckpt["hyper_parameters"]
-    enc = dict(meta["encoder"])
-    spec = EncoderSpec(
-        enc["arch"],
-        dict(enc["kwargs"]),
-        int(enc["in_chans"]),
-        tuple(enc["img_size"]),
-        int(enc["patch_size"]),
-        int(enc["embed_dim"]),
-    )
-    p = dict(meta["preprocessing"])
-    pre = PlanePreprocessor(
-        axis=p["axis"],
-        image_size=tuple(p["image_size"]),
-        slice_offsets=tuple(p["slice_offsets"]),
-        interpolation=p["interpolation"],
-        antialias=bool(p["antialias"]),
-        ct_windows=tuple(tuple(w) for w in p["ct_windows"]),
-        ct_window_mode=p["ct_window_mode"],
-        inference_window=int(p["inference_window"]),
-        percentiles=tuple(p["percentiles"]),
-    )
-    norm = None if meta["input_norm"] is None else InputNorm(tuple(meta["input_norm"][0]), tuple(meta["input_norm"][1]))
-    source = EncoderSource(EncoderInit("random"), spec, None, pre, norm)
+    source = EncoderSource.from_record(meta)
+    pre = source.preprocessing
     net = build_segmenter(
         source,
         int(hp["num_classes"]),
