@@ -256,6 +256,8 @@ def finetune(
 def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str, float]:
     pre = [r[role] for r in results["medmae"]]
     rnd = [r[role] for r in results["random"]]
+    if not pre or not rnd:  # only one start was run (--inits)
+        return {}
     return {
         "pretrained_mean": statistics.mean(pre),
         "pretrained_sd": statistics.pstdev(pre),
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         cases_csv = write_csv(work / "cases.csv", cases)
         results: dict[str, list[dict[str, float]]] = {"medmae": [], "random": []}
         for seed in args.seeds:
-            for init in ("medmae", "random"):
+            for init in args.inits:
                 r = finetune(work, export, init, seed, recipe, cases_csv, None if args.val_only else cases["test"])
                 results[init].append(r)
                 shown = "  ".join(f"{k} Dice {v:.4f}" for k, v in r.items())
@@ -358,16 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * (len(args.seeds) + 1))
     for init, name in (("medmae", "medmae-pretrained"), ("random", "random init")):
         vals = [r[role] for r in results[init]]
-        print(
-            f"| {name} ({role} Dice) | "
-            + " | ".join(f"{v:.4f}" for v in vals)
-            + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
-        )
+        if vals:
+            print(
+                f"| {name} ({role} Dice) | "
+                + " | ".join(f"{v:.4f}" for v in vals)
+                + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
+            )
     t = report[role]
-    print(
-        f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
-        f"{t['every_pretrained_above_every_random']}  (val ratio {report['val']['ratio']:.3f}x)"
-    )
+    if t:
+        print(
+            f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
+            f"{t['every_pretrained_above_every_random']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
