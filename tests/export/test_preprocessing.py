@@ -1,0 +1,55 @@
+"""preprocessing_from_card: 2.5D neighbours, axes, pad/restore, CT windows — from the card alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from medmae.data import CacheDataModule
+from medmae.export import CardError, preprocessing_from_card
+
+
+def card_for(tmp_path, **data_kwargs) -> dict:
+    return {"preprocessing": CacheDataModule(str(tmp_path / "cache"), **data_kwargs).preprocessing()}
+
+
+def test_two_and_a_half_d_channels_are_the_neighbouring_planes_clamped_at_the_ends(tmp_path) -> None:
+    pre = preprocessing_from_card(card_for(tmp_path, img_size=8, slices=3))
+    volume = np.stack([np.full((8, 8), z, np.int16) for z in range(5)])  # plane z holds the value z
+    stats = {"min": 0.0, "p0.5": 0.0, "p99.5": 4.0}
+    x = pre.planes(volume, "raw", stats, indices=[0, 2, 4])
+    assert x.shape == (3, 3, 8, 8)
+    centre_values = x[:, :, 4, 4] * 4.0  # back to the stored values
+    torch.testing.assert_close(centre_values, torch.tensor([[0.0, 0, 1], [1, 2, 3], [3, 4, 4]]))
+
+
+def test_coronal_planes_pad_to_square_and_restore_exactly(tmp_path) -> None:
+    pre = preprocessing_from_card(card_for(tmp_path, img_size=16, axis="coronal"))
+    volume = np.random.default_rng(0).integers(0, 100, size=(6, 10, 12)).astype(np.int16)  # (Z, Y, X)
+    stack = pre.stack(volume)
+    assert stack.shape == (10, 6, 12)  # coronal planes: Y slices of (Z reversed, X)
+    np.testing.assert_array_equal(stack[3], volume[::-1, 3, :])
+    box = pre.pad_box(stack.shape[1:])
+    assert box.padded == (12, 12) and box.top == 3
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(stack[3].astype(np.int64)) % 2, 2).permute(2, 0, 1).float()
+    grid = torch.nn.functional.pad(onehot, (0, 0, box.top, 12 - 6 - box.top))
+    grid = torch.nn.functional.interpolate(grid[None], size=(16, 16), mode="nearest")
+    back = pre.restore(grid, stack.shape[1:])
+    assert back.shape == (1, 2, 6, 12)
+
+
+def test_ct_uses_the_first_window_at_inference_and_all_in_channel_mode(tmp_path) -> None:
+    hu = np.full((1, 4, 4), 40, np.int16)  # soft-tissue window centre
+    stats = {"min": 40.0}
+    pre = preprocessing_from_card(card_for(tmp_path, img_size=4))
+    assert float(pre.planes(hu, "HU", stats)[0, 0, 0, 0]) == pytest.approx(0.5)
+    chans = preprocessing_from_card(card_for(tmp_path, img_size=4, ct_window_mode="channels"))
+    assert chans.channels == 3 and pre.planes(hu, "HU", stats).shape[1] == 1
+    assert chans.planes(hu, "HU", stats).shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("field", ["axis", "image_size", "slice_offsets"])
+def test_missing_fields_are_named(tmp_path, field: str) -> None:
+    card = card_for(tmp_path, img_size=8)
+    del card["preprocessing"][field]
+    with pytest.raises(CardError, match=f"enc/encoder.json: field 'preprocessing.{field}'"):
+        preprocessing_from_card(card, where="enc/encoder.json")
