@@ -286,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="recipe search: score the validation slabs only, never look at the test slabs",
     )
+    parser.add_argument(
+        "--inits",
+        nargs="+",
+        choices=("medmae", "random"),
+        default=["medmae", "random"],
+        help="which starts to fine-tune (random init does not depend on the encoder's weights)",
+    )
     for field, default in asdict(Recipe()).items():
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
         if kind is bool:
