@@ -17,7 +17,7 @@ Everything runs through the product's own path: NIfTI files -> ``data_prep.prep_
 budget) -> whole-volume Dice on the test slabs. Every seed is printed.
 
     pip install -e ".[transfer]"
-    python benchmarks/transfer.py                     # the documented recipe, 3 seeds (~15 min on 2 cores)
+    python benchmarks/transfer.py                     # the documented recipe, 3 seeds (~25 min, 1 thread)
     python benchmarks/transfer.py --quick             # smoke run of the whole path (~1 min)
 """
 
@@ -62,9 +62,9 @@ class Recipe:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    pretrain_steps: int = 400
+    pretrain_steps: int = 1500
     pretrain_batch: int = 32
-    blr: float = 1.5e-3
+    blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
     decoder_embed_dim: int = 128
     decoder_depth: int = 2
     slab: int = 8
@@ -76,7 +76,7 @@ class Recipe:
     warmup_steps: int = 30
     finetune_crop_scale: tuple[float, float] = (0.5, 1.0)
     feature_size: int = 16
-    decoder: str = "unetr"
+    decoder: str = "light"
     tap_norm: bool = True
 
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temporary)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/transfer.md, Cost)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--encoder",

@@ -111,9 +111,10 @@ def test_finetune_seg_improves_dice_and_predict_writes_masks_on_the_input_grid(
     tmp_path: Path, seg_encoder: Path, cases_csv: Path
 ) -> None:
     before = tmp_path / "before"
-    _fit(before, seg_encoder, cases_csv, "medmae", 1)
+    unetr = ("--model.decoder", "unetr")  # MONAI UNETR end to end (the light decoder: the next test)
+    _fit(before, seg_encoder, cases_csv, "medmae", 1, unetr)
     after = tmp_path / "after"
-    _fit(after, seg_encoder, cases_csv, "medmae", 40)
+    _fit(after, seg_encoder, cases_csv, "medmae", 40, unetr)
     first = _val_dice(before)
     last = _val_dice(after)
     assert last > first + 0.1, (first, last)
@@ -134,7 +135,7 @@ def test_light_decoder_fine_tunes_the_demo_sized_encoder(tmp_path: Path, cases_c
     mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=4, decoder_depth=1)
     export_encoder(mae, encoder, preprocessing=CacheDataModule(str(tmp_path / "c"), img_size=32).preprocessing())
     with pytest.raises(SystemExit):  # UNETR names the field it cannot take
-        _fit(tmp_path / "unetr", encoder, cases_csv, "medmae", 1)
+        _fit(tmp_path / "unetr", encoder, cases_csv, "medmae", 1, ("--model.decoder", "unetr"))
     _fit(tmp_path / "before", encoder, cases_csv, "medmae", 1, ("--model.decoder", "light"))
     _fit(tmp_path / "after", encoder, cases_csv, "medmae", 40, ("--model.decoder", "light"))
     assert _val_dice(tmp_path / "after") > _val_dice(tmp_path / "before") + 0.1
