@@ -23,8 +23,9 @@ import numpy as np
 from lightning.pytorch.cli import LightningCLI
 
 from medmae.export.card import CardError
+from medmae.export.preprocessing import PlanePreprocessor
 from medmae.finetune.seg_data import SegmentationDataModule
-from medmae.finetune.segment import SegmentationModule, load_segmenter, predict_planes
+from medmae.finetune.segment import SegmentationModule, Segmenter, load_segmenter, predict_planes
 from medmae.finetune.volumes import VolumeError, read_image
 
 
@@ -91,7 +92,9 @@ def predict_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def predict_volume(net, pre, reference: str, out_dir: Path, modality: str = "OT", batch: int = 16) -> Path:  # type: ignore[no-untyped-def]
+def predict_volume(
+    net: Segmenter, pre: PlanePreprocessor, reference: str, out_dir: Path, modality: str = "OT", batch: int = 16
+) -> Path:
     """Segment one volume; the mask keeps the input NIfTI's voxel order and affine (DICOM: canonical, RAS)."""
     import nibabel as nib
 
