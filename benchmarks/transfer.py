@@ -17,7 +17,7 @@ Everything runs through the product's own path: NIfTI files -> ``data_prep.prep_
 budget) -> whole-volume Dice on the test slabs. Every seed is printed.
 
     pip install -e ".[transfer]"
-    python benchmarks/transfer.py                     # the documented recipe, 3 seeds (~25 min, 1 thread)
+    python benchmarks/transfer.py                     # the documented recipe, 5 seeds (~35 min, 1 thread)
     python benchmarks/transfer.py --quick             # smoke run of the whole path (~1 min)
 """
 
@@ -270,7 +270,7 @@ def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temporary)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/transfer.md, Cost)")
