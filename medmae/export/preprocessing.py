@@ -69,20 +69,6 @@ class PlanePreprocessor:
         per_slice = len(self.ct_windows) if self.ct_window_mode == "channels" else 1
         return len(self.slice_offsets) * per_slice
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-able summary (for fine-tuning checkpoints and logs)."""
-        return {
-            "axis": self.axis,
-            "image_size": list(self.image_size),
-            "slice_offsets": list(self.slice_offsets),
-            "interpolation": self.interpolation,
-            "ct_windows": [list(w) for w in self.ct_windows],
-            "ct_window_mode": self.ct_window_mode,
-            "inference_window": self.inference_window,
-            "percentiles": list(self.percentiles),
-            "plane_fit": "pad to output aspect with the volume minimum, then resize",
-        }
-
     # ------------------------------------------------------------------ intensity
 
     def intensity_ranges(self, intensity: str, stats: Mapping[str, float]) -> list[tuple[float, float]]:

@@ -44,10 +44,6 @@ class EncoderInit:
     timm_name: str | None = None
     card: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
-    @property
-    def loads_weights(self) -> bool:
-        return self.kind != "random"
-
     def describe(self) -> str:
         """For logs and checkpoints: the kind and the export folder's name (never a full path)."""
         if self.kind == "timm":
@@ -158,8 +154,8 @@ def resolve_preprocessing(init: EncoderInit) -> PlanePreprocessor:
     return default_preprocessing(size, 1)  # type: ignore[arg-type]
 
 
-def resolve_encoder(init: EncoderInit, in_chans: int | None = None) -> EncoderSource:
-    """Load (or not) the encoder named by ``init``; ``in_chans`` for timm models (default: 1)."""
+def resolve_encoder(init: EncoderInit) -> EncoderSource:
+    """Load (or not) the encoder named by ``init`` (timm models get one input channel)."""
     if init.kind in ("medmae", "random"):
         assert init.export_dir is not None and init.card is not None
         where = str(init.export_dir / CARD_NAME)
@@ -171,7 +167,7 @@ def resolve_encoder(init: EncoderInit, in_chans: int | None = None) -> EncoderSo
             )
         state = read_encoder_weights(init.export_dir, init.card) if init.kind == "medmae" else None
         return EncoderSource(init, spec, state, pre)
-    return _timm_source(init, in_chans or 1)
+    return _timm_source(init, 1)
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -310,13 +309,3 @@ class SegmentationDataModule(pl.LightningDataModule):
         if not self.val_cases:
             return []
         return DataLoader(VolumeDataset(self.val_cases), batch_size=1, collate_fn=_single)
-
-    def describe(self) -> dict[str, Any]:
-        """What may be logged: counts, no paths."""
-        return {
-            "train_volumes": len(self.train_cases),
-            "val_volumes": len(self.val_cases),
-            "train_planes": sum(int(c.labels.shape[0]) for c in self.train_cases),
-            "epoch_samples": self.samples_per_epoch,
-            "crop_scale": list(self.crop_scale),
-        }

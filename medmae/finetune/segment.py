@@ -169,7 +169,7 @@ class SegmentationModule(pl.LightningModule):
         self.source_record = source.record()
         self.preprocessing = source.preprocessing
         self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
-        self.depth = sum(1 for m in self.net.model.modules() if type(m).__name__ in ("Block", "TransformerBlock"))
+        self.depth = len(self.net.get_submodule(ENCODER_PREFIX[decoder] + "blocks"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
         self._val_dice: list[list[float]] = []
 

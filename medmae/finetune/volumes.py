@@ -19,7 +19,6 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -182,7 +181,3 @@ def read_label(path: str | Path, image: Volume, num_classes: int) -> np.ndarray:
         )
     return array.astype(np.uint8)
 
-
-def describe_volume(volume: Volume) -> dict[str, Any]:
-    """What may be logged about a volume: shape and intensity unit, no path, no header."""
-    return {"shape": list(volume.shape), "intensity": volume.intensity}
