@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,11 @@ class ReconstructionLogger(Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), log a reconstruction grid.
 
     Each row is one sample: original | masked input | reconstruction | reconstruction with the
-    visible patches pasted back. Norm-pix is undone, and for 2.5D input the centre slice is shown.
-    The last grid stays in :attr:`last_grid` (3, H, W) in [0, 1] so a caller can save it as a PNG.
+    visible patches pasted back. A title strip names the panels (the last one shows ground truth
+    where patches were visible, so nobody reads it as the model's own output), and a text legend
+    says which input channel is shown (the centre slice of a 2.5D stack; the first window in
+    window-as-channel mode). Norm-pix is undone. The last grid stays in :attr:`last_grid`
+    (3, H, W) in [0, 1] so a caller can save it as a PNG.
     """
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 4, seed: int = 1234) -> None:
@@ -60,6 +65,7 @@ class ReconstructionLogger(Callback):
         self.num_images = num_images
         self.seed = seed
         self.last_grid: torch.Tensor | None = None
+        self.last_view: ChannelView | None = None
         self._batch: torch.Tensor | None = None
         self._logged_step = -1
 
@@ -79,30 +85,99 @@ class ReconstructionLogger(Callback):
 
     def _render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model: MaskedAutoencoder = pl_module.model
+        view = channel_view(_data_record(trainer), model.in_chans)
         generator = torch.Generator(device=self._batch.device).manual_seed(self.seed)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            grid = reconstruction_grid(model, self._batch.float(), generator)
+            grid = reconstruction_grid(model, self._batch.float(), generator, view)
         model.train(was_training)
         self.last_grid = grid.cpu()
+        self.last_view = view
         self._logged_step = trainer.global_step
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("train/reconstruction", self.last_grid, trainer.global_step)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("train/reconstruction_legend", grid_legend(view), trainer.global_step)
+
+
+def _data_record(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The datamodule's preprocessing record, when the run has one (it says how channels are laid out)."""
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None or not hasattr(dm, "preprocessing"):
+        return None
+    try:
+        record = dm.preprocessing()
+    except Exception:  # a custom datamodule's record must never stop training for a picture
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """Which input channel the grid shows, and the words that say so."""
+
+    channel: int
+    note: str
+
+
+def channel_view(record: Mapping[str, Any] | None, in_chans: int) -> ChannelView:
+    """Pick the channel to show: the centre slice (offset 0) of the first window group.
+
+    Channels are window-major (``[window0: slices..., window1: slices...]``) and slices sit at
+    offsets ``-(k-1)//2 .. k//2``, so the centre slice is index ``(k-1)//2`` also for even ``k``.
+    Without a data record every channel is taken to be a slice.
+    """
+    slices = in_chans
+    windows: list[Any] = []
+    if record is not None:
+        slices = int(record.get("slices", in_chans) or in_chans)
+        ct = record.get("intensity", {}).get("ct", {}) if isinstance(record.get("intensity"), Mapping) else {}
+        if ct.get("mode") == "channels":
+            windows = list(ct.get("windows_level_width") or [])
+    if slices < 1 or in_chans % slices:
+        slices = in_chans
+    centre = (slices - 1) // 2
+    parts = [f"channel {centre} of {in_chans}"]
+    if slices > 1:
+        parts.append(f"centre slice of {slices} (offset 0)")
+    if len(windows) > 1 and in_chans == slices * len(windows):
+        level, width = windows[0]
+        parts.append(
+            f"CT window 1 of {len(windows)} (level {level:g} / width {width:g} HU; other series: percentiles)"
+        )
+    return ChannelView(centre, "; ".join(parts))
+
+
+#: panel titles drawn above the columns; the last says that visible patches are ground truth
+PANEL_TITLES = ("original", "masked", "output", "output+GT")
+
+
+def grid_legend(view: ChannelView) -> str:
+    """Markdown legend logged beside the grid in TensorBoard."""
+    return (
+        f"Shown: {view.note}. Columns: **original** input | **masked** input (gray = masked patches) | "
+        "**output**: the model's reconstruction of every patch | **output+GT**: the reconstruction on "
+        "masked patches with the *ground-truth* visible patches pasted in (not the model's own output). "
+        "Each row is scaled to its original's min..max."
+    )
 
 
 def reconstruction_grid(
-    model: MaskedAutoencoder, imgs: torch.Tensor, generator: torch.Generator | None = None
+    model: MaskedAutoencoder,
+    imgs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    view: ChannelView | None = None,
 ) -> torch.Tensor:
-    """(3, H', W') image in [0, 1]: a row per sample, four panels per row (see ReconstructionLogger)."""
+    """(3, H', W') image in [0, 1]: a title strip, then a row per sample with four panels."""
     out = model(imgs, generator=generator)
     recon = model.pixels_from_prediction(imgs, out.pred)
     p, c = model.patch_size, model.in_chans
     mask = model.unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p * c).to(imgs.dtype))
-    centre = c // 2
-    orig, recon, mask = imgs[:, centre], recon[:, centre], mask[:, centre]
+    channel = (view or channel_view(None, c)).channel
+    orig, recon, mask = imgs[:, channel], recon[:, channel], mask[:, channel]
     lo = orig.amin(dim=(1, 2), keepdim=True)
     span = (orig.amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-6)
 
@@ -116,7 +191,28 @@ def reconstruction_grid(
         show(orig * (1 - mask) + recon * mask),
     ]
     tiles = torch.stack(panels, dim=1).reshape(-1, 1, *orig.shape[-2:])  # sample-major: row per sample
-    return make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)
+    body = make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)
+    return torch.cat([title_strip(orig.shape[-1], PANEL_TITLES), body], dim=1)
+
+
+#: height in pixels of the title strip above the grid
+TITLE_HEIGHT = 12
+
+
+def title_strip(panel_width: int, titles: Sequence[str], padding: int = 2) -> torch.Tensor:
+    """(3, TITLE_HEIGHT, W) white strip with each title left-aligned over its panel (clipped to it)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width = len(titles) * (panel_width + padding) + padding
+    strip = Image.new("L", (width, TITLE_HEIGHT), 255)
+    font = ImageFont.load_default()
+    for i, title in enumerate(titles):
+        x = padding + i * (panel_width + padding)
+        cell = Image.new("L", (panel_width, TITLE_HEIGHT), 255)
+        ImageDraw.Draw(cell).text((1, 0), title, fill=0, font=font)
+        strip.paste(cell, (x, 0))
+    gray = torch.frombuffer(bytearray(strip.tobytes()), dtype=torch.uint8).reshape(TITLE_HEIGHT, width)
+    return (gray.float() / 255.0).expand(3, -1, -1).clone()
 
 
 def save_grid_png(grid: torch.Tensor, path: Path, scale: int = 1) -> Path:

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medmae.models import random_masking
 from medmae.train import MAEPretrainModule, weight_decay_groups
+from medmae.train.callbacks import TITLE_HEIGHT
 from medmae.train.module import mask_seed
 from tests.train.conftest import TensorDataModule, smooth_images
 
@@ -100,19 +101,9 @@ def test_tensorboard_gets_scalars_and_reconstruction_image(tmp_path: Path, tiny_
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/skipped_steps"} <= scalars
     images = acc.Images("train/reconstruction")
     assert [im.step for im in images] == [2, 4]
-    assert images[-1].width == 4 * 64 + 5 * 2 and images[-1].height == 2 * 64 + 3 * 2
-
-
-def test_reconstruction_grid_for_2p5d_shows_centre_slice(tiny_model_kwargs: dict) -> None:
-    from medmae.train import reconstruction_grid
-
-    module = MAEPretrainModule(**{**tiny_model_kwargs, "in_chans": 3}).eval()
-    imgs = torch.zeros(2, 3, 64, 64)
-    imgs[:, 1, :32] = 1.0  # only the centre slice has structure: top half bright
-    grid = reconstruction_grid(module.model, imgs, torch.Generator().manual_seed(0))
-    assert grid.shape == (3, 2 * 64 + 3 * 2, 4 * 64 + 5 * 2)
-    original = grid[0, 2 : 2 + 64, 2 : 2 + 64]
-    assert torch.all(original[:32] == 1.0) and torch.all(original[32:] == 0.0)
+    assert images[-1].width == 4 * 64 + 5 * 2 and images[-1].height == TITLE_HEIGHT + 2 * 64 + 3 * 2
+    legend = acc.Tensors("train/reconstruction_legend/text_summary")
+    assert b"ground-truth" in legend[-1].tensor_proto.string_val[0]
 
 
 def test_masks_differ_between_ranks_and_repeat_within_a_rank() -> None:
