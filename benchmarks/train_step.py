@@ -283,29 +283,20 @@ def make_step(bench: Bench, a: argparse.Namespace) -> Callable[[torch.Tensor], f
 
 
 def train_flops_per_image(a: argparse.Namespace) -> float:
-    """Matmul FLOPs of one training step per image (fwd + bwd = 3 x fwd; 2 FLOPs per multiply-add).
+    """Matmul FLOPs of one training step per image: ``medmae.models.flops`` (the formula the training
+    logs use for MFU), on the benchmark's model size."""
+    from medmae.models.flops import mae_train_flops
 
-    Patch embedding on all N patches (they are embedded before masking), encoder blocks on the K visible
-    tokens + class token, decoder blocks and prediction on the N patch positions. A block on T tokens of
-    width D with MLP ratio 4: 24*T*D^2 (qkv, proj, MLP) + 4*T^2*D (scores and weighted values).
-    ViT-B/16, 224^2, C=3, mask 0.75, decoder 512x8: 58.5 GFLOP; ViT-L/16: 124 GFLOP.
-    """
     width, depth, _ = SIZES[a.model]
-    n = (a.img_size // a.patch_size) ** 2
-    k = int(round(n * (1 - MASK_RATIO)))
-    patch_dim = a.patch_size**2 * a.channels
-
-    def block(t: int, d: int) -> int:
-        return 24 * t * d * d + 4 * t * t * d
-
-    fwd = (
-        2 * n * patch_dim * width
-        + depth * block(k + 1, width)
-        + 2 * (k + 1) * width * a.decoder_dim
-        + a.decoder_depth * block(n, a.decoder_dim)
-        + 2 * n * a.decoder_dim * patch_dim
+    return mae_train_flops(
+        num_patches=(a.img_size // a.patch_size) ** 2,
+        patch_dim=a.patch_size**2 * a.channels,
+        embed_dim=width,
+        depth=depth,
+        decoder_dim=a.decoder_dim,
+        decoder_depth=a.decoder_depth,
+        mask_ratio=MASK_RATIO,
     )
-    return 3.0 * fwd
 
 
 # ---------------------------------------------------------------------------------------------- memory

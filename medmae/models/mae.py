@@ -225,6 +225,16 @@ class MaskedAutoencoder(nn.Module):
             pred = pred * std + mean
         return self.unpatchify(pred)
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` the encoder and decoder blocks in place (state-dict keys unchanged).
+
+        Shapes stay static because every sample keeps the same number of visible tokens; masking,
+        gathers and the loss stay eager (the mask generator is not traceable).
+        """
+        options.setdefault("dynamic", False)
+        self.encoder.blocks.compile(**options)
+        self.decoder_blocks.compile(**options)
+
     def encoder_config(self) -> dict[str, Any]:
         """Everything ``timm.create_model`` needs to rebuild this encoder (no weights)."""
         return {

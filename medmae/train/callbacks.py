@@ -16,35 +16,143 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
 from medmae.models import MaskedAutoencoder
+from medmae.models.flops import model_train_flops
 
 #: value shown where patches were masked in the "masked input" panel
 MASKED_GRAY = 0.5
 
 
-class ThroughputLogger(Callback):
-    """Logs ``train/images_per_sec`` (all ranks together, data loading included) over recent steps."""
+#: bf16 dense tensor-core peak TFLOP/s by GPU name fragment (vendor datasheets); used for MFU on CUDA
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
-    def __init__(self, window: int = 20) -> None:
-        self._steps: deque[tuple[int, float]] = deque(maxlen=window)
+
+def peak_tflops(device_name: str) -> float | None:
+    """Datasheet bf16 peak of a GPU named ``device_name``, or None when unknown."""
+    for fragment, peak in PEAK_BF16_TFLOPS.items():
+        if fragment in device_name:
+            return peak
+    return None
+
+
+class ThroughputLogger(Callback):
+    """Logs images/s (all ranks together, data loading included), the share of the step spent waiting
+    for the loader and, on CUDA, MFU; warns when the loader starves the step; prints a summary at the end.
+
+    Timing is host-side and adds no synchronisation: the loader wait is the time between the end of
+    one step and the start of the next, i.e. the host blocked on ``next(dataloader)``.
+
+    Args:
+        window: steps averaged for the logged rates.
+        warn_wait_fraction: warn (once) when the loader wait exceeds this share of step time.
+        warmup_steps: steps ignored at the start (worker start-up, compilation).
+        peak_tflops: peak of one device for MFU; default: looked up from the CUDA device name.
+    """
+
+    def __init__(
+        self,
+        window: int = 20,
+        warn_wait_fraction: float = 0.1,
+        warmup_steps: int = 5,
+        peak_tflops: float | None = None,
+    ) -> None:
+        self._steps: deque[tuple[int, float, float]] = deque(maxlen=window)  # (images, seconds, waited)
         self._last: float | None = None
+        self._started: float | None = None
+        self.warn_wait_fraction = warn_wait_fraction
+        self.warmup_steps = warmup_steps
+        self.peak_tflops = peak_tflops
+        self.totals = {"images": 0, "seconds": 0.0, "waited": 0.0}
+        self.warned = False
+        self._flops: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        self._flops = model_train_flops(model) if isinstance(model, MaskedAutoencoder) else None
+        if self.peak_tflops is None and pl_module.device.type == "cuda":
+            self.peak_tflops = peak_tflops(torch.cuda.get_device_name(pl_module.device))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last = None  # validation time is not training throughput
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._started = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
-        if self._last is not None:
-            self._steps.append((int(batch["image"].shape[0]) * trainer.world_size, now - self._last))
+        if self._last is not None and self._started is not None:
+            images = int(batch["image"].shape[0]) * trainer.world_size
+            step = (images, now - self._last, max(0.0, self._started - self._last))
+            self._steps.append(step)
+            if trainer.global_step > self.warmup_steps:
+                for key, value in zip(("images", "seconds", "waited"), step, strict=True):
+                    self.totals[key] += value
         self._last = now
-        if self._steps:
-            images = sum(n for n, _ in self._steps)
-            seconds = sum(t for _, t in self._steps)
-            pl_module.log("train/images_per_sec", images / max(seconds, 1e-9), on_step=True, prog_bar=True)
+        if not self._steps:
+            return
+        images = sum(n for n, _, _ in self._steps)
+        seconds = max(sum(t for _, t, _ in self._steps), 1e-9)
+        waited = sum(w for _, _, w in self._steps)
+        rate = images / seconds
+        pl_module.log("train/images_per_sec", rate, on_step=True, prog_bar=True)
+        pl_module.log("train/data_wait_fraction", waited / seconds, on_step=True)
+        mfu = self.mfu(rate, trainer.world_size)
+        if mfu is not None:
+            pl_module.log("train/mfu", mfu, on_step=True)
+        if (
+            not self.warned
+            and trainer.global_step > self.warmup_steps
+            and len(self._steps) == self._steps.maxlen
+            and waited / seconds > self.warn_wait_fraction
+        ):
+            self.warned = True
+            rank_zero_warn(starvation_advice(waited / seconds, trainer))
+
+    def mfu(self, images_per_sec: float, world_size: int) -> float | None:
+        """Model FLOPs utilisation per device, when the FLOPs and the device peak are known."""
+        if self._flops is None or not self.peak_tflops:
+            return None
+        return self._flops * images_per_sec / (world_size * self.peak_tflops * 1e12)
+
+    def summary(self) -> str | None:
+        """One line over the run after warm-up: images/s, loader wait share, MFU where known."""
+        if self.totals["seconds"] <= 0:
+            return None
+        rate = self.totals["images"] / self.totals["seconds"]
+        wait = self.totals["waited"] / self.totals["seconds"]
+        line = f"throughput: {rate:.1f} images/s, loader wait {100 * wait:.0f}%"
+        if self._flops is not None:
+            line += f", {self._flops / 1e9:.2f} GFLOP/image (analytic)"
+        return line
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        line = self.summary()
+        if line is None:
+            return
+        rate = self.totals["images"] / self.totals["seconds"]
+        mfu = self.mfu(rate, trainer.world_size)
+        if mfu is not None:
+            line += f", MFU {100 * mfu:.1f}% of {self.peak_tflops:g} TFLOP/s per device"
+        rank_zero_info(line)
+
+
+def starvation_advice(fraction: float, trainer: pl.Trainer) -> str:
+    """The warning text: how long the step waited, and what to change."""
+    dm = getattr(trainer, "datamodule", None)
+    workers = getattr(dm, "num_workers", None)
+    return (
+        f"the training step waits on the data loader {100 * fraction:.0f}% of the time: raise data.num_workers"
+        + (f" (now {workers})" if workers is not None else "")
+        + ", keep the cache on local disk (not a network file system), and on CUDA use the GPU data path"
+        " (see docs/training.md, Throughput)"
+    )
 
 
 class ReconstructionLogger(Callback):

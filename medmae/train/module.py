@@ -5,6 +5,12 @@ biases / norms / positions / tokens, batch-scaled lr with warmup + half-cycle co
 long hospital run safe: a non-finite loss never updates weights, decided by all ranks together so DDP
 cannot hang, and masks drawn from a per-rank RNG derived from (seed, rank, epoch, batch) so resume and
 multi-GPU runs are reproducible without global RNG state.
+
+No host synchronisation inside the step: the non-finite guard is one check of the global gradient
+norm per optimizer step (after DDP's all-reduce every rank holds the same gradients, so every rank
+decides alike without another collective), handed to fused AdamW as its ``found_inf`` flag, which
+skips the update on the device. Counters stay device tensors; the host reads them every
+``trainer.log_every_n_steps`` steps.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class MAEPretrainModule(pl.LightningModule):
         seed: seed of the mask RNG (each rank derives its own stream from it).
         log_images_every_n_steps: reconstruction grid period in optimizer steps (0 = only at the end).
         num_log_images: samples shown in the reconstruction grid.
+        compile: ``torch.compile`` the encoder and decoder blocks (static shapes: the visible-token
+            count is fixed by ``mask_ratio``); masking and the loss stay eager.
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class MAEPretrainModule(pl.LightningModule):
         seed: int = 0,
         log_images_every_n_steps: int = 500,
         num_log_images: int = 4,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_optim_args(blr, lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps)
@@ -101,9 +110,10 @@ class MAEPretrainModule(pl.LightningModule):
             decoder_num_heads=decoder_num_heads,
             decoder_mlp_ratio=decoder_mlp_ratio,
         )
-        self.skipped_steps = 0
+        self._skipped = torch.zeros(())  # device tensor: optimizer steps skipped for non-finite gradients
+        self._skipped_seen = 0  # what the host last read (for the warning)
         self.data_replacements: dict[str, torch.Tensor] = {}
-        self._nonfinite_pending = False
+        self._compiled = False
         self._mask_generator: torch.Generator | None = None
         self.effective_batch_size: int | None = None
 
@@ -126,6 +136,10 @@ class MAEPretrainModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.datamodule is not None:
             self.check_data_compatible(self.trainer.datamodule)
+        if self.hparams.get("compile", False) and not self._compiled:
+            # here, not in __init__: each (spawned) process compiles its own copy after pickling
+            self.model.compile_blocks()
+            self._compiled = True
 
     # ------------------------------------------------------------------ steps
 
@@ -157,7 +171,6 @@ class MAEPretrainModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]
         out = self.model(imgs, generator=self.mask_generator(self.train_mask_stream(batch, batch_idx)))
-        self._note_finite(out.loss)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, batch_size=imgs.shape[0])
         self._count_data_replacements(batch)
         return out.loss
@@ -181,25 +194,58 @@ class MAEPretrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ non-finite guard
 
-    def _note_finite(self, loss: torch.Tensor) -> None:
-        """Collective: if the loss is non-finite on *any* rank, every rank skips the coming update."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bool(bad.item() > 0):
-            self._nonfinite_pending = True
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far because a gradient was non-finite (reads the device counter)."""
+        return int(self._skipped.item())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop all gradients of a poisoned accumulation window: AdamW then leaves every weight as is."""
-        if self._nonfinite_pending:
+        """Skip the update of a poisoned accumulation window on every rank, without a host sync.
+
+        A non-finite loss on any rank makes the all-reduced gradients non-finite on every rank, and a
+        finite loss can still give non-finite gradients: both show in the global gradient norm.
+        Fused AdamW takes the flag as ``found_inf`` and leaves weights, moments and step count as they
+        are; other optimizers (foreach under a GradScaler) read it once per step and drop the grads.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        else:
+            norm = torch.zeros((), device=self.device)
+        found = (~torch.isfinite(norm)).float()
+        if self._skipped.device != found.device:
+            self._skipped = self._skipped.to(found.device)
+        self._skipped = self._skipped + found
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = found
+        elif bool(found.item()):  # not fused: one sync per optimizer step, never per micro-batch
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            self.skipped_steps += 1
-            log.warning("non-finite loss: optimizer step %d skipped on all ranks", self.global_step)
-        self._nonfinite_pending = False
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        self.log("train/grad_norm", norm, on_step=True)
+        self.log("train/skipped_steps", self._skipped, on_step=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``log_every_n_steps`` steps the host reads the skip counter once and warns on news."""
+        trainer = self.trainer
+        if trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        self._warn_on_new_skips()
+
+    def on_train_end(self) -> None:
+        self._warn_on_new_skips()
+
+    def _warn_on_new_skips(self) -> None:
+        skipped = self.skipped_steps
+        if skipped > self._skipped_seen:
+            log.warning(
+                "non-finite gradients: %d optimizer step(s) skipped on all ranks (%d in total, by step %d)",
+                skipped - self._skipped_seen,
+                skipped,
+                self.global_step,
+            )
+            self._skipped_seen = skipped
 
     # ------------------------------------------------------------------ optimisation
 
@@ -248,13 +294,14 @@ class MAEPretrainModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         preprocessing = dm.preprocessing() if hasattr(dm, "preprocessing") else None
         checkpoint["medmae"] = {
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps,  # one host read per checkpoint
             "encoder": self.model.encoder_config(),
             "preprocessing": preprocessing,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("medmae", {}).get("skipped_steps", 0))
+        self._skipped = torch.tensor(float(checkpoint.get("medmae", {}).get("skipped_steps", 0)))
+        self._skipped_seen = int(self._skipped.item())
 
     def configure_callbacks(self) -> list[Callback]:
         from medmae.train.callbacks import ReconstructionLogger, ThroughputLogger

@@ -2,6 +2,7 @@ import copy
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -152,3 +153,64 @@ def test_loader_replacements_are_counted_across_steps(tmp_path: Path, tiny_model
     t.fit(module, datamodule=WithCounts(smooth_images(4), batch_size=2))
     assert t.callback_metrics["data/unreadable_entry_skips"].item() == 2.0  # samples 1 and 3
     assert t.callback_metrics["data/background_rejects"].item() == 4.0
+
+
+def test_nonfinite_gradient_under_finite_loss_is_skipped(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    qkv = module.model.encoder.blocks[0].attn.qkv.weight
+    qkv.register_hook(lambda g: g * float("inf"))  # the loss stays finite; one gradient does not
+    before = copy.deepcopy(module.model.state_dict())
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=TensorDataModule(smooth_images(4), batch_size=4))
+    assert module.skipped_steps == 2
+    after = module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    state = module.optimizers().optimizer.state[qkv]
+    assert float(state["step"]) == 0.0 and not state["exp_avg"].any()  # moments untouched too
+
+
+def test_training_steps_do_not_sync_with_the_host(
+    tmp_path: Path, tiny_model_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts every tensor -> Python read made from medmae/train/module.py: none inside the steps."""
+    import inspect
+
+    import medmae.train.module as module_file
+
+    reads: list[str] = []
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if caller is not None and caller.f_code.co_filename == module_file.__file__:
+                reads.append(caller.f_code.co_name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        counting(name)
+    images = smooth_images(4)
+    images[1, 0, 5, 5] = float("nan")  # steps get skipped: the guard itself must not read either
+    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    trainer(tmp_path, max_steps=6, log_every_n_steps=100).fit(module, datamodule=TensorDataModule(images, batch_size=2))
+    monkeypatch.undo()
+    assert reads == ["skipped_steps"]  # one read, at the end of training, for the warning
+    assert module.skipped_steps == 3  # every batch holding image 1
+
+
+def test_compiled_blocks_train_three_steps(tmp_path: Path, tiny_model_kwargs: dict) -> None:
+    torch.manual_seed(0)
+    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-3, warmup_steps=0, compile=True)
+    keys = list(module.model.state_dict())
+    rec = LossRecorder()
+    before = module.model.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    trainer(tmp_path, max_steps=3, callbacks=[rec]).fit(
+        module, datamodule=TensorDataModule(smooth_images(8), batch_size=4)
+    )
+    assert module.model.encoder.blocks._compiled_call_impl is not None
+    assert module.model.decoder_blocks._compiled_call_impl is not None
+    assert len(rec.losses) == 3 and all(np.isfinite(rec.losses))
+    assert not torch.equal(before, module.model.encoder.blocks[0].attn.qkv.weight)
+    assert list(module.model.state_dict()) == keys  # compiling in place keeps checkpoint keys
