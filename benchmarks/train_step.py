@@ -77,7 +77,7 @@ class Bench:
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def build_medmae(a: argparse.Namespace, compile_model: bool = False) -> Bench:
+def build_medmae(a: argparse.Namespace) -> Bench:
     from medmae.models import create_mae
 
     width, depth, heads = SIZES[a.model]
@@ -95,13 +95,10 @@ def build_medmae(a: argparse.Namespace, compile_model: bool = False) -> Bench:
     model.to(a.device)
     # masks come from an explicit generator on the model's device, as in MAEPretrainModule.training_step
     gen = torch.Generator(device=a.device).manual_seed(0)
-    fwd = torch.compile(model) if compile_model else model
 
     def loss_fn(imgs: torch.Tensor) -> torch.Tensor:
-        return fwd(imgs, generator=gen).loss
+        return model(imgs, generator=gen).loss
 
-    if compile_model:
-        return Bench("medmae+compile", "torch.compile(medmae.models.MaskedAutoencoder)", model, loss_fn)
     return Bench("medmae", "medmae.models.MaskedAutoencoder", model, loss_fn)
 
 
@@ -231,13 +228,25 @@ BUILDERS: dict[str, Callable[[argparse.Namespace], Bench]] = {
     "medmae": build_medmae,
     "lightly": build_lightly,
     "monai": build_monai,
-    "medmae+compile": lambda a: build_medmae(a, compile_model=True),
 }
+COMPILED = "+compile"
 
 
 def build(name: str, a: argparse.Namespace) -> Bench:
+    """Build a peer; ``<peer>+compile`` compiles it in place the way its users would: medmae as
+    ``model.compile: true`` does (``compile_blocks``: encoder and decoder blocks, static shapes),
+    lightly and MONAI as a whole module (``nn.Module.compile``)."""
     torch.manual_seed(0)
-    bench = BUILDERS[name](a)
+    base = name.removesuffix(COMPILED)
+    bench = BUILDERS[base](a)
+    if name.endswith(COMPILED):
+        if base == "medmae":
+            bench.model.compile_blocks()
+            how = "compile_blocks()"
+        else:
+            bench.model.compile()
+            how = "nn.Module.compile()"
+        bench = Bench(name, f"{bench.classes} + {how}", bench.model, bench.loss_fn)
     bench.model.train()
     bench.optimizer = torch.optim.AdamW(
         decay_groups(bench.model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), fused=a.fused or None
@@ -424,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast bf16")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma list of medmae,lightly,monai")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile(medmae), reported apart")
+    ap.add_argument("--compile", action="store_true", help="also time every peer compiled (<peer>+compile)")
     ap.add_argument("--lr", type=float, default=None, help="default: 1.5e-4 * batch / 256 (MAE recipe)")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="default AdamW impl, not fused")
@@ -459,8 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(PEERS))
     if unknown:
         sys.exit(f"unknown peers {unknown}; choose from {','.join(PEERS)}")
-    if a.compile and "medmae" in wanted:
-        wanted.append("medmae+compile")
+    if a.compile:
+        wanted += [name + COMPILED for name in wanted]
 
     print(f"machine: {machine_line(a)}")
     width, depth, heads = SIZES[a.model]
@@ -503,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
 
     flops = train_flops_per_image(a)
     cuda = a.device == "cuda"
-    ref = statistics.median(times["medmae"]) if "medmae" in times else None
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
     head = "| model | classes | params (M) | img/s median | img/s IQR | img/s min-max | ms/step | peak mem (MiB) |"
     head += " medmae img/s / this |"
     if cuda:
@@ -519,14 +528,12 @@ def main(argv: list[str] | None = None) -> None:
         params = f"{trainable / 1e6:.2f}" + (f" ({unused:,} without grad)" if unused else "")
         m = mem.get(b.name)
         t_med = statistics.median(ts)
-        # paired per-round speed-up of medmae over this model: robust to slow drift of the machine
+        # paired per-round speed-up of medmae (compiled alike) over this model: robust to slow drift
+        ours = "medmae" + (COMPILED if b.name.endswith(COMPILED) else "")
         speedup = "-"
-        if ref is not None and b.name != "medmae":
-            paired = [tp / tm for tp, tm in zip(ts, times["medmae"], strict=True)]
-            speedup = f"{t_med / ref:.2f}x (paired {statistics.median(paired):.2f}x)"
-            if b.name == "medmae+compile":  # the other way round: what compiling gains over eager medmae
-                paired = [tm / tc for tc, tm in zip(ts, times["medmae"], strict=True)]
-                speedup = f"compiled = {ref / t_med:.2f}x eager (paired {statistics.median(paired):.2f}x)"
+        if ours in times and b.name != ours:
+            paired = [tp / tm for tp, tm in zip(ts, times[ours], strict=True)]
+            speedup = f"{t_med / medians[ours]:.2f}x (paired {statistics.median(paired):.2f}x)"
         row = (
             f"| {b.name} | {b.classes} | {params} | {a.batch / t_med:.2f} | {q1:.2f}-{q3:.2f} | "
             f"{min(ips):.2f}-{max(ips):.2f} | {1e3 * t_med:.0f} | {'-' if m is None else f'{m:.0f}'} | {speedup} |"
@@ -541,14 +548,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"1-min load average at start / end of the timed rounds: {load_start} / {load_end}")
     if mem_how:
         print(f"peak mem: each model trained alone for 3 steps in a fresh process; {mem_how}")
-    if ref is not None:
-        for b in benches:
-            if b.name not in ("medmae", "medmae+compile"):
-                ratio = statistics.median(times[b.name]) / ref
-                print(f"medmae / {b.name}: {ratio:.2f}x images/s (ratio of medians)")
-            elif b.name == "medmae+compile":
-                ratio = ref / statistics.median(times[b.name])
-                print(f"medmae+compile / medmae: {ratio:.2f}x images/s (ratio of medians)")
+    for b in benches:
+        base = b.name.removesuffix(COMPILED)
+        ours = "medmae" + b.name[len(base) :]
+        if base != "medmae" and ours in medians:
+            print(f"{ours} / {b.name}: {medians[b.name] / medians[ours]:.2f}x images/s (ratio of medians)")
+        if b.name.endswith(COMPILED) and base in medians:
+            print(f"{b.name} / {base}: {medians[base] / medians[b.name]:.2f}x images/s (compiled vs eager)")
     if a.precision == "bf16" and not cuda:
         print("note: bf16 autocast on CPU is only fast with AMX / AVX512-BF16 kernels")
 

@@ -226,14 +226,17 @@ class MaskedAutoencoder(nn.Module):
         return self.unpatchify(pred)
 
     def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` the encoder and decoder blocks in place (state-dict keys unchanged).
+        """``torch.compile`` the encoder blocks, the whole decoder and the loss in place.
 
-        Shapes stay static because every sample keeps the same number of visible tokens; masking,
-        gathers and the loss stay eager (the mask generator is not traceable).
+        State-dict keys stay unchanged (modules compile in place; the decoder and loss methods are
+        shadowed by compiled versions on this instance: compile after pickling, e.g. in ``setup``).
+        Shapes stay static because every sample keeps the same number of visible tokens; only the
+        masking (its generator is not traceable) and the patch embedding stay eager.
         """
         options.setdefault("dynamic", False)
         self.encoder.blocks.compile(**options)
-        self.decoder_blocks.compile(**options)
+        self.forward_decoder = torch.compile(self.forward_decoder, **options)  # type: ignore[method-assign]
+        self.forward_loss = torch.compile(self.forward_loss, **options)  # type: ignore[method-assign]
 
     def encoder_config(self) -> dict[str, Any]:
         """Everything ``timm.create_model`` needs to rebuild this encoder (no weights)."""
