@@ -42,9 +42,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medmae import __version__
 from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_series_array
 from medmae.data.dataset import CacheSliceDataset
 from medmae.data.index import AXES, SliceIndex, select_series
+from medmae.data.neighbours import SLICE_SPACING_RTOL
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
 from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
 
@@ -98,9 +100,16 @@ class CacheDataModule(pl.LightningDataModule):
     Args:
         cache_dir: the cache directory (holds ``manifest.json``).
         img_size: output size, an int (square) or ``(height, width)``.
-        slices: adjacent planes per sample, stacked as channels in increasing array index along the
+        slices: planes per sample, stacked as channels in increasing array index along the
             axis (axial: inferior -> superior); clamped at the ends of a series (edge plane repeated).
             Single images (X-rays) repeat their one plane. 1 = plain 2D.
+        slice_spacing_mm: ``None`` (default): the planes are adjacent by array index, so a 0.625 mm
+            and a 5 mm series give channels 0.625 mm and 5 mm apart. A number: channel ``j`` sits
+            ``offset_j * slice_spacing_mm`` from the centre plane along the axis, in every series;
+            series coarser than that along the axis, and single images, are then not used (reason
+            ``slice_spacing``). Ignored when ``slices == 1``.
+        slice_interpolation: with ``slice_spacing_mm``: ``"nearest"`` plane or ``"linear"`` blend
+            of the two bracketing planes.
         axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``; only volumes whose planes along it have
             pixels at most ``max_anisotropy`` times taller than wide (or vice versa) are used.
         batch_size: per-device batch size.
@@ -126,6 +135,8 @@ class CacheDataModule(pl.LightningDataModule):
         ct_windows: CT windows as ``[level, width]`` in HU (default soft tissue, lung, bone).
         ct_window_mode: ``"random"`` (one window per sample; one listed window = fixed window) or
             ``"channels"`` (all windows as channels; non-CT series repeat their image per window).
+        ct_inference_window: index into ``ct_windows`` of the fixed window fine-tuning and inference
+            use in ``"random"`` mode (written to the card; pretraining still draws at random).
         percentiles: stored percentiles mapped to 0 and 1 for non-HU series (MR, X-ray, ...).
         foreground_fraction: minimum fraction of foreground pixels in a crop's centre slice; crops
             below it are replaced (up to ``foreground_tries`` times). 0 disables the filter.
@@ -155,6 +166,8 @@ class CacheDataModule(pl.LightningDataModule):
         num_workers: int = 8,
         seed: int = 0,
         *,
+        slice_spacing_mm: float | None = None,
+        slice_interpolation: str = "nearest",
         modalities: list[str] | None = None,
         min_size: int = 32,
         min_slices: int = 1,
@@ -170,6 +183,7 @@ class CacheDataModule(pl.LightningDataModule):
         antialias: bool = True,
         ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
         ct_window_mode: str = "random",
+        ct_inference_window: int = 0,
         percentiles: tuple[float, float] = (0.5, 99.5),
         foreground_fraction: float = 0.0,
         foreground_hu: float = -500.0,
@@ -227,6 +241,8 @@ class CacheDataModule(pl.LightningDataModule):
         self.transform = SliceTransform(
             size,
             slices=slices,
+            slice_spacing_mm=slice_spacing_mm,
+            slice_interpolation=slice_interpolation,
             crop_scale=crop_scale,
             crop_ratio=crop_ratio,
             hflip_prob=hflip_prob,
@@ -234,6 +250,7 @@ class CacheDataModule(pl.LightningDataModule):
             antialias=antialias,
             ct_windows=ct_windows,
             ct_window_mode=ct_window_mode,
+            ct_inference_window=ct_inference_window,
             percentiles=percentiles,
             foreground_fraction=foreground_fraction,
             foreground_hu=foreground_hu,
@@ -243,6 +260,8 @@ class CacheDataModule(pl.LightningDataModule):
         self.val_dataset: CacheSliceDataset | None = None
         #: per split: series kept, slices, and drop counts by reason (filled by ``setup``)
         self.setup_report: dict[str, dict[str, Any]] = {}
+        #: counts (never ids) of the training series actually used, after every filter (``setup``)
+        self.training_data: dict[str, Any] | None = None
         #: where training stands in the sampler's stream: the epoch and the draws (over all ranks) of
         #: the last batch handed to a training step; saved in checkpoints (``state_dict``)
         self.train_position: dict[str, int] | None = None
@@ -276,7 +295,12 @@ class CacheDataModule(pl.LightningDataModule):
                 "coronal": "rows superior -> inferior, columns patient right -> left",
                 "sagittal": "rows superior -> inferior, columns anterior -> posterior",
             }[self.axis],
-            "images": "single 2D images use their one plane, repeated to every slice channel",
+            "images": (
+                "single 2D images are not used (no through-plane neighbours in millimetres)"
+                if self._spacing_filter() is not None
+                else "single 2D images use their one plane, repeated to every slice channel"
+            ),
+            "versions": {"medmae": __version__, "numpy": np.__version__, "torch": torch.__version__.split("+")[0]},
         }
         record.update(self.transform.describe())
         record["selection"] = {
@@ -285,6 +309,13 @@ class CacheDataModule(pl.LightningDataModule):
             "min_slices": self.min_slices,
             "include_images": self.include_images,
             "max_anisotropy": self.max_anisotropy,
+            "slice_spacing_mm": self._spacing_filter(),
+            "slice_spacing_rule": (
+                f"volumes with spacing along the axis > slice_spacing_mm x {1 + SLICE_SPACING_RTOL:g}, and single "
+                "images, dropped"
+                if self._spacing_filter() is not None
+                else "none"
+            ),
             "splits": {"train": "train", "val": "val"},
         }
         record["sampling"] = {
@@ -294,11 +325,17 @@ class CacheDataModule(pl.LightningDataModule):
             "val_samples": self.val_samples,
             "foreground_tries": self.foreground_tries,
         }
+        record["training_data"] = self.training_data
         record["seed"] = self.seed
         record["rng"] = "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation"
         return record
 
     # ------------------------------------------------------------------ setup
+
+    def _spacing_filter(self) -> float | None:
+        """``slice_spacing_mm`` when it places channels (k > 1), the value selection filters with."""
+        rule = self.transform.neighbours
+        return float(rule.spacing_mm) if rule.by_distance else None  # type: ignore[arg-type]
 
     def _build_split(self, split: str, rows: Sequence[ManifestRow]) -> CacheSliceDataset | None:
         selection = select_series(
@@ -310,7 +347,17 @@ class CacheDataModule(pl.LightningDataModule):
             min_slices=self.min_slices,
             include_images=self.include_images,
             max_anisotropy=self.max_anisotropy,
+            slice_spacing_mm=self._spacing_filter(),
         )
+        if selection.dropped.get("slice_spacing"):
+            logger.info(
+                "%s split: %d series coarser than data.slice_spacing_mm=%g along the %s axis (or single images) "
+                "are not used",
+                split,
+                selection.dropped["slice_spacing"],
+                self._spacing_filter(),
+                self.axis,
+            )
         kept, dropped = selection.rows, Counter(selection.dropped)
         total = len(selection.rows) + sum(selection.dropped.values())
         if self.verify_on_setup:
@@ -325,6 +372,13 @@ class CacheDataModule(pl.LightningDataModule):
             dropped.update(unreadable)
         index = SliceIndex(kept, self.axis, self.sampling_alpha)
         self.setup_report[split] = {**index.describe(), "dropped": dict(sorted(dropped.items()))}
+        if split == "train":
+            self.training_data = {
+                "split": "train",
+                "after": "every selection filter and the setup check of unreadable entries",
+                **index.composition(),
+                "dropped": dict(sorted(dropped.items())),
+            }
         logger.info("%s split: %s", split, self.setup_report[split])
         if len(index) == 0:
             if split == "train":
@@ -334,6 +388,7 @@ class CacheDataModule(pl.LightningDataModule):
                     "min_size": f"data.min_size={self.min_size}",
                     "min_slices": f"data.min_slices={self.min_slices}",
                     "anisotropy": f"data.max_anisotropy={self.max_anisotropy}",
+                    "slice_spacing": f"data.slice_spacing_mm={self._spacing_filter()}",
                 }
                 named = [fields[r] for r in sorted(dropped) if r in fields]
                 hint = (

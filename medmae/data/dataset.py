@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from medmae.data.cache import CacheEntryError
 from medmae.data.index import SliceIndex
+from medmae.data.neighbours import fits_slice_spacing
 from medmae.data.reader import SeriesReader
 from medmae.data.sampler import STREAM_FIXED_SAMPLE, STREAM_TRAIN_SAMPLE, SampleKey
 from medmae.data.transforms import SliceTransform
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 class CacheSliceDataset(Dataset):
-    """Samples of ``transform.slices`` adjacent planes from the series of ``index``.
+    """Samples of ``transform.slices`` planes (adjacent, or ``slice_spacing_mm`` apart) from the series of ``index``.
 
     Args:
         cache_dir: the cache directory.
@@ -91,6 +92,13 @@ class CacheSliceDataset(Dataset):
             and not (0 <= self.positions.min() and self.positions.max() < len(index))
         ):
             raise ValueError("positions must lie in [0, len(index))")
+        spacing_mm = transform.neighbours.spacing_mm if transform.neighbours.by_distance else None
+        coarse = sum(not fits_slice_spacing(index.axis_spacing(i), spacing_mm) for i in range(index.num_series))
+        if coarse:
+            raise ValueError(
+                f"{coarse} series of the index are coarser than slice_spacing_mm={spacing_mm} along the axis "
+                "(or single images): select them out with select_series(..., slice_spacing_mm=...)"
+            )
         self.foreground_tries = int(foreground_tries)
         self.max_read_failures = int(max_read_failures)
         self.reader = SeriesReader(cache_dir, index.rows, index.axis, max_open=max_open_files)
@@ -131,11 +139,11 @@ class CacheSliceDataset(Dataset):
             series, centre = self.index.locate(position)
             record = self.index.rows[series]
             box, flip = self.transform.plan(rng, self.index.plane_shape(series), self.random_crop)
-            slices = self.transform.slice_indices(centre, int(self.index.n_slices[series]))
+            pick = self.transform.pick_planes(centre, int(self.index.n_slices[series]), self.index.axis_spacing(series))
             try:
                 if series in self._bad:  # known bad here: fail fast, same RNG use as a real read
                     raise CacheEntryError(record.series_id, self._bad[series])
-                slab = self.reader.read(series, slices, box, flip)
+                slab = pick.channels(self.reader.read(series, pick.indices, box, flip))
             except CacheEntryError as e:
                 self._record_skip(series, e)
                 skipped += 1

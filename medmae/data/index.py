@@ -3,8 +3,8 @@
 Two steps, both pure functions of the manifest rows (no array is read here):
 
 1. :func:`select_series` keeps the rows of one split that pass the filters (modality, minimum plane
-   size, minimum slice count, plane anisotropy) and counts why the others were
-   dropped.
+   size, minimum slice count, plane anisotropy, slice spacing for millimetre 2.5D neighbours) and
+   counts why the others were dropped.
 2. :class:`SliceIndex` lays the kept series' slices along one axis end to end, so a flat *position*
    ``0 <= p < len(index)`` names one (series, slice) pair, and holds the sampling weights.
 
@@ -31,6 +31,7 @@ whatever the axis.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medmae.data.cache import ManifestRow
+from medmae.data.neighbours import fits_slice_spacing
 
 #: Slicing axes and the array axis (of the canonical (Z, Y, X) array) that each one steps along.
 AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -51,6 +53,14 @@ def plane_geometry(row: ManifestRow, axis: str) -> tuple[int, int, int]:
     if axis == "coronal":
         return y, z, x
     return x, z, y
+
+
+def axis_spacing(row: ManifestRow, axis: str) -> float | None:
+    """Millimetres between the planes of ``row`` along ``axis``; ``None`` for a single 2D image
+    (kind ``image``: its Z spacing is a placeholder, it has no through-plane geometry)."""
+    if row.kind == "image":
+        return None
+    return float(row.spacing[AXES[axis]])
 
 
 def plane_anisotropy(row: ManifestRow, axis: str) -> float:
@@ -83,6 +93,7 @@ def select_series(
     min_slices: int = 1,
     include_images: bool = True,
     max_anisotropy: float = 1.5,
+    slice_spacing_mm: float | None = None,
 ) -> Selection:
     """Keep the rows of ``split`` that the dataset can use.
 
@@ -99,6 +110,10 @@ def select_series(
             (reason ``anisotropy``): a 5 mm-slice CT cut sagittally would give pixels 5x taller than
             wide, and so do the axial planes of a sagittally acquired MR stack (the cache stores
             every series in the same anatomical orientation). Images are not checked.
+        slice_spacing_mm: with 2.5D channels placed in millimetres (``medmae.data.neighbours``), the
+            series whose spacing along ``axis`` is coarser than this (beyond a 1 % tolerance), and
+            every single image (no through-plane neighbours), are dropped (reason
+            ``slice_spacing``): their neighbours would be invented, not seen. ``None``: no check.
 
     Returns:
         The kept rows and a ``Counter`` of drop reasons.
@@ -122,6 +137,8 @@ def select_series(
             dropped["min_slices"] += 1
         elif row.kind == "volume" and plane_anisotropy(row, axis) > max_anisotropy:
             dropped["anisotropy"] += 1
+        elif not fits_slice_spacing(axis_spacing(row, axis), slice_spacing_mm):
+            dropped["slice_spacing"] += 1
         else:
             kept.append(row)
     return Selection(rows=tuple(kept), dropped=dropped)
@@ -173,6 +190,10 @@ class SliceIndex:
         geometry = np.array([plane_geometry(r, axis) for r in self.rows], dtype=np.int64).reshape(-1, 3)
         self.n_slices: np.ndarray = geometry[:, 0]
         self.plane_shapes: np.ndarray = geometry[:, 1:]
+        #: mm between planes along the axis per series (NaN for single images)
+        self.axis_spacings: np.ndarray = np.array(
+            [np.nan if (d := axis_spacing(r, axis)) is None else d for r in self.rows], dtype=np.float64
+        )
         self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(self.n_slices)]).astype(np.int64)
         if self.rows:
             self.series_probs: np.ndarray = series_weights(self.n_slices, self.alpha)
@@ -200,6 +221,11 @@ class SliceIndex:
         h, w = self.plane_shapes[series]
         return int(h), int(w)
 
+    def axis_spacing(self, series: int) -> float | None:
+        """Millimetres between the planes of one series along the axis (``None`` for a single image)."""
+        d = float(self.axis_spacings[series])
+        return None if math.isnan(d) else d
+
     def slice_probabilities(self) -> np.ndarray:
         """Probability of every position under the policy (length ``len(self)``, sums to 1)."""
         return np.repeat(self.series_probs / self.n_slices, self.n_slices)
@@ -221,6 +247,35 @@ class SliceIndex:
         slices = np.minimum((u_slice * counts).astype(np.int64), counts - 1)
         positions = self.offsets[series] + slices
         return int(positions[0]) if size is None else positions
+
+    def composition(self) -> dict[str, object]:
+        """What the index is made of, as counts only (never an id): for the export card's provenance.
+
+        Totals and breakdowns by ``modality``, ``source`` (dicom / nifti) and ``kind`` (volume /
+        image), each with ``series``, ``slices`` (planes along the axis, i.e. what sampling draws
+        from) and ``patients`` (distinct pseudonymous patients; a patient with a CT and an MR counts
+        once in each modality and once in the total).
+        """
+
+        def counts(members: Sequence[int]) -> dict[str, int]:
+            return {
+                "series": len(members),
+                "slices": int(sum(int(self.n_slices[i]) for i in members)),
+                "patients": len({self.rows[i].patient_id for i in members}),
+            }
+
+        def by(field: str) -> dict[str, dict[str, int]]:
+            groups: dict[str, list[int]] = {}
+            for i, row in enumerate(self.rows):
+                groups.setdefault(str(getattr(row, field)), []).append(i)
+            return {key: counts(members) for key, members in sorted(groups.items())}
+
+        return {
+            **counts(range(len(self.rows))),
+            "by_modality": by("modality"),
+            "by_source": by("source"),
+            "by_kind": by("kind"),
+        }
 
     def describe(self) -> dict[str, object]:
         """Counts for logs and reports (no ids)."""

@@ -4,6 +4,8 @@ Order of operations (DESIGN.md section 3: cropping the stored integers first is 
 
     crop box + flip decided from the sample RNG        (no pixel touched)
     read only that box from the memory-mapped array    (storage dtype, e.g. int16; reader.py)
+    -> the channels' planes                            (neighbours.py: adjacent by index, or at
+                                                        slice_spacing_mm offsets; linear blends in float)
     -> float32 -> resize to the output size            (torch interpolate, antialiased)
     -> intensity: CT window(s) in HU / percentile scaling for the rest, clipped to [0, 1]
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from medmae.data.cache import PERCENTILES, SeriesRecord
+from medmae.data.neighbours import PlanePick, SliceNeighbours
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 CT_WINDOW_MODES = ("random", "channels")
@@ -132,6 +135,29 @@ def foreground_fraction(plane: np.ndarray, threshold: float, max_points: int = 4
     return float(np.count_nonzero(sub > threshold)) / sub.size
 
 
+#: How the stored percentiles that scale non-HU series are computed (the card states it in full, so
+#: someone without medmae can reproduce the input). Checked against data_prep/decode.py and
+#: medmae.data.cache.compute_stats.
+PERCENTILE_RULE: dict[str, str] = {
+    "voxels": (
+        "every stored voxel of the whole series (all slices; background, air and any padding outside "
+        "the field of view included: DICOM Pixel Padding Value is not masked), not the crop, the plane "
+        "or a foreground mask; computed once by `medmae prep`"
+    ),
+    "values": (
+        "stored values = modality LUT output: DICOM RescaleSlope/RescaleIntercept or the Modality LUT "
+        "Sequence, NIfTI scl_slope/scl_inter; MONOCHROME1 inverted as lo + hi - v, [lo, hi] being the "
+        "output range of every value the header allows (higher = brighter); no VOI LUT, window or "
+        "other display transform applied; NIfTI 4D: the first volume"
+    ),
+    "method": "numpy.percentile, linear interpolation between order statistics (method='linear')",
+    "degenerate": "when p_high <= p_low the range is [p_low, p_low + 1] (a constant series maps to 0)",
+    "reference": (
+        "medmae compute_stats, stored per series at prep time; fine-tuning recomputes it the same way for NIfTI"
+    ),
+}
+
+
 def _number(value: object, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{field} must be a finite number, got {value!r}")
@@ -155,7 +181,12 @@ class SliceTransform:
 
     Args:
         out_size: output ``(height, width)``.
-        slices: number of adjacent slices per sample (1 = 2D).
+        slices: number of slices per sample (1 = 2D).
+        slice_spacing_mm: ``None`` = the slices are adjacent planes by array index; a number = they
+            sit that many millimetres apart along the axis, whatever the series' spacing
+            (``medmae.data.neighbours``; ignored when ``slices == 1``).
+        slice_interpolation: ``"nearest"`` plane or ``"linear"`` blend of the two bracketing planes,
+            for ``slice_spacing_mm``.
         crop_scale: random-resized-crop area fraction range, within (0, 1].
         crop_ratio: crop aspect range (width/height relative to the output's), ``0 < lo <= hi``.
         hflip_prob: probability of a left-right flip (training crops only).
@@ -165,6 +196,8 @@ class SliceTransform:
         ct_windows: CT windows as ``(level, width)`` pairs in HU.
         ct_window_mode: ``"random"`` (one window per sample, uniformly; a single window is a fixed
             window) or ``"channels"`` (every window, stacked as channels).
+        ct_inference_window: index into ``ct_windows`` of the window fine-tuning and inference use
+            in ``"random"`` mode (they need one fixed window); recorded only, pretraining still draws.
         percentiles: ``(low, high)`` stored percentiles (from ``cache.PERCENTILES``) mapped to 0 and 1
             for every series that is not in HU.
         foreground_fraction: minimum fraction of foreground pixels in a crop; 0 disables the filter.
@@ -182,6 +215,8 @@ class SliceTransform:
         self,
         out_size: tuple[int, int],
         slices: int = 1,
+        slice_spacing_mm: float | None = None,
+        slice_interpolation: str = "nearest",
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip_prob: float = 0.5,
@@ -189,6 +224,7 @@ class SliceTransform:
         antialias: bool = True,
         ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
         ct_window_mode: str = "random",
+        ct_inference_window: int = 0,
         percentiles: tuple[float, float] = (0.5, 99.5),
         foreground_fraction: float = 0.0,
         foreground_hu: float = -500.0,
@@ -219,6 +255,15 @@ class SliceTransform:
             )
         if ct_window_mode not in CT_WINDOW_MODES:
             raise ValueError(f"ct_window_mode must be one of {CT_WINDOW_MODES}, got {ct_window_mode!r}")
+        if (
+            isinstance(ct_inference_window, bool)
+            or not isinstance(ct_inference_window, int)
+            or not 0 <= ct_inference_window < len(windows)
+        ):
+            raise ValueError(
+                f"ct_inference_window must index ct_windows (0..{len(windows) - 1}), got {ct_inference_window!r}"
+            )
+        neighbours = SliceNeighbours.centred(slices, slice_spacing_mm, slice_interpolation)
         p_lo, p_hi = _pair(percentiles, "percentiles")
         if p_lo not in PERCENTILES or p_hi not in PERCENTILES or not p_lo < p_hi:
             raise ValueError(
@@ -231,6 +276,8 @@ class SliceTransform:
             raise ValueError(f"foreground_level must be in [0, 1), got {foreground_level!r}")
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.slices = slices
+        #: which planes form the channels (index adjacency or millimetre offsets)
+        self.neighbours = neighbours
         self.crop_scale = (s_lo, s_hi)
         self.crop_ratio = (r_lo, r_hi)
         self.hflip_prob = float(hflip_prob)
@@ -238,6 +285,7 @@ class SliceTransform:
         self.antialias = bool(antialias)
         self.ct_windows = windows
         self.ct_window_mode = ct_window_mode
+        self.ct_inference_window = ct_inference_window
         self.percentiles = (p_lo, p_hi)
         self.foreground_fraction = float(foreground_fraction)
         self.foreground_hu = float(foreground_hu)
@@ -256,13 +304,13 @@ class SliceTransform:
         per_slice = len(self.ct_windows) if self.ct_window_mode == "channels" else 1
         return self.slices * per_slice
 
-    def slice_offsets(self) -> np.ndarray:
-        """Offsets of the channels' slices from the centre slice: ``-(k-1)//2 .. k//2`` (k = slices)."""
-        return np.arange(self.slices, dtype=np.int64) - (self.slices - 1) // 2
+    def pick_planes(self, centre: int, n_slices: int, axis_spacing: float | None = None) -> PlanePick:
+        """The planes of a sample centred on ``centre`` (see :class:`~medmae.data.neighbours.SliceNeighbours`).
 
-    def slice_indices(self, centre: int, n_slices: int) -> np.ndarray:
-        """The slices of a sample centred on ``centre``, in increasing order, clamped to the series."""
-        return np.clip(centre + self.slice_offsets(), 0, n_slices - 1)
+        ``axis_spacing`` (mm between the series' planes along the axis) is needed only with
+        ``slice_spacing_mm``. No randomness is used, so the sample RNG stream does not depend on it.
+        """
+        return self.neighbours.pick(centre, n_slices, axis_spacing)
 
     def plan(self, rng: np.random.Generator, plane: tuple[int, int], random_crop: bool) -> tuple[CropBox, bool]:
         """Crop box and flip of one sample: random-resized crop + flip, or the centre crop and no flip."""
@@ -327,8 +375,7 @@ class SliceTransform:
         return {
             "image_size": list(self.out_size),
             "slices": self.slices,
-            "slice_offsets": self.slice_offsets().tolist(),
-            "slice_edges": "clamp (edge slice repeated)",
+            **self.neighbours.describe(),
             "channels": self.channels,
             "channel_layout": (
                 "window-major: [window0: slices..., window1: slices..., ...]"
@@ -350,8 +397,22 @@ class SliceTransform:
                     "applies_to": "series with intensity unit HU",
                     "windows_level_width": [list(w) for w in self.ct_windows],
                     "mode": self.ct_window_mode,
+                    "inference_window": self.ct_inference_window,
+                    "inference": (
+                        "every window as channels"
+                        if self.ct_window_mode == "channels"
+                        else "fine-tuning and inference use windows_level_width[inference_window]"
+                    ),
+                    "values": (
+                        "stored HU = modality LUT output (DICOM RescaleSlope/Intercept; NIfTI scl_slope/scl_inter), "
+                        "no VOI LUT; windows apply after the resize"
+                    ),
                 },
-                "other": {"method": "stored percentiles -> [0, 1]", "percentiles": list(self.percentiles)},
+                "other": {
+                    "method": "stored percentiles -> [0, 1]",
+                    "percentiles": list(self.percentiles),
+                    "percentile_rule": PERCENTILE_RULE,
+                },
                 "output_range": [0.0, 1.0],
                 "dtype": "float32",
             },

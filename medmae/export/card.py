@@ -14,6 +14,15 @@ Card layout (``format`` 1)::
      "pretraining": {"method": "mae", "mask_ratio": 0.75, "norm_pix_loss": false, ...},
      "preprocessing": {... CacheDataModule.preprocessing() ...},
      "versions": {"medmae": "...", "timm": "...", "torch": "..."}}
+
+``versions`` are the libraries that wrote the export; ``preprocessing.versions`` those that ran the
+pretraining data pipeline. ``preprocessing`` is everything needed to rebuild the encoder's input
+(:func:`medmae.export.preprocessing_from_card` reads and checks the fields it uses): ``axis``,
+``image_size``, ``slice_offsets`` with ``slice_spacing_mm`` (null: adjacent planes by index; absent in
+older cards, same meaning) and ``slice_interpolation``, ``resize``, ``intensity`` (``ct.windows_level_width``,
+``ct.mode``, ``ct.inference_window``; ``other.percentiles`` and ``other.percentile_rule``: over which
+voxels and after which lookup tables), and ``training_data``: counts of the training series, slices and
+patients actually used, by modality, source and kind (counts only, never an id).
 """
 
 from __future__ import annotations

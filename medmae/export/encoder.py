@@ -11,7 +11,9 @@ code needs nothing from medmae to use them (the card-only rebuild, plain timm + 
 or :func:`load_timm_encoder`, which also fits the weights to another input size or channel count,
 switches to the MAE fine-tuning head (``global_pool="avg"``) and tells timm's data-config helpers the
 true input. The card records the preprocessing used in pretraining (see
-:func:`medmae.export.preprocessing_from_card`); it holds no paths and no patient information.
+:func:`medmae.export.preprocessing_from_card`), the counts of the training data it saw
+(``preprocessing.training_data``: series, slices, patients by modality, source and kind) and the
+library ``versions``; it holds no paths, no ids and no patient information.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The encoder's input rebuilt from the export card alone: the one preprocessing of fine-tuning and inference.
 
 Pretraining recorded every data choice in the card (``CacheDataModule.preprocessing()``): slicing
-axis, plane orientation, which neighbouring slices form the channels, output size, resize, and the
-intensity rule (CT windows in HU, stored percentiles otherwise). :func:`preprocessing_from_card`
+axis, plane orientation, which neighbouring slices form the channels (adjacent by index, or
+``slice_spacing_mm`` apart with ``nearest``/``linear`` planes: ``medmae.data.neighbours``, the code
+training used), output size, resize, and the intensity rule (CT windows in HU, stored percentiles
+otherwise). :func:`preprocessing_from_card`
 turns that record back into :class:`PlanePreprocessor`, which maps planes of a canonical (Z, Y, X)
 volume (the cache's orientation, see ``medmae.data.index``) to encoder input exactly as pretraining
 did, so fine-tuning and inference cannot drift from it.
@@ -13,16 +15,23 @@ maps to 0) so every voxel gets a prediction, and :meth:`PlanePreprocessor.restor
 and resize on the output. For square outputs and square planes both are the identity.
 
 CT windows: when pretraining drew one window per sample (``mode: random``), inference uses the
-first listed window (``inference_window``); in ``channels`` mode every window is a channel.
+window ``intensity.ct.inference_window`` names (pretraining's ``ct_inference_window``; cards without
+it: the first listed window); in ``channels`` mode every window is a channel.
+
+Slice spacing: with ``slice_spacing_mm`` in the card, :meth:`PlanePreprocessor.planes` needs the
+volume's (Z, Y, X) spacing in mm (``Volume.spacing``, a cache record's ``spacing``). Cards without the
+field keep index adjacency. A volume coarser than ``slice_spacing_mm`` along the axis (pretraining
+never used one) is still processed by the same rule, with a warning.
 
 Example::
 
     pre = preprocessing_from_card(load_card("encoder/"))
-    x = pre.planes(volume_zyx, intensity="raw", stats=compute_stats(volume_zyx))   # (Z, C, H, W)
+    x = pre.planes(volume_zyx, intensity="raw", stats=compute_stats(volume_zyx), spacing=(2.5, 0.7, 0.7))
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,9 +43,12 @@ import torch.nn.functional as F
 
 from medmae.data.cache import PERCENTILES
 from medmae.data.index import AXES
+from medmae.data.neighbours import SLICE_INTERPOLATIONS, SliceNeighbours, fits_slice_spacing
 from medmae.data.reader import plane_view
 from medmae.data.transforms import INTERPOLATIONS, resize, scale_intensity, window_range
 from medmae.export.card import CardError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,11 @@ class PadBox:
 
 @dataclass(frozen=True)
 class PlanePreprocessor:
-    """Planes of a canonical volume -> encoder input ``(C, H, W)`` in [0, 1], as in pretraining."""
+    """Planes of a canonical volume -> encoder input ``(C, H, W)`` in [0, 1], as in pretraining.
+
+    ``slice_spacing_mm`` / ``slice_interpolation`` place the channels in millimetres (``None``: index
+    adjacency, what cards without the field mean).
+    """
 
     axis: str
     image_size: tuple[int, int]
@@ -63,6 +79,13 @@ class PlanePreprocessor:
     ct_window_mode: str
     inference_window: int
     percentiles: tuple[float, float]
+    slice_spacing_mm: float | None = None
+    slice_interpolation: str = "nearest"
+
+    @property
+    def neighbours(self) -> SliceNeighbours:
+        """The channel-placement rule of pretraining (the same code the training dataset runs)."""
+        return SliceNeighbours(self.slice_offsets, self.slice_spacing_mm, self.slice_interpolation)
 
     @property
     def channels(self) -> int:
@@ -100,9 +123,28 @@ class PlanePreprocessor:
             ph, pw = h, int(math.ceil(h * aspect))
         return PadBox(h, w, (ph - h) // 2, (pw - w) // 2, (ph, pw))
 
-    def slice_indices(self, centre: int, n_slices: int) -> np.ndarray:
-        """Planes of the sample centred on ``centre`` (edge planes repeated, as in pretraining)."""
-        return np.clip(centre + np.asarray(self.slice_offsets, dtype=np.int64), 0, n_slices - 1)
+    def axis_spacing(self, spacing: Sequence[float] | None) -> float | None:
+        """Millimetres between planes along the card's axis, from a (Z, Y, X) spacing; ``ValueError``
+        when the card places channels in millimetres and no spacing is given."""
+        rule = self.neighbours
+        if not rule.by_distance:
+            return None
+        if spacing is None or len(spacing) != 3:
+            raise ValueError(
+                f"the card places 2.5D channels slice_spacing_mm={self.slice_spacing_mm} mm apart: pass the "
+                f"volume's (Z, Y, X) spacing in mm (got {spacing!r})"
+            )
+        d = float(spacing[AXES[self.axis]])
+        if not fits_slice_spacing(d, self.slice_spacing_mm):
+            logger.warning(
+                "volume spacing %.4g mm along the %s axis is coarser than the card's slice_spacing_mm=%g: "
+                "pretraining never saw such series; its neighbours are %s",
+                d,
+                self.axis,
+                self.slice_spacing_mm,
+                "interpolated" if self.slice_interpolation == "linear" else "the nearest planes",
+            )
+        return d
 
     # ------------------------------------------------------------------ apply
 
@@ -112,16 +154,24 @@ class PlanePreprocessor:
         intensity: str,
         stats: Mapping[str, float],
         indices: Sequence[int] | None = None,
+        *,
+        spacing: Sequence[float] | None = None,
     ) -> torch.Tensor:
-        """Encoder input for planes ``indices`` (default all) of a canonical volume: ``(N, C, H, W)``."""
+        """Encoder input for planes ``indices`` (default all) of a canonical volume: ``(N, C, H, W)``.
+
+        ``spacing``: the volume's (Z, Y, X) voxel spacing in mm; required when the card has
+        ``slice_spacing_mm`` (channels placed in millimetres), unused otherwise.
+        """
         stack = self.stack(volume)
         n = stack.shape[0]
         indices = range(n) if indices is None else indices
         ranges = self.intensity_ranges(intensity, stats)
         fill = float(stats["min"])
+        rule, d = self.neighbours, self.axis_spacing(spacing)
         out = []
         for centre in indices:
-            slab = np.asarray(stack[self.slice_indices(int(centre), n)], dtype=np.float32)
+            pick = rule.pick(int(centre), n, d)
+            slab = np.asarray(pick.channels(stack[pick.indices]), dtype=np.float32)
             out.append(self._image(slab, ranges, fill))
         return torch.stack(out) if out else torch.empty(0, self.channels, *self.image_size)
 
@@ -199,7 +249,11 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
     if mode not in ("random", "channels"):
         raise CardError(f"{where}: field 'preprocessing.intensity.ct.mode' must be random or channels, got {mode!r}")
     inference_window = pre["intensity"]["ct"].get("inference_window", 0)
-    if not isinstance(inference_window, int) or not 0 <= inference_window < len(ct_windows):
+    if (
+        isinstance(inference_window, bool)
+        or not isinstance(inference_window, int)
+        or not 0 <= inference_window < len(ct_windows)
+    ):
         raise CardError(
             f"{where}: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}"
         )
@@ -207,6 +261,23 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
     if not isinstance(pcts, list) or len(pcts) != 2 or any(p not in PERCENTILES for p in pcts) or not pcts[0] < pcts[1]:
         raise CardError(f"{where}: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")
     antialias = bool(pre["resize"].get("antialias", True))
+    spacing_mm = pre.get("slice_spacing_mm")  # absent (older cards) or null: index adjacency
+    if spacing_mm is not None and (
+        isinstance(spacing_mm, bool)
+        or not isinstance(spacing_mm, int | float)
+        or not math.isfinite(spacing_mm)
+        or not spacing_mm > 0
+    ):
+        raise CardError(
+            f"{where}: field 'preprocessing.slice_spacing_mm' must be null or a positive number of mm, "
+            f"got {spacing_mm!r}"
+        )
+    slice_interp = pre.get("slice_interpolation", "nearest")
+    if slice_interp not in SLICE_INTERPOLATIONS:
+        raise CardError(
+            f"{where}: field 'preprocessing.slice_interpolation' must be one of {SLICE_INTERPOLATIONS}, "
+            f"got {slice_interp!r}"
+        )
     return PlanePreprocessor(
         axis=axis,
         image_size=(size[0], size[1]),
@@ -217,4 +288,6 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
         ct_window_mode=mode,
         inference_window=inference_window,
         percentiles=(float(pcts[0]), float(pcts[1])),
+        slice_spacing_mm=None if spacing_mm is None else float(spacing_mm),
+        slice_interpolation=slice_interp,
     )

@@ -200,7 +200,9 @@ def prepare_series(row: ClsRow, pre: PlanePreprocessor, csv_path: Path, cache_di
     except VolumeError as e:
         raise VolumeError(f"{csv_path}: row {row.row}: {e}") from None
     n = pre.stack(volume.array).shape[0]
-    images = pre.planes(volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes))
+    images = pre.planes(
+        volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes), spacing=volume.spacing
+    )
     return PreparedSeries(images.float().contiguous(), torch.tensor(row.target, dtype=torch.float32))
 
 

@@ -134,6 +134,8 @@ class EncoderSource:
             interpolation=p["interpolation"], antialias=bool(p["antialias"]),
             ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
             inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
+            # absent in checkpoints written before millimetre 2.5D neighbours: index adjacency
+            slice_spacing_mm=p.get("slice_spacing_mm"), slice_interpolation=p.get("slice_interpolation", "nearest"),
         )
         norm = record.get("input_norm")
         input_norm = None if norm is None else InputNorm(tuple(norm[0]), tuple(norm[1]))

@@ -101,7 +101,7 @@ def predict_volume(
     from data_prep.build import RAS_TO_LPS
 
     volume = read_image(reference, modality=modality)
-    planes = pre.planes(volume.array, volume.intensity, volume.stats)
+    planes = pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing)
     stack_shape = pre.stack(volume.array).shape
     pred = predict_planes(net, planes, pre, tuple(stack_shape[1:]), batch)
     canonical = np.zeros(volume.shape, dtype=np.uint8)

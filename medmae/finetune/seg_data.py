@@ -119,7 +119,7 @@ def prepare_case(
     label = read_label(case.label, image, num_classes)
     stack = np.ascontiguousarray(pre.stack(label))
     return PreparedCase(
-        images=pre.planes(image.array, image.intensity, image.stats),
+        images=pre.planes(image.array, image.intensity, image.stats, spacing=image.spacing),
         labels=pre.labels(label),
         label_stack=stack,
         plane_shape=tuple(stack.shape[1:]),  # type: ignore[arg-type]

@@ -50,6 +50,12 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing (Z, Y, X) in mm, from the affine (as the cache's ``spacing``): 2.5D cards with
+        ``slice_spacing_mm`` place their channels with it."""
+        return tuple(float(np.linalg.norm(self.affine[:3, axis])) for axis in (2, 1, 0))  # type: ignore[return-value]
+
     def to_source(self, canonical: np.ndarray) -> np.ndarray:
         """A canonical (Z, Y, X) array back in the input NIfTI's (x, y, z) voxel order."""
         from nibabel.orientations import apply_orientation, ornt_transform

@@ -17,7 +17,12 @@ from medmae.data.cache import (
     write_series,
 )
 
-IDENTITY = tuple(tuple(float(i == j) for j in range(4)) for i in range(4))
+
+def spacing_affine(spacing: tuple[float, float, float]) -> tuple[tuple[float, ...], ...]:
+    """The axis-aligned affine of a (Z, Y, X) spacing: voxel (x, y, z, 1) -> mm, as data_prep writes it."""
+    sz, sy, sx = spacing
+    diagonal = (sx, sy, sz, 1.0)
+    return tuple(tuple(diagonal[i] if i == j else 0.0 for j in range(4)) for i in range(4))
 
 
 def make_record(
@@ -28,13 +33,15 @@ def make_record(
     kind: str = "volume",
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     split: str = "train",
+    source: str = "dicom",
+    patient_id: str | None = None,
 ) -> ManifestRow:
     """The manifest row of ``array`` (HU for CT, raw otherwise), without writing anything."""
     record = SeriesRecord(
         series_id=series_id,
-        patient_id=f"p-{series_id}",
+        patient_id=patient_id or f"p-{series_id}",
         modality=modality,
-        source="dicom",
+        source=source,
         kind=kind,
         array=series_array_path(series_id),
         shape=tuple(int(s) for s in array.shape),
@@ -42,7 +49,7 @@ def make_record(
         dtype=str(array.dtype),
         intensity="HU" if modality == "CT" else "raw",
         stats=compute_stats(array),
-        affine=IDENTITY,
+        affine=spacing_affine(spacing),
     )
     return ManifestRow.from_record(record, split)
 

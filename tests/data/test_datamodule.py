@@ -184,6 +184,10 @@ def test_preprocessing_is_json_and_has_no_path(noise_cache: Callable[[], Path]) 
         ("percentiles", (2.0, 98.0)),
         ("foreground_fraction", 1.0),
         ("foreground_tries", -1),
+        ("slice_spacing_mm", 0),
+        ("slice_spacing_mm", float("nan")),
+        ("slice_interpolation", "cubic"),
+        ("ct_inference_window", 3),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_field(field: str, value: object) -> None:
@@ -198,9 +202,12 @@ def test_lightning_cli_style_yaml_parses(noise_cache: Callable[[], Path]) -> Non
     cfg = parser.parse_string(
         f"data:\n  cache_dir: {noise_cache()}\n  img_size: [24, 32]\n  slices: 3\n  num_workers: 0\n"
         "  ct_windows: [[40, 400], [-600, 1500]]\n  crop_scale: [0.3, 1.0]\n  modalities: [CT]\n"
+        "  slice_spacing_mm: 2.5\n  slice_interpolation: linear\n  ct_inference_window: 1\n"
     )
     dm = parser.instantiate_classes(cfg).data
     assert dm.image_size == (24, 32) and dm.channels == 3
+    assert dm.transform.neighbours.spacing_mm == 2.5 and dm.transform.neighbours.interpolation == "linear"
+    assert dm.preprocessing()["intensity"]["ct"]["inference_window"] == 1
     assert dm.transform.ct_windows == ((40.0, 400.0), (-600.0, 1500.0)) and dm.modalities == ["CT"]
 
 
@@ -279,3 +286,65 @@ def test_ddp_on_cpu_gives_each_rank_distinct_draws_every_epoch(noise_cache: Call
         r0, r1 = (set(json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text())) for r in (0, 1))
         assert len(r0) == len(r1) == 12 and not r0 & r1
         assert r0 | r1 == set(range(24))
+
+
+def _spacing_cache(cache_builder: CacheBuilder) -> Path:
+    """CT volumes of 0.625, 2.5 and 5 mm slices (one patient has two), an MR NIfTI, an X-ray; ids look real."""
+    fine, match, thick = (0.625, 0.7, 0.7), (2.5, 0.7, 0.7), (5.0, 0.7, 0.7)
+    cache_builder.add("sthin9f2c41d0", noise_volume(0, (24, 32, 32)), spacing=fine, patient_id="pa7ab3e5c1")
+    cache_builder.add("smatch9f2c41d0", noise_volume(1, (8, 32, 32)), spacing=match, patient_id="pa7ab3e5c1")
+    cache_builder.add("sthick9f2c41d0", noise_volume(2, (6, 32, 32)), spacing=thick, patient_id="pb7ab3e5c1")
+    mr = noise_volume(3, (10, 32, 32)).clip(0)
+    one_mm = (1.0, 0.7, 0.7)
+    cache_builder.add("smr9f2c41d0", mr, modality="MR", source="nifti", spacing=one_mm, patient_id="pc7ab3e5c1")
+    xray = np.random.default_rng(5).integers(0, 4000, (1, 40, 40)).astype(np.uint16)
+    cache_builder.add("sxr9f2c41d0", xray, modality="DX", kind="image", patient_id="pd7ab3e5c1")
+    val = noise_volume(4, (8, 32, 32))
+    cache_builder.add("svalct9f2c41d0", val, spacing=match, split="val", patient_id="pv7ab3e5c1")
+    return cache_builder.write()
+
+
+def test_slice_spacing_drops_coarse_series_and_images_and_says_which_option(
+    cache_builder: CacheBuilder, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = str(_spacing_cache(cache_builder))
+    caplog.set_level(logging.INFO, logger="medmae.data")
+    dm = CacheDataModule(cache, num_workers=0, slice_spacing_mm=2.5, **SMALL)
+    dm.setup("fit")
+    assert dm.setup_report["train"]["series"] == 3  # thin, match, mr
+    assert dm.setup_report["train"]["dropped"] == {"slice_spacing": 2}  # thick (5 mm) and the X-ray
+    assert any("data.slice_spacing_mm=2.5" in r.getMessage() for r in caplog.records)
+    record = dm.preprocessing()
+    assert record["slice_spacing_mm"] == 2.5 and record["slice_offsets_mm"] == [-2.5, 0.0, 2.5]
+    assert record["slice_interpolation"] == "nearest" and record["selection"]["slice_spacing_mm"] == 2.5
+    assert "not used" in record["images"]
+    assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 32, 32)
+    # the option means nothing for 2D samples: nothing is dropped for it
+    flat = CacheDataModule(cache, num_workers=0, slice_spacing_mm=2.5, **{**SMALL, "slices": 1})
+    flat.setup("fit")
+    assert flat.setup_report["train"]["series"] == 5 and flat.preprocessing()["slice_spacing_mm"] is None
+    # nothing left: the error names the option
+    with pytest.raises(NoUsableDataError, match=r"data\.slice_spacing_mm=0\.5"):
+        CacheDataModule(cache, num_workers=0, slice_spacing_mm=0.5, **SMALL).setup("fit")
+
+
+def test_training_data_composition_counts_the_split_actually_used(cache_builder: CacheBuilder) -> None:
+    cache = str(_spacing_cache(cache_builder))
+    dm = CacheDataModule(cache, num_workers=0, slice_spacing_mm=2.5, **SMALL)
+    assert dm.preprocessing()["training_data"] is None  # not set up: nothing to count yet
+    dm.setup("fit")
+    data = json.loads(json.dumps(dm.preprocessing()["training_data"]))
+    assert (data["series"], data["slices"], data["patients"]) == (3, 42, 2)
+    assert data["by_modality"] == {
+        "CT": {"series": 2, "slices": 32, "patients": 1},
+        "MR": {"series": 1, "slices": 10, "patients": 1},
+    }
+    assert data["by_source"] == {
+        "dicom": {"series": 2, "slices": 32, "patients": 1},
+        "nifti": {"series": 1, "slices": 10, "patients": 1},
+    }
+    assert data["by_kind"] == {"volume": {"series": 3, "slices": 42, "patients": 2}}
+    assert data["dropped"] == {"slice_spacing": 2} and data["split"] == "train"
+    text = json.dumps(dm.preprocessing())
+    for row in dm.train_dataset.index.rows:
+        assert row.series_id not in text and row.patient_id not in text

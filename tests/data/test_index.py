@@ -97,3 +97,47 @@ def test_sampler_draws_follow_policy_so_one_big_series_does_not_drown_xrays() ->
         # and the X-rays share the rest equally
         xr_counts = np.bincount(positions[~from_ct], minlength=100)
         assert xr_counts.std() / xr_counts.mean() < 0.1
+
+
+def test_slice_spacing_drops_series_too_coarse_along_the_axis_and_images() -> None:
+    rows = [
+        shape_row("thin", (64, 32, 32), spacing=(0.625, 0.7, 0.7)),
+        shape_row("match", (16, 32, 32), spacing=(2.5, 0.7, 0.7)),
+        shape_row("rounded", (16, 32, 32), spacing=(2.52, 0.7, 0.7)),
+        shape_row("thick", (8, 32, 32), spacing=(5.0, 0.7, 0.7)),
+        shape_row("xr", (1, 32, 32), modality="DX", kind="image"),
+    ]
+    kept = select_series(rows, split="train", slice_spacing_mm=2.5, max_anisotropy=10.0)
+    assert [r.series_id for r in kept.rows] == ["thin", "match", "rounded"]
+    assert kept.dropped == {"slice_spacing": 2}
+    # off (index adjacency): nothing is dropped for its spacing
+    assert len(select_series(rows, split="train", max_anisotropy=10.0).rows) == 5
+    # the spacing checked is the one along the slicing axis (coronal planes step along Y)
+    coronal = select_series(rows, split="train", axis="coronal", slice_spacing_mm=0.65, max_anisotropy=10.0)
+    assert [r.series_id for r in coronal.rows] == []
+    coronal = select_series(rows, split="train", axis="coronal", slice_spacing_mm=0.7, max_anisotropy=10.0)
+    assert [r.series_id for r in coronal.rows] == ["thin", "match", "rounded", "thick"]
+
+
+def test_composition_counts_series_slices_and_patients_without_ids() -> None:
+    rows = [
+        shape_row("ct1", (10, 32, 32), patient_id="pa"),
+        shape_row("ct2", (20, 32, 32), patient_id="pb"),
+        shape_row("mr1", (5, 32, 32), modality="MR", source="nifti", patient_id="pa"),
+        shape_row("xr1", (1, 32, 32), modality="DX", kind="image", patient_id="pc"),
+    ]
+    c = SliceIndex(rows).composition()
+    assert (c["series"], c["slices"], c["patients"]) == (4, 36, 3)
+    assert c["by_modality"] == {
+        "CT": {"series": 2, "slices": 30, "patients": 2},
+        "DX": {"series": 1, "slices": 1, "patients": 1},
+        "MR": {"series": 1, "slices": 5, "patients": 1},
+    }
+    assert c["by_source"] == {
+        "dicom": {"series": 3, "slices": 31, "patients": 3},
+        "nifti": {"series": 1, "slices": 5, "patients": 1},
+    }
+    assert c["by_kind"]["image"] == {"series": 1, "slices": 1, "patients": 1}
+    assert c["by_kind"]["volume"] == {"series": 3, "slices": 35, "patients": 2}
+    text = repr(c)
+    assert not any(sid in text for sid in ("ct1", "ct2", "mr1", "xr1", "'pa'", "'pb'", "'pc'"))

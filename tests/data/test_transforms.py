@@ -134,7 +134,46 @@ def test_foreground_filter_rejects_an_all_air_slice() -> None:
 
 def test_slice_indices_are_clamped_at_the_edges() -> None:
     t = SliceTransform((8, 8), slices=3)
-    assert t.slice_indices(0, 10).tolist() == [0, 0, 1]
-    assert t.slice_indices(9, 10).tolist() == [8, 9, 9]
-    assert SliceTransform((8, 8), slices=4).slice_indices(5, 10).tolist() == [4, 5, 6, 7]
-    assert t.slice_indices(0, 1).tolist() == [0, 0, 0]
+    assert t.pick_planes(0, 10).indices.tolist() == [0, 0, 1]
+    assert t.pick_planes(9, 10).indices.tolist() == [8, 9, 9]
+    assert SliceTransform((8, 8), slices=4).pick_planes(5, 10).indices.tolist() == [4, 5, 6, 7]
+    assert t.pick_planes(0, 1).indices.tolist() == [0, 0, 0]
+
+
+def test_slice_spacing_places_planes_in_millimetres() -> None:
+    t = SliceTransform((8, 8), slices=3, slice_spacing_mm=2.5)
+    assert t.pick_planes(32, 65, axis_spacing=0.625).indices.tolist() == [28, 32, 36]
+    assert t.describe()["slice_spacing_mm"] == 2.5 and t.describe()["slice_offsets_mm"] == [-2.5, 0.0, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("slice_spacing_mm", {"slices": 3, "slice_spacing_mm": -2.5}),
+        ("slice_interpolation", {"slices": 3, "slice_spacing_mm": 2.5, "slice_interpolation": "cubic"}),
+        ("ct_inference_window", {"ct_inference_window": 3}),
+        ("ct_inference_window", {"ct_windows": [(40, 400)], "ct_inference_window": 1}),
+        ("ct_inference_window", {"ct_inference_window": True}),
+    ],
+)
+def test_new_options_are_validated_and_named(field: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=field):
+        SliceTransform((8, 8), **kwargs)
+
+
+def test_record_states_the_inference_window_and_the_percentile_rule() -> None:
+    record = SliceTransform((8, 8), ct_inference_window=2).describe()
+    assert record["intensity"]["ct"]["inference_window"] == 2
+    rule = record["intensity"]["other"]["percentile_rule"]
+    assert "whole series" in rule["voxels"] and "background" in rule["voxels"]
+    assert "modality LUT" in rule["values"] and "MONOCHROME1" in rule["values"] and "no VOI LUT" in rule["values"]
+
+
+def test_percentile_rule_is_what_the_cache_stores() -> None:
+    """The card says: every stored voxel of the whole series, background included (compute_stats)."""
+    volume = np.zeros((4, 32, 32), np.int16)
+    volume[1:3, 8:24, 8:24] = np.arange(512, dtype=np.int16).reshape(2, 16, 16) + 100  # body in air
+    record = make_record("mr", volume, modality="MR")
+    for p in (0.5, 99.5):
+        assert record.stats[f"p{p:g}"] == pytest.approx(np.percentile(volume, p, method="linear"))
+    assert record.stats["p0.5"] == 0.0 != np.percentile(volume[volume > 0], 0.5)  # background counts

@@ -1,13 +1,18 @@
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import timm
 import torch
 
-from medmae.export import export_checkpoint, export_encoder, load_card, load_timm_encoder
+import medmae
+from medmae.data import CacheDataModule
+from medmae.data.cache import load_manifest
+from medmae.export import export_checkpoint, export_encoder, load_card, load_timm_encoder, preprocessing_from_card
 from medmae.models import create_mae
 from medmae.train import MAEPretrainModule
+from tests.data.conftest import noise_volume
 from tests.train.conftest import TINY_MODEL, TensorDataModule, smooth_images
 
 
@@ -43,3 +48,44 @@ def test_export_from_checkpoint_keeps_training_facts(tmp_path: Path) -> None:
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=64, patch_size=8, depth=4)
     vit.load_state_dict(load_timm_encoder(tmp_path / "export").state_dict(), strict=True)
     assert torch.equal(vit.patch_embed.proj.weight, module.model.encoder.patch_embed.proj.weight)
+
+
+def test_card_names_the_versions_that_exported_it(tmp_path: Path) -> None:
+    export_encoder(create_mae("mae_vit_tiny_patch16", depth=2, decoder_depth=1, img_size=32), tmp_path)
+    versions = load_card(tmp_path)["versions"]
+    assert versions["timm"] == timm.__version__ and versions["medmae"] == medmae.__version__
+    assert versions["torch"] == torch.__version__.split("+")[0]
+
+
+def test_exported_card_carries_the_training_data_and_no_pseudonymous_id(tmp_path: Path, cache_builder) -> None:
+    """checkpoint -> export, the path the preprocessing record takes: counts of what was trained on."""
+    for i, patient in enumerate(("pat0a9f3e1c", "pat0a9f3e1c", "pat1b8e2d0b")):
+        cache_builder.add(f"ser{i}c4d51f7e", noise_volume(i, (6, 64, 64)), patient_id=patient)
+    mr = np.random.default_rng(3).integers(0, 900, (4, 64, 64)).astype(np.int16)
+    cache_builder.add("ser3c4d51f7e", mr, modality="MR", source="nifti", patient_id="pat2c7d1c9a")
+    cache_builder.add("ser4c4d51f7e", noise_volume(4, (6, 8, 8)), patient_id="pat3d6c0b8f")  # below min_size
+    cache_builder.add("ser5c4d51f7e", noise_volume(5, (6, 64, 64)), split="val", patient_id="pat4e5b9a7e")
+    cache = cache_builder.write()
+    dm = CacheDataModule(str(cache), img_size=64, batch_size=2, num_workers=0, samples_per_epoch=2, min_size=32,
+                         ct_inference_window=2)
+    module = MAEPretrainModule(**TINY_MODEL, warmup_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "mae.ckpt"
+    trainer.save_checkpoint(ckpt)
+    export_checkpoint(ckpt, tmp_path / "export")
+    card = load_card(tmp_path / "export")
+    data = card["preprocessing"]["training_data"]
+    assert (data["series"], data["slices"], data["patients"]) == (4, 22, 3)
+    assert data["by_modality"] == {"CT": {"series": 3, "slices": 18, "patients": 2},
+                                   "MR": {"series": 1, "slices": 4, "patients": 1}}
+    assert data["by_source"]["nifti"] == {"series": 1, "slices": 4, "patients": 1}
+    assert data["by_kind"] == {"volume": {"series": 4, "slices": 22, "patients": 3}}
+    assert data["dropped"] == {"min_size": 1}
+    assert card["preprocessing"]["intensity"]["ct"]["inference_window"] == 2
+    assert preprocessing_from_card(card).inference_window == 2
+    assert set(card["versions"]) >= {"medmae", "timm", "torch"}
+    everything = "".join(p.read_text(errors="ignore") for p in (tmp_path / "export").iterdir())
+    for row in load_manifest(cache).rows:
+        assert row.series_id not in everything and row.patient_id not in everything

@@ -53,3 +53,25 @@ def test_missing_fields_are_named(tmp_path, field: str) -> None:
     del card["preprocessing"][field]
     with pytest.raises(CardError, match=f"enc/encoder.json: field 'preprocessing.{field}'"):
         preprocessing_from_card(card, where="enc/encoder.json")
+
+
+def test_ct_inference_window_is_written_and_used(tmp_path) -> None:
+    hu = np.full((1, 4, 4), -600, np.int16)  # lung window centre
+    stats = {"min": -600.0}
+    card = card_for(tmp_path, img_size=4, ct_inference_window=1)
+    assert card["preprocessing"]["intensity"]["ct"]["inference_window"] == 1
+    assert float(preprocessing_from_card(card).planes(hu, "HU", stats)[0, 0, 0, 0]) == pytest.approx(0.5)
+    del card["preprocessing"]["intensity"]["ct"]["inference_window"]  # cards from before the option
+    assert preprocessing_from_card(card).inference_window == 0
+    card["preprocessing"]["intensity"]["ct"]["inference_window"] = 3
+    with pytest.raises(CardError, match="field 'preprocessing.intensity.ct.inference_window'"):
+        preprocessing_from_card(card)
+
+
+def test_card_states_the_percentile_rule_in_full(tmp_path) -> None:
+    other = card_for(tmp_path)["preprocessing"]["intensity"]["other"]
+    assert other["percentiles"] == [0.5, 99.5]
+    rule = other["percentile_rule"]
+    assert set(rule) >= {"voxels", "values", "method"}
+    assert "every stored voxel of the whole series" in rule["voxels"]
+    assert "no VOI LUT" in rule["values"] and "MONOCHROME1" in rule["values"]
