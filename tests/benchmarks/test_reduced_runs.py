@@ -1,0 +1,115 @@
+"""Every benchmark runs end to end in a reduced mode (``--steps 2``); nothing here asserts a timing."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model", "tiny", "--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+def _run(*args: str, timeout: int = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _cells(table_row: str) -> list[str]:
+    return [c.strip() for c in table_row.strip().strip("|").split("|")]
+
+
+def test_train_step_reduced_compares_medmae_with_monai() -> None:
+    out = _run(
+        "benchmarks/train_step.py",
+        *TINY,
+        "--img-size",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--no-memory",
+        "--peers",
+        "medmae,monai",
+    )
+    rows = {_cells(line)[0]: _cells(line) for line in out.splitlines() if line.startswith("| m")}
+    assert set(rows) == {"model", "medmae", "monai"}
+    assert all(float(rows[name][3]) > 0 for name in ("medmae", "monai"))  # img/s median
+    assert re.search(r"medmae / monai: \d+\.\d+x images/s", out)
+    assert re.search(r"analytic training FLOPs: \d+\.\d+ GFLOP", out)
+
+
+@pytest.mark.slow
+def test_train_step_reduced_compiled_runs_pair_like_with_like() -> None:
+    out = _run(
+        "benchmarks/train_step.py",
+        *TINY,
+        "--img-size",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--no-memory",
+        "--peers",
+        "medmae,monai",
+        "--compile",
+    )
+    assert re.search(r"medmae\+compile / monai\+compile: \d+\.\d+x", out)
+    assert re.search(r"medmae\+compile / medmae: \d+\.\d+x images/s \(compiled vs eager\)", out)
+
+
+def test_fit_throughput_reduced_reports_a_starvation_ratio(tmp_path: Path) -> None:
+    out = _run(
+        "benchmarks/fit_throughput.py",
+        *TINY,
+        "--work",
+        str(tmp_path),
+        "--series",
+        "2",
+        "--slices-per-series",
+        "8",
+        "--img-size",
+        "64",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--slices",
+        "1",
+        "3",
+    )
+    rows = [line for line in out.splitlines() if line.startswith(("| 2D", "| 2.5D"))]
+    assert len(rows) == 2
+    for row in rows:
+        step_only, fit, ratio = (float(v) for v in _cells(row)[-3:])
+        assert step_only > 0 and fit > 0 and ratio == pytest.approx(fit / step_only, abs=0.01)
+
+
+def test_gpu_script_is_valid_bash_and_refuses_without_cuda(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    if torch.cuda.is_available():
+        pytest.fail("this test checks the no-GPU path; on a CUDA machine run benchmarks/gpu.sh itself")
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "r.md")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
