@@ -266,7 +266,6 @@ class _DrawRecorder(_Probe):
         return self.layer(batch["image"].mean(dim=(1, 2, 3))[:, None]).mean()
 
 
-@pytest.mark.slow
 def test_ddp_on_cpu_gives_each_rank_distinct_draws_every_epoch(noise_cache: Callable[[], Path], tmp_path: Path) -> None:
     dm = CacheDataModule(str(noise_cache()), num_workers=0, **SMALL)
     trainer = pl.Trainer(
