@@ -17,6 +17,7 @@ cache instead. Example::
 
     python benchmarks/fit_throughput.py --model small --batch 16 --workers 2 --slices 1 3 --threads 2
     python benchmarks/fit_throughput.py --device cuda --precision bf16-mixed --model base --batch 256 --workers 12
+    python benchmarks/fit_throughput.py ... --pixels workers    # the CPU data path on CUDA, for comparison
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def cache_data(a: argparse.Namespace, cache: Path, slices: int) -> pl.LightningD
         num_workers=a.workers,
         samples_per_epoch=a.batch * (a.warmup + a.steps + 2),
         verify_on_setup=False,
+        device_transforms={"auto": None, "workers": False, "device": True}[a.pixels],
     )
 
 
@@ -159,6 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     ap.add_argument("--compile", action="store_true", help="model.compile: true")
+    ap.add_argument(
+        "--pixels",
+        choices=("auto", "workers", "device"),
+        default="auto",
+        help="where resize/intensity run: data.device_transforms null (device on CUDA) / false / true",
+    )
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 1:
         ap.error("--steps and --warmup must be >= 1")
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(a)}")
     print(
         f"config : ViT-{a.model[0].upper()}/16 MAE, {a.img_size}^2, batch {a.batch}, {a.device} {a.precision}, "
-        f"compile={a.compile}, {a.workers} loader workers, {a.warmup} warmup + {a.steps} timed steps; data: {how}"
+        f"compile={a.compile}, pixels on {a.pixels}, {a.workers} loader workers, "
+        f"{a.warmup} warmup + {a.steps} timed steps; data: {how}"
     )
     rows = []
     for slices in a.slices:

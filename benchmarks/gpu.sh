@@ -40,6 +40,10 @@ STEP="python benchmarks/train_step.py --device cuda --precision bf16 --img-size 
   timeout 150 python benchmarks/fit_throughput.py --device cuda --precision bf16-mixed --model base --batch 256 \
     --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --slices 1 3 --steps 20 --warmup 5 --work "$WORK" \
     || echo "(section 4 failed: rc $?)"
+  echo "same, CPU data path (resize and intensity in the workers):"
+  timeout 120 python benchmarks/fit_throughput.py --device cuda --precision bf16-mixed --model base --batch 256 \
+    --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --slices 1 --steps 20 --warmup 5 --work "$WORK" --pixels workers \
+    | grep -E '^\|' || echo "(section 4b failed: rc $?)"
   echo
   echo "finished $(date -u +%FT%TZ)"
 } 2>&1 | grep -v -E "Warning|warn\(|litlogger|TPU available|GPU available|LOCAL_RANK|max_steps=.*reached" | tee "$REPORT"

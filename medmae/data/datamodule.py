@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from medmae import __version__
 from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_series_array
 from medmae.data.dataset import CacheSliceDataset
+from medmae.data.device_path import collate_raw, finish_on_device
 from medmae.data.index import AXES, SliceIndex, select_series
 from medmae.data.neighbours import SLICE_SPACING_RTOL
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
@@ -143,7 +144,11 @@ class CacheDataModule(pl.LightningDataModule):
         foreground_hu: CT foreground threshold in HU.
         foreground_level: non-CT foreground threshold as a fraction of the percentile range.
         foreground_tries: most background crops replaced per sample.
-        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        pin_memory: pin batches in page-locked memory (only when CUDA is available); Lightning then
+            copies them to the device without blocking.
+        device_transforms: the GPU data path (``medmae.data.device_path``): workers only read crops,
+            the device flips, resizes and scales them per batch. ``null`` (default): on when training
+            on CUDA, off on CPU. Same values either way.
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
         prefetch_factor: batches prefetched per worker (only when ``num_workers > 0``).
         max_open_files: memory-mapped series kept open per worker.
@@ -190,6 +195,7 @@ class CacheDataModule(pl.LightningDataModule):
         foreground_level: float = 0.1,
         foreground_tries: int = 10,
         pin_memory: bool = True,
+        device_transforms: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         max_open_files: int = 64,
@@ -232,6 +238,9 @@ class CacheDataModule(pl.LightningDataModule):
         self.val_samples = _check_optional_int(val_samples, "val_samples", 1)
         self.foreground_tries = _check_int(foreground_tries, "foreground_tries", 0)
         self.pin_memory = bool(pin_memory)
+        if device_transforms is not None and not isinstance(device_transforms, bool):
+            raise ValueError(f"device_transforms must be true, false or null (auto), got {device_transforms!r}")
+        self.device_transforms = device_transforms
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = _check_int(prefetch_factor, "prefetch_factor", 1)
         self.max_open_files = _check_int(max_open_files, "max_open_files", 1)
@@ -483,11 +492,29 @@ class CacheDataModule(pl.LightningDataModule):
                 f"{world_size} device(s), fewer than data.batch_size={self.batch_size}: no full batch per epoch"
             )
 
+    def pixels_on_device(self) -> bool:
+        """Whether batches are finished on the device (``device_transforms``; null = on when training on CUDA)."""
+        if self.device_transforms is not None:
+            return self.device_transforms
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def _loader(self, dataset: CacheSliceDataset, **kwargs: Any) -> DataLoader:
+        deferred = self.pixels_on_device()
+        dataset.defer_pixels = deferred  # before the workers start: they get a copy
+        collate = {"collate_fn": collate_raw} if deferred else {}
+        return DataLoader(dataset, **kwargs, **collate, **self._loader_kwargs())
+
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
         self._num_replicas = sampler.num_replicas
         sampler.follow(self._trained_position)
-        return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+        assert self.train_dataset is not None
+        return self._loader(self.train_dataset, sampler=sampler, drop_last=True)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """GPU data path: flip, resize and scale the batch's stored-value crops on the device."""
+        return finish_on_device(batch, self.transform)
 
     # ------------------------------------------------------------------ exact resume
 
@@ -530,4 +557,4 @@ class CacheDataModule(pl.LightningDataModule):
         if self.val_dataset is None:
             warnings.warn("the cache has no usable validation series: validation is skipped", stacklevel=2)
             return []
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+        return self._loader(self.val_dataset, shuffle=False, drop_last=False)

@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from medmae.data.cache import CacheEntryError
+from medmae.data.device_path import raw_sample
 from medmae.data.index import SliceIndex
 from medmae.data.neighbours import fits_slice_spacing
 from medmae.data.reader import SeriesReader
@@ -57,7 +58,9 @@ class CacheSliceDataset(Dataset):
     Returns (per item) a dict: ``image`` float32 ``(C, H, W)`` in [0, 1]; ``index`` (the draw number,
     or the int key); ``epoch`` (the sampler's epoch of a training key, -1 for an int key); ``series``
     and ``slice`` (where the sample came from, by position in
-    ``index.rows`` and plane number); ``skipped`` and ``rejected`` (replacements made).
+    ``index.rows`` and plane number); ``skipped`` and ``rejected`` (replacements made). With
+    :attr:`defer_pixels` set (the GPU data path, ``medmae.data.device_path``) ``image`` is replaced by
+    the unflipped stored-value crop and what the device needs to finish it.
     """
 
     def __init__(
@@ -106,6 +109,8 @@ class CacheSliceDataset(Dataset):
         self.skip_counts: Counter[str] = Counter()
         self.rejected_count = 0
         self._bad: dict[int, str] = {}  # series position -> reason, in this process
+        #: leave flip / resize / intensity to the device (set by CacheDataModule before its loaders start)
+        self.defer_pixels = False
 
     def __len__(self) -> int:
         return len(self.index) if self.positions is None else len(self.positions)
@@ -143,7 +148,8 @@ class CacheSliceDataset(Dataset):
             try:
                 if series in self._bad:  # known bad here: fail fast, same RNG use as a real read
                     raise CacheEntryError(record.series_id, self._bad[series])
-                slab = pick.channels(self.reader.read(series, pick.indices, box, flip))
+                # deferred: read unflipped, the device flips (the foreground test sees the flipped view)
+                slab = pick.channels(self.reader.read(series, pick.indices, box, flip and not self.defer_pixels))
             except CacheEntryError as e:
                 self._record_skip(series, e)
                 skipped += 1
@@ -154,14 +160,19 @@ class CacheSliceDataset(Dataset):
                     ) from e
                 position = self.index.draw(rng)
                 continue
-            if rejected < self.foreground_tries and not self.transform.is_foreground(slab, record):
+            seen = slab[..., ::-1] if flip and self.defer_pixels else slab
+            if rejected < self.foreground_tries and not self.transform.is_foreground(seen, record):
                 rejected += 1
                 self.rejected_count += 1
                 position = self.index.draw(rng)
                 continue
-            image = self.transform(slab, record, rng)
+            if self.defer_pixels:
+                values, ranges = self.transform.prepare(slab, record, rng)
+                pixels = raw_sample(values, ranges, flip)
+            else:
+                pixels = {"image": self.transform(slab, record, rng)}
             return {
-                "image": image,
+                **pixels,
                 "index": ident,
                 "epoch": epoch,
                 "series": series,

@@ -361,11 +361,22 @@ class SliceTransform:
 
     def __call__(self, slab: np.ndarray, record: SeriesRecord, rng: np.random.Generator) -> torch.Tensor:
         """Turn a cropped ``(k, h, w)`` slab of stored values into a ``(C, H, W)`` float32 tensor in [0, 1]."""
-        array = slab.astype(np.float32)
+        values, ranges = self.prepare(slab, record, rng)
+        return self.finish(torch.from_numpy(np.ascontiguousarray(values)), ranges)
+
+    def prepare(
+        self, slab: np.ndarray, record: SeriesRecord, rng: np.random.Generator
+    ) -> tuple[np.ndarray, list[tuple[float, float]]]:
+        """The worker's half: the values to resize (storage dtype; NaN/inf zeroed in float arrays) and
+        the intensity ranges (one RNG draw). The GPU data path ships exactly this to the device."""
+        values = slab
         if record.dtype == "float32":
-            np.nan_to_num(array, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        image = resize(torch.from_numpy(array), self.out_size, self.interpolation, self.antialias)
-        ranges = self.intensity_ranges(record, rng)
+            values = np.nan_to_num(slab.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        return values, self.intensity_ranges(record, rng)
+
+    def finish(self, values: torch.Tensor, ranges: Sequence[tuple[float, float]]) -> torch.Tensor:
+        """The pixel half, on whatever device ``values`` is: float32 -> resize -> intensity -> clip."""
+        image = resize(values.float(), self.out_size, self.interpolation, self.antialias)
         if len(ranges) == 1:
             return scale_intensity(image, *ranges[0])
         return torch.cat([scale_intensity(image, lo, hi) for lo, hi in ranges], dim=0)
