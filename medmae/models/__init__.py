@@ -33,3 +33,26 @@ __all__ = [
     "unpatchify",
     "visible_count",
 ]
+
+# 3D (volumetric) MAE: appended after the 2D exports, which it reuses (masking, MAEOutput).
+from medmae.models.mae3d import (  # noqa: E402
+    MAE3D_VARIANTS,
+    MaskedAutoencoder3D,
+    ViTEncoder3D,
+    create_mae3d,
+    grid_shape3d,
+    patchify3d,
+    unpatchify3d,
+)
+from medmae.models.pos_embed3d import sincos_pos_embed_3d  # noqa: E402
+
+__all__ += [
+    "MAE3D_VARIANTS",
+    "MaskedAutoencoder3D",
+    "ViTEncoder3D",
+    "create_mae3d",
+    "grid_shape3d",
+    "patchify3d",
+    "sincos_pos_embed_3d",
+    "unpatchify3d",
+]

@@ -1,0 +1,207 @@
+"""A pretrained 3D MAE encoder inside MONAI ``ViT(spatial_dims=3)`` and ``UNETR(spatial_dims=3)``.
+
+:class:`~medmae.models.mae3d.ViTEncoder3D` names its parameters as timm does, so the 2D key map
+(:func:`medmae.export.unetr.timm_to_monai_vit`) renames it: ``patch_embed.proj`` (a ``Conv3d``) ->
+``patch_embedding.patch_embeddings``, ``pos_embed`` -> ``patch_embedding.position_embeddings``,
+``blocks.i.attn.proj`` -> ``blocks.i.attn.out_proj``, ``blocks.i.mlp.fc1/fc2`` -> ``mlp.linear1/linear2``.
+
+What differs from 2D, and why:
+
+- No LayerNorm patching: the 3D encoder uses ``eps=1e-5``, MONAI's default.
+- Positions are fixed sin-cos in MONAI's own layout, so for a fine-tuning size other than the
+  pretraining crop they are *recomputed* for the new grid (exact) instead of interpolated.
+- Class token: an encoder pretrained with one (the default) goes into :class:`EncoderUNETR` / a ViT
+  given a ``cls_token`` attribute (MONAI's forward prepends it when present; ``pos_embed[:, 0]`` is
+  zero, so the token is copied as is); one pretrained with ``cls_token=False`` loads into a stock
+  MONAI ``UNETR``/``ViT(classification=False)``. Either way every hidden state MONAI returns equals
+  the encoder's block output (tested within 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.networks.blocks.transformerblock import TransformerBlock
+from monai.networks.nets import UNETR, ViT
+from torch import nn
+
+from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, EncoderUNETR, timm_to_monai_vit
+from medmae.models.mae3d import MaskedAutoencoder3D, ViTEncoder3D, as_size3d, grid_shape3d
+from medmae.models.pos_embed3d import sincos_pos_embed_3d
+
+EncoderLike = MaskedAutoencoder3D | ViTEncoder3D | Mapping[str, torch.Tensor]
+
+
+def monai_vit3d_state(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a :class:`ViTEncoder3D` ``state_dict`` to MONAI ``ViT`` names (see the module docstring).
+
+    Load the result with ``strict=False`` or through :func:`load_monai_vit3d`: MONAI's blocks hold an
+    unused ``norm_cross_attn`` that no encoder has.
+    """
+    state = dict(encoder_state)
+    has_cls = "cls_token" in state
+    if not has_cls:  # the 2D map reads positions after a class slot: give it an empty one
+        pos = state["pos_embed"]
+        state["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[2]), pos], dim=1)
+    return timm_to_monai_vit(state, _depth(state), cls_token=has_cls)
+
+
+def load_monai_vit3d(vit: ViT, encoder_state: Mapping[str, torch.Tensor], where: str = "encoder") -> None:
+    """Copy encoder weights into ``vit``; ValueError on any key or shape that does not fit."""
+    try:
+        mapped = monai_vit3d_state(encoder_state)
+    except KeyError as e:
+        raise ValueError(f"{where}: encoder weights are missing {e}") from None
+    try:
+        missing, unexpected = vit.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
+    missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def build_vit3d(
+    encoder: EncoderLike,
+    img_size: int | Sequence[int] | None = None,
+    *,
+    num_heads: int | None = None,
+    dropout_rate: float = 0.0,
+) -> ViT:
+    """A MONAI ``ViT(spatial_dims=3, classification=False)`` carrying the encoder (any patch size).
+
+    ``img_size`` defaults to the encoder's crop (required for a bare ``state_dict``, as is ``num_heads``:
+    weights do not record the head count).
+    """
+    state, heads, size = _resolve(encoder, num_heads, img_size)
+    shape = _shape(state)
+    vit = ViT(
+        in_channels=shape["in_chans"],
+        img_size=size,
+        patch_size=shape["patch_size"],
+        hidden_size=shape["embed_dim"],
+        mlp_dim=shape["mlp_dim"],
+        num_layers=shape["depth"],
+        num_heads=heads,
+        proj_type="conv",
+        classification=False,
+        dropout_rate=dropout_rate,
+        spatial_dims=3,
+        qkv_bias=True,
+    )
+    _fill(vit, state, grid_shape3d(size, shape["patch_size"]))
+    return vit
+
+
+def build_unetr3d(
+    encoder: EncoderLike,
+    img_size: int | Sequence[int],
+    out_channels: int,
+    feature_size: int = 16,
+    *,
+    num_heads: int | None = None,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+) -> UNETR:
+    """A MONAI ``UNETR(spatial_dims=3)`` whose ViT carries the pretrained encoder.
+
+    Args:
+        encoder: a :class:`MaskedAutoencoder3D`, its ``.encoder``, or the encoder's ``state_dict``.
+        img_size: fine-tuning crop ``S`` or ``(S0, S1, S2)``, multiples of 16 (positions are recomputed).
+        out_channels: segmentation classes, background included.
+        feature_size, norm_name, res_block, dropout_rate: MONAI UNETR decoder settings.
+        num_heads: encoder heads; required only for a bare ``state_dict``.
+
+    The encoder must use 16-voxel patches and have at least 10 blocks (UNETR reads block outputs 3, 6, 9);
+    its depth replaces MONAI's fixed 12 blocks.
+    """
+    state, heads, size = _resolve(encoder, num_heads, img_size)
+    shape = _shape(state)
+    if shape["patch_size"] != UNETR_PATCH:
+        raise ValueError(f"build_unetr3d: encoder patch_size is {shape['patch_size']}; MONAI UNETR only takes 16")
+    if shape["depth"] <= max(UNETR_HIDDEN_STATES):
+        raise ValueError(
+            f"build_unetr3d: encoder depth is {shape['depth']}; UNETR reads block outputs {UNETR_HIDDEN_STATES}, "
+            f"so it needs at least {max(UNETR_HIDDEN_STATES) + 1} blocks"
+        )
+    grid = grid_shape3d(size, UNETR_PATCH)
+    embed_dim, mlp_dim = shape["embed_dim"], shape["mlp_dim"]
+    cls = EncoderUNETR if "cls_token" in state else UNETR
+    model = cls(
+        in_channels=shape["in_chans"],
+        out_channels=out_channels,
+        img_size=size,
+        feature_size=feature_size,
+        hidden_size=embed_dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        proj_type="conv",
+        norm_name=norm_name,
+        conv_block=True,
+        res_block=res_block,
+        dropout_rate=dropout_rate,
+        spatial_dims=3,
+        qkv_bias=True,
+    )
+    if len(model.vit.blocks) != shape["depth"]:  # MONAI always builds 12 blocks; match the encoder
+        model.vit.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(shape["depth"])
+        )
+    _fill(model.vit, state, grid)
+    return model
+
+
+def _resolve(
+    encoder: EncoderLike, num_heads: int | None, img_size: int | Sequence[int] | None
+) -> tuple[dict[str, torch.Tensor], int, tuple[int, int, int]]:
+    """(state_dict, heads, size) from a model, an encoder or a bare state_dict."""
+    if isinstance(encoder, MaskedAutoencoder3D):
+        encoder = encoder.encoder
+    if isinstance(encoder, ViTEncoder3D):
+        heads = encoder.num_heads if num_heads is None else num_heads
+        size = encoder.img_size if img_size is None else img_size
+        return {k: v.detach() for k, v in encoder.state_dict().items()}, heads, as_size3d(size)
+    if not isinstance(encoder, Mapping):
+        raise ValueError(f"encoder must be a MaskedAutoencoder3D, a ViTEncoder3D or a state_dict, got {type(encoder)}")
+    if num_heads is None or img_size is None:
+        raise ValueError("num_heads and img_size are required with a bare state_dict (weights do not record them)")
+    return dict(encoder), num_heads, as_size3d(img_size)
+
+
+def _depth(state: Mapping[str, torch.Tensor]) -> int:
+    depth = 0
+    while f"blocks.{depth}.norm1.weight" in state:
+        depth += 1
+    return depth
+
+
+def _shape(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Sizes readable from the weights themselves."""
+    try:
+        conv = state["patch_embed.proj.weight"]
+        mlp = state["blocks.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise ValueError(f"encoder state lacks {e}: not a ViTEncoder3D state_dict") from None
+    if conv.ndim != 5 or len(set(conv.shape[2:])) != 1:
+        raise ValueError(f"encoder patch embedding weight has shape {tuple(conv.shape)}, not a cubic Conv3d")
+    return {
+        "embed_dim": int(conv.shape[0]),
+        "in_chans": int(conv.shape[1]),
+        "patch_size": int(conv.shape[2]),
+        "mlp_dim": int(mlp.shape[0]),
+        "depth": _depth(state),
+    }
+
+
+def _fill(vit: ViT, state: dict[str, torch.Tensor], grid: tuple[int, int, int]) -> None:
+    """Give ``vit`` a class token if the encoder had one, positions for ``grid``, then the weights."""
+    embed_dim = int(state["patch_embed.proj.weight"].shape[0])
+    has_cls = "cls_token" in state
+    if has_cls:
+        vit.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    state = {**state, "pos_embed": sincos_pos_embed_3d(embed_dim, grid, cls_token=has_cls)}
+    load_monai_vit3d(vit, state)
