@@ -3,11 +3,12 @@
     from data_prep import prep_archive
     summary = prep_archive([Path("/archive")], Path("/data/cache"), workers=8)
 
-Stages, one module each: ``scan`` (files -> header records), ``series`` (records -> validated series
-plans), ``decode`` (pixels -> stored values), ``geometry`` (ordering, affines, canonical orientation),
-``deid`` (keyed pseudonyms, salt), ``build`` (plan -> cache entry, resumable), ``report`` (reject
-report, shard results, summary), ``pipeline`` (the run), ``workers`` (process pools that die with
-their parent), ``cli``. Reason codes: ``reasons``. User documentation: docs/data_prep.md.
+Stages, one module each: ``scan`` (files -> header records), ``nifti_meta`` (a NIfTI's JSON sidecar
+and modality), ``series`` (records -> validated series plans), ``decode`` (pixels -> stored values),
+``geometry`` (ordering, affines, canonical orientation), ``deid`` (keyed pseudonyms, salt), ``build``
+(plan -> cache entry, resumable), ``report`` (reject report, shard results, summary), ``pipeline``
+(the run), ``workers`` (process pools that die with their parent), ``cli``. Reason codes:
+``reasons``. User documentation: docs/data_prep.md.
 """
 
 from data_prep.pipeline import PrepError, merge_shards, prep_archive

@@ -9,6 +9,7 @@ run reports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -95,7 +96,12 @@ def dropped_state_path(cache_dir: Path, series_id: str) -> Path:
 
 
 def already_built(task: BuildTask) -> BuildResult | None:
-    """The result of a previous run, if the series' sidecar exists and is valid (resume)."""
+    """The result of a previous run, if the series' sidecar exists and is valid (resume).
+
+    A series stored under another modality or intensity than this run decides (other
+    ``--nifti-modality`` rules, or a prep that knew no sidecars) is not built: it is rebuilt. One
+    that differs only in ``modality_source`` (absent before it was recorded) gets its sidecar updated.
+    """
     cache = Path(task.cache_dir)
     if not sidecar_path(cache, task.series_id).is_file():
         return None
@@ -105,6 +111,12 @@ def already_built(task: BuildTask) -> BuildResult | None:
         return None
     if not (cache / record.array).is_file():
         return None
+    plan = task.plan
+    if (record.modality, record.intensity) != (plan.modality, intensity_of(plan)):
+        return None
+    if record.modality_source != plan.modality_source:
+        record = dataclasses.replace(record, modality_source=plan.modality_source)
+        write_json_atomic(sidecar_path(cache, task.series_id), record.to_json())
     dropped: dict[str, Reason] = {}
     state = dropped_state_path(cache, task.series_id)
     if state.is_file():
@@ -178,10 +190,16 @@ def _record(task: BuildTask, array: np.ndarray, affine: np.ndarray, spacing: tup
         shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
         spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
         dtype=str(array.dtype),
-        intensity="HU" if plan.modality == "CT" else "raw",
+        intensity=intensity_of(plan),
         stats=compute_stats(array),
         affine=tuple(tuple(float(v) for v in row) for row in affine),
+        modality_source=plan.modality_source,
     )
+
+
+def intensity_of(plan: SeriesPlan) -> str:
+    """The record's ``intensity``: ``HU`` exactly when the plan stores Hounsfield units."""
+    return "HU" if plan.hu else "raw"
 
 
 # ----------------------------------------------------------------------------- decoding per source
@@ -202,10 +220,15 @@ def _decode(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, causes
 
 
 def _decode_nifti(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, causes: dict[str, str]) -> _Decoded:
+    """One NIfTI file; a rejection covers its JSON sidecar too (the sidecar shares the NIfTI's fate)."""
     rel = plan.slices[0].rel
+
+    def rejected(reason: Reason) -> _Rejected:
+        return _Rejected(dict.fromkeys(plan.rels, reason))
+
     if rel in excluded:
         causes[rel] = excluded[rel]
-        raise _Rejected({rel: Reason.PIXEL_DECODE_FAILED})
+        raise rejected(Reason.PIXEL_DECODE_FAILED)
     if on_file is not None:
         on_file(rel)
     try:
@@ -214,19 +237,19 @@ def _decode_nifti(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
         raise
     except BaseException as e:
         causes[rel] = cause_of(e)
-        raise _Rejected({rel: Reason.PIXEL_DECODE_FAILED}) from e
+        raise rejected(Reason.PIXEL_DECODE_FAILED) from e
     if on_file is not None:
         on_file(None)
     if data.dtype.kind not in "iuf" or data.dtype.names is not None:
-        raise _Rejected({rel: Reason.UNSUPPORTED_NIFTI})
+        raise rejected(Reason.UNSUPPORTED_NIFTI)
     try:
-        values = store_values(data, plan.modality)
+        values = store_values(data, hu=plan.hu)
     except NonFiniteValues as e:
-        raise _Rejected({rel: Reason.NON_FINITE_VALUES}) from e
+        raise rejected(Reason.NON_FINITE_VALUES) from e
     try:
         array, affine, spacing = to_canonical(values, RAS_TO_LPS @ affine_ras)
     except ValueError as e:
-        raise _Rejected({rel: Reason.UNSUPPORTED_NIFTI}) from e
+        raise rejected(Reason.UNSUPPORTED_NIFTI) from e
     return array, affine, spacing, {}
 
 
@@ -291,7 +314,7 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
     assembler = StackAssembler()
     for s in keep:
         assembler.add(values.pop((s.rel, s.frame)))
-    native = assembler.finish(plan.modality)  # (k, row j, column i)
+    native = assembler.finish(plan.hu)  # (k, row j, column i)
 
     if plan.kind == "image":
         row_sp, col_sp = plan.pixel_spacing or (1.0, 1.0)

@@ -2,7 +2,8 @@
 
     medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
                 [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--max-voxels N]
-                [--decode-timeout S] [--follow-links] [--quiet]
+                [--decode-timeout S] [--follow-links] [--nifti-modality RULE ...]
+                [--allow-secondary] [--quiet]
     medmae prep merge CACHE_DIR [--shards N] [--quiet]
 
 Exit status 0 when the run completed (rejected files are normal and are counted in the report),
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_prep.nifti_meta import parse_modality_rule
 from data_prep.pipeline import PrepError, merge_shards, prep_archive
 from data_prep.scan import DEFAULT_MAX_VOXELS
 from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildWorkerError
@@ -82,6 +84,15 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _nifti_rule(text: str) -> str:
+    """Validate a ``--nifti-modality`` rule now, so a typo is a usage error naming the option."""
+    try:
+        parse_modality_rule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _prep_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="medmae prep",
@@ -107,6 +118,13 @@ def _prep_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_DECODE_TIMEOUT:g})")
     p.add_argument("--follow-links", action="store_true",
                    help="follow symbolic links to folders outside the archives (default: count them, not followed)")
+    p.add_argument("--nifti-modality", type=_nifti_rule, action="append", default=[], metavar="RULE",
+                   help="modality of NIfTI files: MOD (every NIfTI) or PATTERN=MOD, PATTERN an fnmatch glob on "
+                   "the path in its archive or the absolute path (e.g. '*_ct.nii.gz=CT', '/data/ct/*=CT'); "
+                   "repeatable, first match wins; beats the JSON sidecar's Modality and the BIDS suffix")
+    p.add_argument("--allow-secondary", action="store_true",
+                   help="keep secondary captures and DERIVED\\SECONDARY images not marked BurnedInAnnotation=NO "
+                   "(default: reject them as secondary_capture; they often show patient text)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -149,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_voxels=args.max_voxels,
                 decode_timeout=args.decode_timeout,
                 follow_links=args.follow_links,
+                nifti_modality=args.nifti_modality,
+                allow_secondary=args.allow_secondary,
             )
     except PrepError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

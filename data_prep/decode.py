@@ -3,11 +3,12 @@
 Policy (docs/data_prep.md, "Intensities and dtypes"):
 
 * values are the modality-LUT output: RescaleSlope/Intercept (or a Modality LUT Sequence) applied, so
-  CT is in HU; other modalities keep their scanner units (``intensity = "raw"``);
+  CT is in HU; other modalities keep their scanner units (``intensity = "raw"``). Whether a series
+  is HU is the plan's decision (``SeriesPlan.hu``: CT, but not a CT secondary capture);
 * MONOCHROME1 is inverted within the value range the header allows (``lo + hi - v``), so higher is
   brighter for every stored image, and integers stay integers;
-* CT is stored as ``int16`` when every value is an integer in int16 range, else ``float32``;
-* other modalities use the smallest of ``uint8``, ``int16``, ``uint16`` holding every value exactly
+* HU is stored as ``int16`` when every value is an integer in int16 range, else ``float32``;
+* everything else uses the smallest of ``uint8``, ``int16``, ``uint16`` holding every value exactly
   (that order), else ``float32``;
 * NaN/Inf anywhere rejects the file (``non_finite_values``); nothing is silently cleaned.
 
@@ -166,10 +167,10 @@ def modality_values(
 # ----------------------------------------------------------------------------- dtype policy
 
 
-def storage_dtype(modality: str, integral: bool, lo: float, hi: float) -> np.dtype:
-    """The per-modality storage dtype for values in ``[lo, hi]`` (see module docstring)."""
+def storage_dtype(hu: bool, integral: bool, lo: float, hi: float) -> np.dtype:
+    """The storage dtype for values in ``[lo, hi]``, HU or not (see module docstring)."""
     if integral:
-        for cand in _INT_CANDIDATES_CT if modality == "CT" else _INT_CANDIDATES:
+        for cand in _INT_CANDIDATES_CT if hu else _INT_CANDIDATES:
             info = np.iinfo(cand)
             if info.min <= lo and hi <= info.max:
                 return np.dtype(cand)
@@ -221,8 +222,9 @@ class StackAssembler:
     def __len__(self) -> int:
         return len(self._slices)
 
-    def finish(self, modality: str) -> np.ndarray:
-        dtype = storage_dtype(modality, self._integral, self._lo, self._hi)
+    def finish(self, hu: bool) -> np.ndarray:
+        """All slices as one (k, rows, columns) array in the policy dtype (``hu``: Hounsfield units)."""
+        dtype = storage_dtype(hu, self._integral, self._lo, self._hi)
         out = np.empty((len(self._slices),) + self._slices[0].shape, dtype=dtype)
         for k, s in enumerate(self._slices):
             out[k] = s
@@ -230,10 +232,14 @@ class StackAssembler:
         return out
 
 
-def store_values(values: np.ndarray, modality: str) -> np.ndarray:
-    """A whole array (NIfTI volume) in the policy dtype."""
+def store_values(values: np.ndarray, modality: str = "OT", *, hu: bool | None = None) -> np.ndarray:
+    """A whole array (NIfTI volume) in the policy dtype.
+
+    data_prep passes its plan's ``hu``; callers that know only a modality (``medmae.finetune``)
+    leave it None, meaning ``modality == "CT"``.
+    """
     arr, integral, lo, hi = compact(values)
-    return arr.astype(storage_dtype(modality, integral, lo, hi), copy=False)
+    return arr.astype(storage_dtype(modality == "CT" if hu is None else hu, integral, lo, hi), copy=False)
 
 
 # ----------------------------------------------------------------------------- NIfTI

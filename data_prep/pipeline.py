@@ -29,6 +29,7 @@ from data_prep.deid import (
     split_of,
 )
 from data_prep.lock import CacheBusy, cache_lock
+from data_prep.nifti_meta import ModalityRule, parse_modality_rule
 from data_prep.reasons import Reason
 from data_prep.report import (
     Outcome,
@@ -75,6 +76,8 @@ def prep_archive(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     follow_links: bool = False,
+    nifti_modality: Sequence[str] | str = (),
+    allow_secondary: bool = False,
 ) -> PrepSummary:
     """Turn DICOM/NIfTI archives into the de-identified training cache at ``out``.
 
@@ -92,6 +95,11 @@ def prep_archive(
         decode_timeout: seconds one file may take to decode before its worker is killed (the file
             is then ``pixel_decode_failed`` and the series is built without it).
         follow_links: follow symbolic links to folders outside the archives (loops are never followed).
+        nifti_modality: ``--nifti-modality`` rules, ``"MOD"`` (every NIfTI) or ``"PATTERN=MOD"`` (fnmatch
+            on the path in its archive or the absolute path); the first match wins over the JSON
+            sidecar's Modality, the BIDS suffix and ``OT``. A single string is one rule.
+        allow_secondary: keep secondary captures and DERIVED\\SECONDARY images that do not say
+            ``BurnedInAnnotation = NO`` (rejected ``secondary_capture`` by default: burned-in text).
 
     Raises:
         PrepError: the arguments cannot work, the cache is in use by another prep, or it was built
@@ -105,6 +113,9 @@ def prep_archive(
         raise PrepError(f"max_voxels must be a positive integer (got {max_voxels!r})")
     if not (isinstance(decode_timeout, int | float) and decode_timeout > 0):
         raise PrepError(f"decode_timeout must be a positive number of seconds (got {decode_timeout!r})")
+    if not isinstance(allow_secondary, bool):
+        raise PrepError(f"allow_secondary must be True or False (got {allow_secondary!r})")
+    rules = parse_nifti_modality(nifti_modality)
     salt_path = Path(salt_file).absolute() if salt_file is not None else default_salt_path(out)
     if is_inside(salt_path, out):
         raise PrepError(f"the salt file must live outside the cache directory (got {salt_path})")
@@ -131,7 +142,7 @@ def prep_archive(
     try:
         return _prep_locked(
             archives, out, workers, salt_path, salt_created, val_fraction, shard, path_map, progress,
-            max_voxels, decode_timeout, follow_links,
+            max_voxels, decode_timeout, follow_links, nifti_rules=rules, allow_secondary=allow_secondary,
         )
     finally:
         lock.__exit__(None, None, None)
@@ -150,6 +161,9 @@ def _prep_locked(
     max_voxels: int,
     decode_timeout: float,
     follow_links: bool,
+    *,
+    nifti_rules: Sequence[ModalityRule],
+    allow_secondary: bool,
 ) -> PrepSummary:
     recorded = recorded_salt_fingerprints(out)
     if salt_created and recorded:
@@ -173,8 +187,8 @@ def _prep_locked(
     _warn_if_exposed(salt_path)
     write_json_atomic(salt_state_path(out), {"salt_fingerprint": fingerprint})
 
-    records = _scan(archives, out, salt_path, path_map, workers, progress, max_voxels, follow_links)
-    assembly = assemble(records)
+    records = _scan(archives, out, salt_path, path_map, workers, progress, max_voxels, follow_links, allow_secondary)
+    assembly = assemble(records, nifti_rules)
     file_ids = {r.rel: (pseudo.directory(r.rel) if r.is_directory else pseudo.file(r.rel)) for r in records}
     plans = []
     for plan in assembly.plans:  # a series too large as a whole (each file fitted): rejected unbuilt
@@ -185,6 +199,10 @@ def _prep_locked(
 
     def mine(pseudonym: str) -> bool:
         return shard is None or shard_of(pseudonym, shard[1]) == shard[0]
+
+    for rel, message in assembly.warnings:
+        if mine(file_ids[rel]):
+            log.warning("file %s: %s", file_ids[rel], message)
 
     outcome = Outcome(files_seen=sum(1 for r in records if not r.is_directory))
     for r in records:
@@ -224,6 +242,9 @@ def _prep_locked(
         "archives": pseudo.file("\0".join(os.path.realpath(a) for a in archives)),
         "max_voxels": int(max_voxels),
         "follow_links": bool(follow_links),
+        # keyed like the archives: a rule may hold an archive path, and nothing raw enters the cache
+        "nifti_modality": pseudo.file("\0".join(r.text for r in nifti_rules)),
+        "allow_secondary": bool(allow_secondary),
     }
     manifest_path = report_path = partial = None
     if shard is None:
@@ -309,6 +330,12 @@ def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
         raise PrepError(str(e)) from e
 
 
+#: Settings every shard of one cache must share (merge refuses otherwise).
+_SHARD_SETTINGS = (
+    "salt_fingerprint", "val_fraction", "archives", "max_voxels", "follow_links", "nifti_modality", "allow_secondary",
+)
+
+
 def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
     parsed = []
     for path in list_shard_partials(cache_dir):
@@ -328,10 +355,10 @@ def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
     if missing:
         raise PrepError(f"missing shard results for shard(s) {missing} of {shards}")
     settings = [parts[i][0] for i in range(shards)]
-    for key in ("salt_fingerprint", "val_fraction", "archives", "max_voxels", "follow_links"):
+    for key in _SHARD_SETTINGS:
         if len({json.dumps(s.get(key)) for s in settings}) != 1:
             raise PrepError(f"shards disagree on {key!r}: they must share salt file, --val-fraction, archives, "
-                            "--max-voxels and --follow-links")
+                            "--max-voxels, --follow-links, --nifti-modality and --allow-secondary")
     fingerprint = str(settings[0]["salt_fingerprint"])
     recorded = recorded_salt_fingerprints(cache_dir)
     if any(fp != fingerprint for fp in recorded):
@@ -390,6 +417,24 @@ def _check_arguments(
         raise PrepError(f"--out exists and is not a directory: {out}")
 
 
+def parse_nifti_modality(rules: Sequence[str] | str) -> list[ModalityRule]:
+    """``--nifti-modality`` rules, validated; a single string is one rule.
+
+    Raises:
+        PrepError: one line naming the option and the rule.
+    """
+    texts = [rules] if isinstance(rules, str) else list(rules)
+    parsed = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise PrepError(f"--nifti-modality: a rule must be a string (got {text!r})")
+        try:
+            parsed.append(parse_modality_rule(text))
+        except ValueError as e:
+            raise PrepError(f"--nifti-modality {text!r}: {e}") from e
+    return parsed
+
+
 def _ensure_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -408,13 +453,14 @@ def _scan(
     progress: bool,
     max_voxels: int,
     follow_links: bool,
+    allow_secondary: bool,
 ) -> list[ScanRecord]:
     from tqdm.auto import tqdm
 
     exclude = [out, salt] + ([path_map] if path_map is not None else [])
     with tqdm(desc="scan", unit="file", disable=not progress, dynamic_ncols=True) as bar:
         return scan_archives(archives, workers=workers, exclude=exclude, on_progress=bar.update,
-                             max_voxels=max_voxels, follow_links=follow_links)
+                             max_voxels=max_voxels, follow_links=follow_links, allow_secondary=allow_secondary)
 
 
 def _run_builds(

@@ -25,6 +25,7 @@ class Reason(str, Enum):
     NO_PIXEL_DATA = "no_pixel_data"
     LOCALIZER = "localizer"
     BURNED_IN_ANNOTATION = "burned_in_annotation"
+    SECONDARY_CAPTURE = "secondary_capture"
     COLOR_IMAGE = "color_image"
     UNSUPPORTED_PIXEL_FORMAT = "unsupported_pixel_format"
     MULTIFRAME_WITHOUT_GEOMETRY = "multiframe_without_geometry"
@@ -33,6 +34,7 @@ class Reason(str, Enum):
     SIZE_MISMATCH = "size_mismatch"
     NIFTI_UNREADABLE = "nifti_unreadable"
     UNSUPPORTED_NIFTI = "unsupported_nifti"
+    SIDECAR_OF_REJECTED_NIFTI = "sidecar_of_rejected_nifti"
     # -- series assembly
     DUPLICATE_INSTANCE = "duplicate_instance"
     MISSING_GEOMETRY = "missing_geometry"
@@ -57,7 +59,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     "scanned under its own path; outside: only with `--follow-links`; or a folder already scanned, e.g. a link "
     "loop); its id stands for everything behind it",
     Reason.NOT_A_REGULAR_FILE: "a FIFO, socket or device node: never opened",
-    Reason.NOT_RECOGNISED: "neither DICOM (by content) nor NIfTI (`.nii` / `.nii.gz`): text, junk, other formats",
+    Reason.NOT_RECOGNISED: "neither DICOM (by content) nor NIfTI (`.nii` / `.nii.gz`) nor a NIfTI's JSON sidecar: "
+    "text, junk, other formats, a `.json` with no NIfTI of its stem beside it",
     Reason.DICOMDIR: "a DICOMDIR media index (by name or Media Storage Directory SOP class); holds no image",
     Reason.DICOM_UNREADABLE: "looks like DICOM but its header cannot be parsed",
     Reason.NON_IMAGE_SOP: "a non-image object: SR, RT plan/struct/dose/record, presentation state, KO, "
@@ -65,6 +68,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NO_PIXEL_DATA: "an image-like header without Rows/Columns (or without any SOP class and image)",
     Reason.LOCALIZER: "ImageType contains LOCALIZER or SCOUT (scanogram / survey images)",
     Reason.BURNED_IN_ANNOTATION: "BurnedInAnnotation is YES: text (possibly names) drawn into the pixels",
+    Reason.SECONDARY_CAPTURE: "a Secondary Capture SOP class, or ImageType starting DERIVED, SECONDARY (screenshots, "
+    "reformats: often text drawn into the pixels), without BurnedInAnnotation = NO; kept with `--allow-secondary`",
     Reason.COLOR_IMAGE: "colour pixels (SamplesPerPixel > 1, RGB/YBR*/PALETTE COLOR); pretraining is grayscale",
     Reason.UNSUPPORTED_PIXEL_FORMAT: "a pixel layout we do not store (1-bit pixels)",
     Reason.MULTIFRAME_WITHOUT_GEOMETRY: "a multi-frame file without per-frame geometry (cine loops, NM frames)",
@@ -76,6 +81,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NIFTI_UNREADABLE: "a `.nii`/`.nii.gz` whose header nibabel cannot read",
     Reason.UNSUPPORTED_NIFTI: "a NIfTI that is not a 2D/3D/4D scalar image (CIFTI matrices, > 4 non-trivial "
     "dims, complex values, singular affine)",
+    Reason.SIDECAR_OF_REJECTED_NIFTI: "a JSON sidecar (`<stem>.json`) whose NIfTI was rejected by the scan; the NIfTI "
+    "is counted under its own reason (a sidecar whose NIfTI is rejected later shares the NIfTI's reason)",
     Reason.DUPLICATE_INSTANCE: "same SOPInstanceUID as a file already kept (first by archive path wins)",
     Reason.MISSING_GEOMETRY: "a multi-image cross-sectional series whose images lack position/orientation",
     Reason.OVERLAPPING_SLICES: "two slices of one stack at the same position that no DICOM tag tells apart",

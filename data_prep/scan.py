@@ -1,10 +1,11 @@
 """Scan: walk the archive and read one header record per file, never stopping on a bad file.
 
 DICOM is recognised by content (preamble ``DICM`` or a plausible first data element), not by
-extension; NIfTI by ``.nii`` / ``.nii.gz``. Headers are read with ``stop_before_pixels`` in a
-process pool, in chunks, and every failure becomes a reject record with a reason code. Records keep
-raw identifiers (UIDs, PatientID) in memory only, for grouping and for keyed pseudonyms; nothing
-here is ever written out.
+extension; NIfTI by ``.nii`` / ``.nii.gz``, and ``<stem>.json`` beside one as its sidecar (read with
+the NIfTI, :mod:`data_prep.nifti_meta`). Headers are read with ``stop_before_pixels`` in a process
+pool, in chunks, and every failure becomes a reject record with a reason code. Records keep raw
+identifiers (UIDs, PatientID) in memory only, for grouping and for keyed pseudonyms; nothing here
+is ever written out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.deid import quiet_libraries
+from data_prep.nifti_meta import NiftiSidecar, nifti_of_sidecar, read_sidecar, sidecar_of_nifti
 from data_prep.reasons import Reason
 from data_prep.workers import worker_pool
 
@@ -76,6 +78,7 @@ class DicomHeader:
     has_modality_lut: bool
     acquisition_number: str
     projection: bool  # a 2D projection picture (CR/DX/MG/XA/..., secondary capture): kind "image"
+    secondary_capture: bool  # a Secondary Capture SOP class: its pixels are display values, never HU
     enhanced: bool  # multi-frame with per-frame functional groups
     frames: tuple[FrameInfo, ...]
 
@@ -90,10 +93,12 @@ class ScanRecord:
 
     rel: str
     path: str
-    kind: str  # "dicom" | "nifti" | "reject"
+    kind: str  # "dicom" | "nifti" | "sidecar" | "reject"
     reason: Reason | None = None
     dicom: DicomHeader | None = None
     is_directory: bool = False
+    sidecar: NiftiSidecar | None = None  # kind "nifti": what its JSON sidecar says (None: it has none)
+    nifti_rel: str | None = None  # kind "sidecar": the rel of the NIfTI this JSON file describes
 
 
 # ----------------------------------------------------------------------------- walk
@@ -179,12 +184,16 @@ def _rel(path: str, root: str, index: int) -> str:
 # ----------------------------------------------------------------------------- per-file read
 
 
-def scan_file(path: str, rel: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> ScanRecord:
+def scan_file(
+    path: str, rel: str, max_voxels: int = DEFAULT_MAX_VOXELS, *, allow_secondary: bool = False
+) -> ScanRecord:
     """Classify one file and read its header; any failure becomes a reject record.
 
     Only regular files are opened (a FIFO would block the scan, a device could be endless or have
     side effects); a file that cannot be opened is ``unreadable_file`` whatever its extension. A
     header declaring more than ``max_voxels`` voxels is ``too_large`` before anything is allocated.
+    ``allow_secondary`` keeps secondary captures (see :func:`content_reason`). A ``<stem>.json``
+    beside a ``<stem>.nii[.gz]`` is that NIfTI's sidecar (kind ``"sidecar"``: read with the NIfTI).
     """
     try:
         st = os.stat(path)
@@ -204,9 +213,13 @@ def scan_file(path: str, rel: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
         return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
     lower = os.path.basename(path).lower()
     if lower.endswith((".nii", ".nii.gz")):
-        return _scan_nifti(path, rel, max_voxels)
+        return _scan_nifti(path, rel, max_voxels, allow_secondary)
     if lower == "dicomdir":
         return ScanRecord(rel, path, "reject", Reason.DICOMDIR)
+    nifti = nifti_of_sidecar(path)
+    if nifti is not None:
+        name = os.path.basename(path)
+        return ScanRecord(rel, path, "sidecar", nifti_rel=rel[: len(rel) - len(name)] + os.path.basename(nifti))
     kind = sniff_dicom(head)
     if kind is None:
         return ScanRecord(rel, path, "reject", Reason.NOT_RECOGNISED)
@@ -214,7 +227,7 @@ def scan_file(path: str, rel: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Scan
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=kind == "raw")
-        header_or_reason = dicom_header(ds, max_voxels)
+        header_or_reason = dicom_header(ds, max_voxels, allow_secondary=allow_secondary)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # a broken header must not stop the scan (BaseException: pyo3 panics too)
@@ -247,7 +260,7 @@ def sniff_dicom(head: bytes) -> str | None:
     return None
 
 
-def _scan_nifti(path: str, rel: str, max_voxels: int) -> ScanRecord:
+def _scan_nifti(path: str, rel: str, max_voxels: int, allow_secondary: bool) -> ScanRecord:
     import nibabel as nib
     import numpy as np
 
@@ -270,13 +283,22 @@ def _scan_nifti(path: str, rel: str, max_voxels: int) -> ScanRecord:
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
     if math.prod(int(s) for s in shape[:3]) > max_voxels:  # only the first volume is ever read
         return ScanRecord(rel, path, "reject", Reason.TOO_LARGE)
-    return ScanRecord(rel, path, "nifti")
+    sidecar_path = sidecar_of_nifti(path)
+    sidecar = read_sidecar(sidecar_path) if sidecar_path is not None else None
+    if sidecar is not None:  # a converted localizer or screenshot is refused as its DICOM would be
+        reason = content_reason(sidecar.image_type, sidecar.burned_in, secondary_capture=False,
+                                allow_secondary=allow_secondary)
+        if reason is not None:
+            return ScanRecord(rel, path, "reject", reason)
+    return ScanRecord(rel, path, "nifti", sidecar=sidecar)
 
 
 # ----------------------------------------------------------------------------- header parsing
 
 
-def dicom_header(ds: Any, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader | Reason:
+def dicom_header(
+    ds: Any, max_voxels: int = DEFAULT_MAX_VOXELS, *, allow_secondary: bool = False
+) -> DicomHeader | Reason:
     """Extract a :class:`DicomHeader` from a header-only dataset, or the reason it is not usable.
 
     Sizes are checked before anything is built per frame: Rows x Columns x NumberOfFrames above
@@ -299,18 +321,19 @@ def dicom_header(ds: Any, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader |
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
     if not rows or not columns:
         return Reason.NO_PIXEL_DATA
-    image_type = {v.strip().upper() for v in _texts(ds.get("ImageType"))}
-    if image_type & {"LOCALIZER", "SCOUT"}:
-        return Reason.LOCALIZER
-    if "MOSAIC" in image_type:
-        return Reason.MOSAIC
-    if _text(ds.get("BurnedInAnnotation")).upper() == "YES":  # pixels may show names: privacy first
-        return Reason.BURNED_IN_ANNOTATION
     photometric = _text(ds.get("PhotometricInterpretation")).upper()
     if (_int(ds.get("SamplesPerPixel")) or 1) != 1 or photometric.startswith(_COLOR_PHOTOMETRIC_PREFIXES):
         return Reason.COLOR_IMAGE
     if _int(ds.get("BitsAllocated")) == 1:
         return Reason.UNSUPPORTED_PIXEL_FORMAT
+    image_type = _texts(ds.get("ImageType"))
+    secondary_capture = "Secondary Capture" in sop_name
+    reason = content_reason(image_type, _text(ds.get("BurnedInAnnotation")), secondary_capture=secondary_capture,
+                            allow_secondary=allow_secondary)
+    if reason is not None:
+        return reason
+    if "MOSAIC" in {v.upper() for v in image_type}:
+        return Reason.MOSAIC
     n_frames = _int(ds.get("NumberOfFrames")) or 1
     if rows < 0 or columns < 0 or n_frames < 0:
         return Reason.SIZE_MISMATCH
@@ -340,9 +363,31 @@ def dicom_header(ds: Any, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader |
         has_modality_lut="ModalityLUTSequence" in ds,
         acquisition_number=_text(ds.get("AcquisitionNumber")),
         projection=projection,
+        secondary_capture=secondary_capture,
         enhanced=enhanced,
         frames=frames,
     )
+
+
+def content_reason(
+    image_type: Sequence[str], burned_in: str, *, secondary_capture: bool, allow_secondary: bool
+) -> Reason | None:
+    """Pictures refused whatever their pixels (DICOM headers and NIfTI sidecars alike).
+
+    Localizers; anything flagged ``BurnedInAnnotation = YES``; and, unless ``allow_secondary`` or the
+    header vouches ``BurnedInAnnotation = NO`` exactly, secondary captures and ImageType
+    ``DERIVED\\SECONDARY`` images: screenshots and reformats most often carry patient text drawn
+    into the pixels, which nothing downstream can scrub.
+    """
+    values = [v.strip().upper() for v in image_type]
+    if {"LOCALIZER", "SCOUT"} & set(values):
+        return Reason.LOCALIZER
+    if burned_in.strip().upper() == "YES":  # pixels may show names: privacy first
+        return Reason.BURNED_IN_ANNOTATION
+    secondary = secondary_capture or values[:2] == ["DERIVED", "SECONDARY"]
+    if secondary and burned_in.strip() != "NO" and not allow_secondary:
+        return Reason.SECONDARY_CAPTURE
+    return None
 
 
 #: 2D projection modalities: every instance is its own picture (kind "image"), whatever its series.
@@ -510,10 +555,12 @@ def _num_key(v: Any) -> str:
 # ----------------------------------------------------------------------------- pool driver
 
 
-def scan_batch(items: Sequence[tuple[str, str]], max_voxels: int = DEFAULT_MAX_VOXELS) -> list[ScanRecord]:
+def scan_batch(
+    items: Sequence[tuple[str, str]], max_voxels: int = DEFAULT_MAX_VOXELS, allow_secondary: bool = False
+) -> list[ScanRecord]:
     """Worker entry point: scan a chunk of files with library chatter silenced."""
     with quiet_libraries():
-        return [scan_file(path, rel, max_voxels) for path, rel in items]
+        return [scan_file(path, rel, max_voxels, allow_secondary=allow_secondary) for path, rel in items]
 
 
 def scan_archives(
@@ -524,6 +571,7 @@ def scan_archives(
     on_progress: Callable[[int], None] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     follow_links: bool = False,
+    allow_secondary: bool = False,
 ) -> list[ScanRecord]:
     """Scan every file below ``archives``; one record per file (and per folder not entered), sorted by rel.
 
@@ -553,12 +601,12 @@ def scan_archives(
 
     if workers <= 1:
         for chunk in chunks():
-            done(scan_batch(chunk, max_voxels))
+            done(scan_batch(chunk, max_voxels, allow_secondary))
     else:
         with worker_pool(workers) as pool:
             pending: set[Future[list[ScanRecord]]] = set()
             for chunk in chunks():
-                pending.add(pool.submit(scan_batch, chunk, max_voxels))
+                pending.add(pool.submit(scan_batch, chunk, max_voxels, allow_secondary))
                 if len(pending) >= 4 * workers:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:

@@ -11,16 +11,21 @@ reader silently goes wrong (DESIGN.md section 3):
    spacing, echo number/time, temporal position, diffusion b-value and gradient; a split that still has two
    slices at one position is split by AcquisitionNumber when that separates them;
 4. each enhanced multi-frame file is split the same way over its frames (plus StackID);
-5. every stack is sorted along the slice normal and checked (:func:`~data_prep.geometry.check_stack`).
+5. every stack is sorted along the slice normal and checked (:func:`~data_prep.geometry.check_stack`);
+6. a NIfTI file is one series; its JSON sidecar joins its plan (accounted with it) and its modality
+   is decided by :func:`~data_prep.nifti_meta.nifti_modality`.
+
+Whether a plan's values are Hounsfield units is decided once, here (:func:`stores_hu`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from data_prep.geometry import StackCheck, check_stack, orientation_key, spacing_key, valid_orientation
+from data_prep.nifti_meta import ModalityDecision, ModalityRule, nifti_modality
 from data_prep.reasons import Reason
 from data_prep.scan import DicomHeader, FrameInfo, ScanRecord
 
@@ -58,35 +63,56 @@ class SeriesPlan:
     bits_stored: int = 16
     pixel_representation: int = 0
     has_modality_lut: bool = False
+    hu: bool = False  # the values are Hounsfield units (:func:`stores_hu`): storage dtype and ``intensity``
+    modality_source: str = "dicom"  # one of medmae.data.cache.MODALITY_SOURCES
+    sidecar_rel: str | None = None  # a NIfTI's JSON sidecar: never read at build, accounted with the plan
 
     @property
     def rels(self) -> tuple[str, ...]:
-        """Distinct files of the plan, in slice order."""
-        return tuple(dict.fromkeys(s.rel for s in self.slices))
+        """Distinct files of the plan, in slice order, then a NIfTI's sidecar: each shares the plan's fate."""
+        files = tuple(dict.fromkeys(s.rel for s in self.slices))
+        return files + (self.sidecar_rel,) if self.sidecar_rel is not None else files
 
 
 @dataclass
 class Assembly:
-    """Output of :func:`assemble`: plans to build and files rejected on the way (rel -> reason)."""
+    """Output of :func:`assemble`: plans to build, files rejected on the way (rel -> reason), and
+    warnings worth a log line (rel -> message; the message holds no path and no header text)."""
 
     plans: list[SeriesPlan]
     rejects: dict[str, Reason]
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def stores_hu(modality: str, secondary_capture: bool) -> bool:
+    """CT values are Hounsfield units, except a Secondary Capture's: its pixels are display values
+    (a screenshot of a window), whatever its Modality says. A CT Image Storage reformat
+    (ImageType DERIVED\\SECONDARY, kept with ``--allow-secondary``) is still HU."""
+    return modality == "CT" and not secondary_capture
 
 
 # One slice candidate while grouping: (record, frame index, frame info).
 _Cand = tuple[ScanRecord, int, FrameInfo]
 
 
-def assemble(records: Iterable[ScanRecord]) -> Assembly:
-    """Turn scan records into series plans; every DICOM/NIfTI record ends in a plan or in ``rejects``."""
+def assemble(records: Iterable[ScanRecord], nifti_rules: Sequence[ModalityRule] = ()) -> Assembly:
+    """Turn scan records into series plans; every DICOM/NIfTI/sidecar record ends in a plan or in ``rejects``.
+
+    ``nifti_rules`` are the ``--nifti-modality`` rules (first match wins).
+    """
+    records = sorted(records, key=lambda r: r.rel)
     plans: list[SeriesPlan] = []
     rejects: dict[str, Reason] = {}
+    warnings: list[tuple[str, str]] = []
     seen_sop: set[str] = set()
     classic: dict[str, list[ScanRecord]] = defaultdict(list)
+    sidecars = _pair_sidecars(records, rejects)
 
-    for rec in sorted(records, key=lambda r: r.rel):
+    for rec in records:
         if rec.kind == "nifti":
-            plans.append(nifti_plan(rec))
+            decision = nifti_modality(rec.rel, rec.path, rec.sidecar, nifti_rules)
+            plans.append(nifti_plan(rec, decision, sidecars.get(rec.rel)))
+            warnings += _nifti_warnings(rec, decision)
             continue
         if rec.kind != "dicom" or rec.dicom is None:
             continue
@@ -106,37 +132,62 @@ def assemble(records: Iterable[ScanRecord]) -> Assembly:
     for series_uid in sorted(classic):
         _assemble_classic(series_uid, classic[series_uid], plans, rejects)
     plans.sort(key=lambda p: p.key)
-    return Assembly(plans, rejects)
+    return Assembly(plans, rejects, warnings)
 
 
-def nifti_plan(rec: ScanRecord) -> SeriesPlan:
-    """A NIfTI file is one series; its patient is its BIDS ``sub-*`` folder if any, else the file."""
+def _pair_sidecars(records: Sequence[ScanRecord], rejects: dict[str, Reason]) -> dict[str, str]:
+    """NIfTI rel -> its sidecar's rel, for NIfTI files that passed the scan. The sidecar of a NIfTI the
+    scan rejected is ``sidecar_of_rejected_nifti``; one whose NIfTI vanished from the walk is ``not_recognised``."""
+    kind_of = {r.rel: r.kind for r in records}
+    paired: dict[str, str] = {}
+    for rec in records:
+        if rec.kind != "sidecar" or rec.nifti_rel is None:
+            continue
+        owner = kind_of.get(rec.nifti_rel)
+        if owner == "nifti":
+            paired[rec.nifti_rel] = rec.rel
+        else:
+            rejects[rec.rel] = Reason.SIDECAR_OF_REJECTED_NIFTI if owner is not None else Reason.NOT_RECOGNISED
+    return paired
+
+
+def _nifti_warnings(rec: ScanRecord, decision: ModalityDecision) -> list[tuple[str, str]]:
+    """A sidecar ignored (in part), or a rule overriding its Modality: worth telling, never fatal."""
+    out = []
+    if rec.sidecar is not None and rec.sidecar.problem is not None:
+        out.append((rec.rel, f"its JSON sidecar is ignored in part or whole: {rec.sidecar.problem}"))
+    if decision.overridden is not None:
+        out.append((rec.rel, f"--nifti-modality says {decision.modality}, its JSON sidecar says "
+                             f"{decision.overridden}: {decision.modality} is used"))
+    return out
+
+
+def nifti_plan(rec: ScanRecord, decision: ModalityDecision | None = None, sidecar_rel: str | None = None) -> SeriesPlan:
+    """A NIfTI file is one series; its patient is its BIDS ``sub-*`` folder if any, else the file.
+
+    ``decision`` defaults to what the file's own sidecar and name say (no ``--nifti-modality`` rules).
+    """
+    decision = decision or nifti_modality(rec.rel, rec.path, rec.sidecar)
     parts = rec.rel.split("/")
     subject = next((i for i, p in enumerate(parts[1:-1], start=1) if p.startswith("sub-")), None)
     patient = "nifti-subject:" + "/".join(parts[: subject + 1]) if subject is not None else "nifti-file:" + rec.rel
-    name = parts[-1].lower()
-    modality = "MR" if any(name.endswith(f"_{s}.nii") or name.endswith(f"_{s}.nii.gz") for s in _BIDS_MR) else "OT"
     return SeriesPlan(
         key="nifti:" + rec.rel,
         patient_key=patient,
         source="nifti",
         kind="volume",
-        modality=modality,
+        modality=decision.modality,
         slices=(SliceRef(rec.rel, rec.path, 0, None, 1.0, 0.0),),
+        hu=stores_hu(decision.modality, secondary_capture=False),  # a NIfTI carries no SOP class
+        modality_source=decision.source,
+        sidecar_rel=sidecar_rel,
     )
-
-
-#: BIDS anatomical/functional/diffusion suffixes that say "this NIfTI is MR" (else modality "OT").
-_BIDS_MR = (
-    "t1w", "t2w", "pdw", "t2starw", "flair", "inplanet1", "inplanet2", "pdt2", "angio", "bold", "cbv",
-    "dwi", "sbref", "epi", "magnitude", "magnitude1", "magnitude2", "phasediff", "fieldmap", "mese",
-    "megre", "t1map", "t2map", "unit1", "swi",
-)
 
 
 def _common(h: DicomHeader) -> dict:
     return dict(
         source="dicom",
+        hu=stores_hu(h.modality, h.secondary_capture),
         modality=h.modality,
         rows=h.rows,
         columns=h.columns,

@@ -47,6 +47,9 @@ STAT_KEYS: tuple[str, ...] = ("min", "max", "mean", "std") + tuple(
 SOURCES = ("dicom", "nifti")
 KINDS = ("volume", "image")  # image: a single 2D picture (CR/DX/MG, one slice), stored as Z = 1
 SPLITS = ("train", "val")
+#: Where a record's ``modality`` came from: the DICOM header, ``--nifti-modality``, a NIfTI's JSON
+#: sidecar, its BIDS suffix, or nothing (``OT``); ``unknown`` for caches written before it was recorded.
+MODALITY_SOURCES = ("dicom", "option", "sidecar", "bids_suffix", "default", "unknown")
 STORAGE_DTYPES = ("int16", "uint16", "uint8", "float32")
 
 
@@ -77,9 +80,12 @@ class SeriesRecord:
         shape: array shape (Z, Y, X).
         spacing: voxel spacing (Z, Y, X) in mm; Z is the slice spacing (1.0 for a single image).
         dtype: storage dtype, one of ``STORAGE_DTYPES``.
-        intensity: unit of the stored values: ``HU`` for CT, ``raw`` for modality-LUT output of others.
+        intensity: unit of the stored values: ``HU`` for CT (not for CT secondary captures, whose
+            pixels are display values), ``raw`` for the modality-LUT output of everything else.
         stats: ``STAT_KEYS`` -> value, over all voxels of the stored array.
         affine: 4x4 row-major, voxel (x, y, z, 1) -> LPS mm.
+        modality_source: where ``modality`` came from, one of ``MODALITY_SOURCES`` (optional in the
+            file: absent in caches written before it existed, read as ``unknown``).
     """
 
     series_id: str
@@ -94,6 +100,7 @@ class SeriesRecord:
     intensity: str
     stats: Mapping[str, float]
     affine: tuple[tuple[float, ...], ...]
+    modality_source: str = "unknown"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -143,7 +150,8 @@ def _validated_fields(cls: type, d: Mapping[str, Any], where: str) -> dict[str, 
     if not isinstance(d, Mapping):
         raise CacheFormatError(f"{where}: expected an object, got {type(d).__name__}")
     names = {f.name for f in fields(cls)}
-    missing = [n for n in names if n not in d and not (n == "split" and cls is not ManifestRow)]
+    optional = {"modality_source"} | ({"split"} if cls is not ManifestRow else set())
+    missing = [n for n in names - optional if n not in d]
     if missing:
         raise CacheFormatError(f"{where}: missing field(s) {sorted(missing)}")
     unknown = sorted(set(d) - names)
@@ -191,6 +199,8 @@ def _validated_fields(cls: type, d: Mapping[str, Any], where: str) -> dict[str, 
     ):
         raise bad("affine", "must be a 4x4 list of numbers")
     out["affine"] = tuple(tuple(float(v) for v in r) for r in aff)
+    if "modality_source" in d and d["modality_source"] not in MODALITY_SOURCES:
+        raise bad("modality_source", f"must be one of {MODALITY_SOURCES}")
     if cls is ManifestRow and d["split"] not in SPLITS:
         raise bad("split", f"must be one of {SPLITS}")
     return out

@@ -6,6 +6,7 @@ here from first principles (not by calling data_prep).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 RT_STRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 
@@ -260,3 +262,24 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+def write_sidecar(nifti: Path, doc: object) -> Path:
+    """The dcm2niix/BIDS JSON sidecar ``<stem>.json`` of a NIfTI file: ``doc`` as JSON, or raw bytes."""
+    name = nifti.name.removesuffix(".gz").removesuffix(".nii")
+    path = nifti.with_name(name + ".json")
+    path.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc).encode("utf-8"))
+    return path
+
+
+def secondary_capture(path: Path, *, modality: str = "CT", burned_in: str | None = None,
+                      identity: Identity | None = None) -> Series:
+    """A grayscale Secondary Capture (a screenshot: 8-bit display values, no geometry, no rescale)."""
+    ds = base_dataset(SECONDARY_CAPTURE, modality, identity or Identity(), generate_uid())
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
+    raw = np.random.default_rng(5).integers(0, 256, size=(20, 16)).astype(np.uint8)
+    set_pixels(ds, raw)
+    save(ds, path)
+    return Series([path], raw[None].astype(np.float64), ds.SeriesInstanceUID, [ds.SOPInstanceUID], np.eye(4))

@@ -33,11 +33,14 @@ COMPRESSED_GRAYSCALE = (
 )
 
 
-def fresh_uids(ds: pydicom.Dataset) -> None:
-    """New SOP instance and series UIDs, so each copy is its own series (not a duplicate)."""
+def fresh_copy(ds: pydicom.Dataset) -> None:
+    """New SOP instance and series UIDs, so each copy is its own series (not a duplicate), and
+    BurnedInAnnotation NO: most of these samples are secondary captures or DERIVED\\SECONDARY, which
+    the scan refuses otherwise, and these copies are meant to reach the size checks and the decoder."""
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SeriesInstanceUID = generate_uid()
+    ds.BurnedInAnnotation = "NO"
 
 
 def pixel_mutants(folder: Path, source: str, n: int, seed: int, max_changes: int = 20) -> list[Path]:
@@ -52,7 +55,7 @@ def pixel_mutants(folder: Path, source: str, n: int, seed: int, max_changes: int
     paths = []
     for k in range(n):
         ds = copy.deepcopy(template)
-        fresh_uids(ds)
+        fresh_copy(ds)
         path = folder / f"{Path(source).stem}_{k:03d}"
         ds.save_as(path)
         start = pydicom.dcmread(path, defer_size=1).get_item("PixelData", keep_deferred=True).value_tell
@@ -67,7 +70,7 @@ def pixel_mutants(folder: Path, source: str, n: int, seed: int, max_changes: int
 def rle_claiming(path: Path, rows: int, columns: int) -> Path:
     """pydicom's 7.8 KB ``MR_small_RLE.dcm`` with a header claiming ``rows x columns``."""
     ds = pydicom.dcmread(PYDICOM_FILES / "MR_small_RLE.dcm")
-    fresh_uids(ds)
+    fresh_copy(ds)
     ds.Rows, ds.Columns = rows, columns
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path)
@@ -77,7 +80,7 @@ def rle_claiming(path: Path, rows: int, columns: int) -> Path:
 def frames_claiming(source: Path, path: Path, n_frames: int) -> Path:
     """A copy of an enhanced multi-frame file whose NumberOfFrames says ``n_frames``."""
     ds = pydicom.dcmread(source)
-    fresh_uids(ds)
+    fresh_copy(ds)
     ds.NumberOfFrames = n_frames
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path)

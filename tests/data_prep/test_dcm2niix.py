@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.data_prep.factory import PYDICOM_FILES, volume_series
+from tests.data_prep.factory import PYDICOM_FILES, set_pixels, slice_pattern, volume_series
 
 DCM2NIIX = shutil.which("dcm2niix")
 pytestmark = pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix is not installed (Debian package dcm2niix)")
@@ -77,6 +77,41 @@ def test_real_series_match_dcm2niix(prep, tmp_path: Path, folder: str | None, fi
     else:
         shutil.copytree(PYDICOM_FILES / folder, src)
     ref, ref_affine = dcm2niix_canonical(src, tmp_path / "d2n")
-    run = prep(src)
+    run = prep(src, allow_secondary=True)  # MR_small is ImageType DERIVED\SECONDARY
     np.testing.assert_array_equal(run.array(src / file).astype(np.float64), ref)
     np.testing.assert_allclose(np.array(run.row(src / file).affine), ref_affine, atol=1e-3)
+
+
+@pytest.mark.parametrize("stored", ["int16", "uint16"])
+def test_ct_as_dicom_and_as_dcm2niix_nifti_give_the_same_record(prep, tmp_path: Path, stored: str) -> None:
+    """Issue 9: the same CT series, as DICOM and as dcm2niix's NIfTI + JSON sidecar, is one cache record:
+    modality CT, intensity HU, the same values, statistics and geometry (the sidecar's Modality is read)."""
+    rows, cols, seed = 20, 28, 5
+
+    def storage(ds, k: int) -> None:  # RescaleIntercept -1024 over int16 or uint16 stored pixels
+        set_pixels(ds, slice_pattern(k, rows, cols, seed).astype(stored))
+
+    series = volume_series(tmp_path / "dicom" / "ct", n=6, rows=rows, cols=cols, slice_spacing=2.5,
+                           intercept=-1024.0, seed=seed, extra=storage)
+    nifti_dir = tmp_path / "nifti"
+    nifti_dir.mkdir()
+    subprocess.run([DCM2NIIX, "-o", str(nifti_dir), "-f", "ct", "-z", "y", "-b", "y", "-ba", "y",
+                    str(tmp_path / "dicom" / "ct")], check=True, capture_output=True)
+    nii, side = nifti_dir / "ct.nii.gz", nifti_dir / "ct.json"
+    assert nii.is_file() and side.is_file()
+
+    dicom, nifti = prep(tmp_path / "dicom"), prep(nifti_dir)
+    a, b = dicom.row(series.paths[0]), nifti.row(nii)
+    assert (a.modality, a.intensity, a.modality_source) == ("CT", "HU", "dicom")
+    assert (b.modality, b.intensity, b.modality_source) == ("CT", "HU", "sidecar")
+    assert (a.shape, a.dtype, a.kind) == (b.shape, b.dtype, b.kind) == ((6, rows, cols), "int16", "volume")
+    assert b.stats == pytest.approx(a.stats, rel=1e-12, abs=1e-9)
+    assert b.spacing == pytest.approx(a.spacing, abs=1e-4)
+    np.testing.assert_allclose(np.array(b.affine), np.array(a.affine), atol=1e-3)
+    np.testing.assert_array_equal(nifti.array(nii), dicom.array(series.paths[0]))
+    assert a.stats["min"] < -900  # really HU: air near -1024
+    assert nifti.row(side) == b and nifti.report["files_in_built_series"] == 2  # the sidecar is accounted
+    # dcm2niix's anonymised sidecar still names the institution and station: none of it is copied
+    for f in nifti.out.rglob("*"):
+        if f.is_file():
+            assert b"General Hospital" not in f.read_bytes() and b"CT01" not in f.read_bytes(), f.name

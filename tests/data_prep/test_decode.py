@@ -1,4 +1,4 @@
-"""Modality LUT, MONOCHROME1 and the per-modality dtype policy."""
+"""Modality LUT, MONOCHROME1 and the dtype policy (HU or not)."""
 
 from __future__ import annotations
 
@@ -35,37 +35,44 @@ def test_monochrome1_inverts_within_the_header_range(bits, signed, slope, interc
 
 
 @pytest.mark.parametrize(
-    ("modality", "integral", "lo", "hi", "dtype"),
+    ("hu", "integral", "lo", "hi", "dtype"),
     [
-        ("CT", True, -1024, 3071, "int16"),
-        ("CT", True, 0, 40000, "float32"),  # HU beyond int16: float32 rather than a wrong int
-        ("CT", True, 0, 200, "int16"),  # CT is never uint8
-        ("CT", False, -1.5, 3.0, "float32"),
-        ("MR", True, 0, 255, "uint8"),
-        ("MR", True, 0, 4095, "int16"),
-        ("MR", True, 0, 65535, "uint16"),
-        ("PT", True, -5, 70000, "float32"),
-        ("MR", False, 0.0, 1.0, "float32"),
+        (True, True, -1024, 3071, "int16"),
+        (True, True, 0, 40000, "float32"),  # HU beyond int16: float32 rather than a wrong int
+        (True, True, 0, 200, "int16"),  # HU is never uint8
+        (True, False, -1.5, 3.0, "float32"),
+        (False, True, 0, 255, "uint8"),  # e.g. MR, or a CT secondary capture's display values
+        (False, True, 0, 4095, "int16"),
+        (False, True, 0, 65535, "uint16"),
+        (False, True, -5, 70000, "float32"),
+        (False, False, 0.0, 1.0, "float32"),
     ],
 )
-def test_storage_dtype_policy(modality, integral, lo, hi, dtype) -> None:
-    assert storage_dtype(modality, integral, lo, hi) == np.dtype(dtype)
+def test_storage_dtype_policy(hu, integral, lo, hi, dtype) -> None:
+    assert storage_dtype(hu, integral, lo, hi) == np.dtype(dtype)
+
+
+def test_store_values_follows_the_hu_decision_not_the_modality() -> None:
+    values = np.array([[0.0, 10.0], [20.0, 200.0]])
+    assert store_values(values, hu=True).dtype == np.int16
+    assert store_values(values, hu=False).dtype == np.uint8
+    assert store_values(values, "CT").dtype == np.int16  # callers that know only the modality
 
 
 def test_non_finite_values_are_refused_not_cleaned() -> None:
     with pytest.raises(NonFiniteValues):
         compact(np.array([1.0, np.nan]))
     with pytest.raises(NonFiniteValues):
-        store_values(np.array([1.0, np.inf]), "OT")
+        store_values(np.array([1.0, np.inf]), hu=False)
 
 
 def test_integer_valued_floats_are_stored_as_integers() -> None:
-    assert store_values(np.array([[1.0, 2.0], [3.0, 250.0]]), "MR").dtype == np.uint8
+    assert store_values(np.array([[1.0, 2.0], [3.0, 250.0]]), hu=False).dtype == np.uint8
 
 
 def test_stack_assembler_picks_one_dtype_for_all_slices() -> None:
     asm = StackAssembler()
     asm.add(np.array([[0, 10]], dtype=np.int64))
     asm.add(np.array([[0, 300]], dtype=np.int64))  # no longer fits uint8
-    out = asm.finish("MR")
+    out = asm.finish(hu=False)
     assert out.dtype == np.int16 and out.tolist() == [[[0, 10]], [[0, 300]]]

@@ -24,10 +24,12 @@ from tests.data_prep.factory import (
     enhanced_mr,
     non_image,
     save,
+    secondary_capture,
     set_pixels,
     truncate,
     volume_series,
     write_nifti,
+    write_sidecar,
 )
 
 
@@ -78,6 +80,8 @@ class Archive:
         rng = np.random.default_rng(13)
         self.nii_3d_data = rng.integers(-100, 100, size=(6, 5, 4)).astype(np.int16)
         self.nii_3d = write_nifti(a / "nifti" / "scan.nii.gz", self.nii_3d_data)
+        self.nii_3d_sidecar = write_sidecar(self.nii_3d, {"Modality": "CT", "PatientName": "Doe^Jane"})
+        self.orphan_sidecar = write_sidecar(a / "nifti" / "gone.nii", {"Modality": "CT"})
         self.nii_4d_data = rng.integers(0, 50, size=(4, 3, 2, 3)).astype(np.uint8)
         self.nii_4d = write_nifti(a / "nifti" / "fmri.nii", self.nii_4d_data)
         nan = rng.normal(size=(4, 4, 3)).astype(np.float32)
@@ -87,6 +91,8 @@ class Archive:
         truncate(self.nii_trunc, 0.5)
         self.nii_junk = a / "nifti" / "junk.nii"
         self.nii_junk.write_bytes(b"not a nifti at all" * 30)
+        self.nii_junk_sidecar = write_sidecar(self.nii_junk, {"Modality": "MR"})
+        self.screenshot = secondary_capture(a / "screens" / "shot").paths[0]
         self.bids = write_nifti(a / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
                                 rng.integers(0, 300, size=(5, 4, 3)).astype(np.int16))
         self.bids_func = write_nifti(a / "bids" / "sub-01" / "func" / "sub-01_bold.nii.gz",
@@ -210,7 +216,8 @@ def test_manifest_rows_match_sidecars_and_arrays(run: PrepRun) -> None:
         arr = np.load(run.out / row.array, mmap_mode="r")
         assert tuple(arr.shape) == row.shape and str(arr.dtype) == row.dtype
         assert row.stats == pytest.approx(compute_stats(arr)) and set(row.stats) == set(STAT_KEYS)
-        assert row.intensity == ("HU" if row.modality == "CT" else "raw")
+        assert row.intensity == ("HU" if row.modality == "CT" else "raw")  # no CT secondary capture kept here
+        assert (row.modality_source == "dicom") == (row.source == "dicom")
 
 
 # ----------------------------------------------------------------------------- series that must come out
@@ -281,6 +288,9 @@ def test_truncated_middle_slice_leaves_a_hole(archive: Archive, run: PrepRun) ->
         ("nii_nan", Reason.NON_FINITE_VALUES),
         ("nii_trunc", Reason.PIXEL_DECODE_FAILED),
         ("nii_junk", Reason.NIFTI_UNREADABLE),
+        ("nii_junk_sidecar", Reason.SIDECAR_OF_REJECTED_NIFTI),
+        ("orphan_sidecar", Reason.NOT_RECOGNISED),
+        ("screenshot", Reason.SECONDARY_CAPTURE),
     ],
 )
 def test_file_level_rejects(archive: Archive, run: PrepRun, attr: str, reason: Reason) -> None:
@@ -327,7 +337,11 @@ def test_nifti_volumes_are_canonical_lps(archive: Archive, run: PrepRun) -> None
     expected = archive.nii_3d_data[::-1, ::-1, :].transpose(2, 1, 0)
     np.testing.assert_array_equal(run.array(archive.nii_3d), expected)
     row = run.row(archive.nii_3d)
-    assert (row.source, row.modality, row.dtype) == ("nifti", "OT", "uint8" if expected.min() >= 0 else "int16")
+    # its dcm2niix-style sidecar says CT: stored and labelled like a DICOM CT, the sidecar in its series
+    assert (row.source, row.modality, row.intensity, row.dtype) == ("nifti", "CT", "HU", "int16")
+    assert row.modality_source == "sidecar" and run.row(archive.nii_3d_sidecar) == row
+    plain = run.row(archive.nii_4d)  # no sidecar, no BIDS suffix, no rule
+    assert (plain.modality, plain.intensity, plain.modality_source) == ("OT", "raw", "default")
     # LPS affine: voxel (0,0,0) of the flipped array is RAS (5, 4, 0) -> LPS (-5, -4, 0)
     np.testing.assert_allclose(np.array(row.affine)[:3, 3], [-5.0, -4.0, 0.0])
 
@@ -341,6 +355,7 @@ def test_bids_subject_is_the_patient(archive: Archive, run: PrepRun) -> None:
     anat, func = run.row(archive.bids), run.row(archive.bids_func)
     assert anat.patient_id == func.patient_id and anat.series_id != func.series_id
     assert anat.modality == func.modality == "MR"
+    assert anat.modality_source == func.modality_source == "bids_suffix"
     assert run.row(archive.nii_3d).patient_id != anat.patient_id
 
 

@@ -18,6 +18,7 @@ from tests.data_prep.factory import (
     truncate,
     volume_series,
     write_nifti,
+    write_sidecar,
 )
 
 NEEDLES = {
@@ -53,7 +54,13 @@ def planted(tmp_path: Path) -> tuple[Path, list[str]]:
     truncate(volume_series(root / "trunc", n=4, identity=ident).paths[3])  # dropped slice -> prep_state
     cr = cr_image(root / "cr" / FOLDER, identity=ident)
     non_image(root / "sr" / FOLDER, BASIC_TEXT_SR, "SR", identity=ident)
-    write_nifti(root / f"sub-{FOLDER}" / "anat" / f"sub-{FOLDER}_T1w.nii.gz", np.zeros((4, 4, 3), np.int16))
+    t1 = write_nifti(root / f"sub-{FOLDER}" / "anat" / f"sub-{FOLDER}_T1w.nii.gz", np.zeros((4, 4, 3), np.int16))
+    # a dcm2niix-style sidecar full of identity (and a Modality that --nifti-modality contradicts: a warning)
+    write_sidecar(t1, {"Modality": "MR", "PatientName": NEEDLES["patient_name"], "PatientID": NEEDLES["patient_id"],
+                       "AcquisitionDateTime": NEEDLES["study_date"], "InstitutionName": NEEDLES["institution"],
+                       "StationName": NEEDLES["station"], "SeriesDescription": NEEDLES["description"]})
+    broken = write_nifti(root / "nifti" / f"{FOLDER}.nii", np.ones((4, 4, 3), np.int16))
+    write_sidecar(broken, ('{"PatientName": "' + NEEDLES["patient_name"] + '", ').encode())  # invalid: a warning
     for s in (ct, mr, cr):
         uids += [s.series_uid, *s.sop_uids]
     (root / "junk").mkdir()
@@ -67,9 +74,14 @@ def test_no_identifier_in_any_output(planted, tmp_path: Path, capsys, caplog) ->
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "out" / "cache"
     path_map = tmp_path / "hospital" / "paths.json"
-    assert main([str(archive), "--out", str(out), "--workers", "1", "--path-map", str(path_map)]) == 0
-    assert main([str(archive), "--out", str(out), "--workers", "1"]) == 0  # a resumed run too
+    rule = ["--nifti-modality", f"{archive}/{FOLDER}/sub-*=CT"]  # a rule holding archive paths
+    assert main([str(archive), "--out", str(out), "--workers", "1", "--path-map", str(path_map), *rule]) == 0
+    assert main([str(archive), "--out", str(out), "--workers", "1", *rule]) == 0  # a resumed run too
+    assert main([str(archive), "--out", str(out.parent / "sharded"), "--workers", "1", "--shard", "0/1",
+                 *rule]) == 0  # a shard result records its settings
     captured = capsys.readouterr()
+    assert "--nifti-modality says CT, its JSON sidecar says MR" in caplog.text
+    assert "its JSON sidecar is ignored in part or whole: not valid JSON" in caplog.text
 
     sample = next(p for p in archive.rglob("*") if p.is_file() and p.parent.name.startswith("ct_"))
     assert len(_haystack_hits(sample.read_bytes(), needles)) >= 8  # the needles are really planted
@@ -77,6 +89,8 @@ def test_no_identifier_in_any_output(planted, tmp_path: Path, capsys, caplog) ->
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert any(p.name == "manifest.json" for p in written) and any(p.suffix == ".npy" for p in written)
     assert any("prep_state" in p.parts for p in written)  # the dropped-slice bookkeeping is checked too
+    assert any(p.name.startswith("shard-") for p in written)
+    assert '"modality_source": "option"' in (out / "manifest.json").read_text()  # the rule was applied
     for p in written:  # the cache, its sidecars, report, state and the salt beside it
         assert _haystack_hits(p.read_bytes(), needles) == [], p.name
     assert _haystack_hits(captured.out.encode() + captured.err.encode(), needles) == []

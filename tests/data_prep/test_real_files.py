@@ -37,6 +37,7 @@ def test_dicomdir_tree_accounting(dicomdir_run: PrepRun) -> None:
     assert c["localizer"] == 2
     assert c["missing_slices"] == 4  # CT2: one slice 200 mm away from three 1.25 mm apart
     assert c["not_recognised"] == 2  # README.txt, TINY_ALPHA/README
+    assert c["secondary_capture"] == 7  # MR700: radial MIPs, ImageType DERIVED\SECONDARY, no BurnedInAnnotation
     r = dicomdir_run.report
     assert r["files_in_built_series"] + r["files_rejected"] == r["files_seen"] == 91
 
@@ -57,8 +58,14 @@ def test_dicomdir_tree_cr_are_images_and_mr_slices_volumes(dicomdir_run: PrepRun
         row = dicomdir_run.row(DICOMDIR_TESTS / "77654033" / name)
         assert (row.kind, row.modality, row.shape) == ("image", "CR", (1, 16, 16))
     mr = [r for r in dicomdir_run.manifest.rows if r.modality == "MR"]
-    assert len(mr) == 3 + 7 + 7  # each MR file here is its own plane (tri-plane surveys, radial MIPs)
-    assert all(sorted(r.shape) == [1, 16, 16] for r in mr)
+    assert len(mr) == 3 + 7  # each MR file here is its own plane (tri-plane surveys); the 7 radial MIPs
+    assert all(sorted(r.shape) == [1, 16, 16] for r in mr)  # (DERIVED\SECONDARY) are refused by default
+
+
+def test_dicomdir_tree_radial_mips_are_kept_with_allow_secondary(tmp_path: Path, prep) -> None:
+    run = prep(DICOMDIR_TESTS / "98892003" / "MR700", allow_secondary=True)
+    assert run.report["files_in_built_series"] == 7 and "secondary_capture" not in run.report["counts"]
+    assert {r.intensity for r in run.manifest.rows} == {"raw"}
 
 
 @pytest.mark.parametrize(
@@ -77,7 +84,8 @@ def test_compressed_and_encoded_variants_equal_the_plain_file(prep, tmp_path: Pa
     (tmp_path / "b").mkdir()
     plain = Path(shutil.copy(PYDICOM_FILES / "MR_small.dcm", tmp_path / "a" / "x"))
     variant = Path(shutil.copy(PYDICOM_FILES / name, tmp_path / "b" / "x"))
-    ref, got = prep(tmp_path / "a"), prep(tmp_path / "b")
+    # MR_small is ImageType DERIVED\SECONDARY: refused by default, kept on request (decoding is tested here)
+    ref, got = prep(tmp_path / "a", allow_secondary=True), prep(tmp_path / "b", allow_secondary=True)
     np.testing.assert_array_equal(got.array(variant), ref.array(plain))
     assert got.row(variant).affine == ref.row(plain).affine
 
@@ -115,14 +123,33 @@ def test_jpeg_lossless_process14_decoder_is_installed() -> None:
     ],
 )
 def test_pydicom_test_files(prep, tmp_path: Path, name: str, shape, reason) -> None:
+    """Decoding and file-level reasons; several of these are secondary captures (see the next test),
+    so they are prepped with ``allow_secondary`` to reach the decoder."""
     (tmp_path / "in").mkdir()
     path = Path(shutil.copy(PYDICOM_FILES / name, tmp_path / "in" / name))
-    run = prep(tmp_path / "in")
+    run = prep(tmp_path / "in", allow_secondary=True)
     if reason is None:
         assert run.row(path).shape == shape
         assert np.isfinite(run.array(path)).all()
     else:
         assert run.reason(path) == reason.value
+
+
+#: pydicom samples that are Secondary Capture SOP class or ImageType DERIVED\SECONDARY (grayscale; the
+#: colour ones stay color_image), none with BurnedInAnnotation: refused by default.
+SECONDARY_SAMPLES = (
+    "JPEG2000.dcm", "JPGExtended.dcm", "JPEG-lossy.dcm", "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm",
+    "image_dfl.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_truncated.dcm", "examples_overlay.dcm",
+)
+
+
+def test_secondary_captures_and_derived_secondary_samples_are_refused_by_default(prep, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    paths = [Path(shutil.copy(PYDICOM_FILES / name, tmp_path / "in" / name)) for name in SECONDARY_SAMPLES]
+    rgb = Path(shutil.copy(PYDICOM_FILES / "SC_rgb_rle.dcm", tmp_path / "in" / "rgb"))
+    run = prep(tmp_path / "in")
+    assert [run.reason(p) for p in paths] == [Reason.SECONDARY_CAPTURE.value] * len(paths)
+    assert run.reason(rgb) == Reason.COLOR_IMAGE.value  # colour is checked first, as before
 
 
 def test_whole_pydicom_test_folder_never_crashes(prep) -> None:

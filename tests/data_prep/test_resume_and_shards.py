@@ -10,13 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep import PrepError, merge_shards, prep_archive
 from data_prep.deid import split_of
 from data_prep.pipeline import KILL_AFTER_ENV
 from medmae.data.cache import MANIFEST_NAME, REJECT_REPORT_NAME, built_series_ids
-from tests.data_prep.factory import BASIC_TEXT_SR, Identity, cr_image, non_image, truncate, volume_series
+from tests.data_prep.factory import (
+    BASIC_TEXT_SR,
+    Identity,
+    cr_image,
+    non_image,
+    truncate,
+    volume_series,
+    write_nifti,
+    write_sidecar,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = (MANIFEST_NAME, REJECT_REPORT_NAME)
@@ -30,6 +40,11 @@ def make_archive(root: Path, n_series: int = 6, n_slices: int = 4, size: int = 1
     cr_image(root / "cr" / "x")
     non_image(root / "sr" / "r", BASIC_TEXT_SR, "SR")
     (root / "junk.txt").write_text("junk")
+    # NIfTI with sidecars: built (the sidecar in its series), rejected at build, rejected at scan
+    write_sidecar(write_nifti(root / "nifti" / "ct.nii.gz", np.full((4, 4, 3), -1000, np.int16)), {"Modality": "CT"})
+    write_sidecar(write_nifti(root / "nifti" / "nan.nii", np.full((4, 4, 3), np.nan, np.float32)), {"Modality": "MR"})
+    (root / "nifti" / "junk.nii").write_bytes(b"junk" * 100)
+    write_sidecar(root / "nifti" / "junk.nii", {"Modality": "MR"})
     return root
 
 
@@ -130,6 +145,9 @@ def test_shards_then_merge_equal_a_single_run(reference, tmp_path: Path) -> None
     assert merged.series_in_manifest == len(built_series_ids(ref))
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    counts = merged.rejects  # NIfTI sidecars are accounted once across shards, with their NIfTI
+    assert (counts["sidecar_of_rejected_nifti"], counts["non_finite_values"], counts["nifti_unreadable"]) == (1, 2, 1)
+    assert merged.files_in_series + merged.files_rejected == merged.files_seen
 
 
 def test_merge_refuses_missing_or_mismatched_shards(reference, tmp_path: Path) -> None:

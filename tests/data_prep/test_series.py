@@ -24,6 +24,7 @@ def rec(
     acq: str = "",
     modality: str = "CT",
     projection: bool = False,
+    secondary_capture: bool = False,
 ) -> ScanRecord:
     frame = FrameInfo(
         position=None if z is None else (0.0, 0.0, float(z)) if orientation == AXIAL else (float(z), 0.0, 0.0),
@@ -49,6 +50,7 @@ def rec(
         has_modality_lut=False,
         acquisition_number=acq,
         projection=projection,
+        secondary_capture=secondary_capture,
         enhanced=False,
         frames=(frame,),
     )
