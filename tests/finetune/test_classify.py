@@ -177,7 +177,9 @@ def test_dicom_series_folders_and_nifti_rows_read_through_the_card(tmp_path: Pat
     for name, label in (("CT_small.dcm", "1"), ("MR_small.dcm", "0")):
         folder = tmp_path / "dicom" / name.split(".")[0]
         folder.mkdir(parents=True)
-        shutil.copy(pydicom.data.get_testdata_file(name), folder / name)
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+        ds.BurnedInAnnotation = "NO"  # MR_small is DERIVED\SECONDARY: prep's rules reject it unless text-free
+        ds.save_as(folder / name)
         rows.append({"image": f"dicom/{folder.name}", "label": label, "split": "train"})
     rows.append({"image": str(NIB_DATA / "anatomical.nii"), "label": "0", "split": "val"})
     dm = ClassificationDataModule(f"medmae:{cls_encoder}", str(write_csv(tmp_path / "l.csv", rows)), max_planes=5)
