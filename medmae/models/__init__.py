@@ -1,6 +1,7 @@
 """MAE model: pure patch/mask/position functions and the MaskedAutoencoder around a timm ViT."""
 
-from medmae.models.mae import MAEOutput, MaskedAutoencoder, as_hw
+from medmae.models.mae import MaskedAutoencoder, as_hw
+from medmae.models.mae_base import MAEBase, MAEOutput
 from medmae.models.masking import Masking, random_masking, visible_count
 from medmae.models.patches import grid_shape, patchify, unpatchify
 from medmae.models.pos_embed import sincos_pos_embed_2d
@@ -16,6 +17,7 @@ from medmae.models.variants import (
 
 __all__ = [
     "MAE_VARIANTS",
+    "MAEBase",
     "MAEOutput",
     "MaskedAutoencoder",
     "Masking",

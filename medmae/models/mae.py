@@ -11,30 +11,17 @@ The model is built from small named steps, as the official implementation:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import timm
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from medmae.models.mae_base import MAEBase
 from medmae.models.masking import random_masking, visible_count
 from medmae.models.patches import grid_shape, patchify, unpatchify
 from medmae.models.pos_embed import sincos_pos_embed_2d
-
-
-class MAEOutput(NamedTuple):
-    """What a forward pass returns.
-
-    Attributes:
-        loss: scalar, mean squared error over masked patches (in fp32).
-        pred: (B, N, p*p*C) predicted patches (normalised per patch when ``norm_pix_loss``).
-        mask: (B, N) 1 for masked patches, 0 for visible.
-    """
-
-    loss: torch.Tensor
-    pred: torch.Tensor
-    mask: torch.Tensor
 
 
 def as_hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -47,7 +34,7 @@ def as_hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(MAEBase):
     """MAE with a timm ViT encoder and a light transformer decoder.
 
     Args:
@@ -175,68 +162,6 @@ class MaskedAutoencoder(nn.Module):
         x = enc.blocks(x)
         x = enc.norm(x)
         return x, masking.mask, masking.ids_restore
-
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Fill masked positions with the shared mask token, restore order, predict pixels (B, N, p*p*C)."""
-        x = self.decoder_embed(latent)
-        b, n = ids_restore.shape
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        x = self.decoder_blocks(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, 1:, :]
-
-    def target_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The regression target: patches, normalised per patch when ``norm_pix_loss`` (fp32)."""
-        target = self.patchify(imgs.float())
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        return target
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked patches only, computed in fp32."""
-        per_patch = (pred.float() - self.target_patches(imgs)).pow(2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum()
-
-    def forward(
-        self,
-        imgs: torch.Tensor,
-        mask_ratio: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> MAEOutput:
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
-        pred = self.forward_decoder(latent, ids_restore)
-        return MAEOutput(self.forward_loss(imgs, pred, mask), pred, mask)
-
-    # ------------------------------------------------------------------ views for logging / export
-
-    def pixels_from_prediction(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Predicted patches back to image space, undoing norm-pix with the true patch mean/std."""
-        pred = pred.float()
-        if self.norm_pix_loss:
-            target = self.patchify(imgs.float())
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1.0e-6).sqrt()
-            pred = pred * std + mean
-        return self.unpatchify(pred)
-
-    def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` the encoder blocks, the whole decoder and the loss in place.
-
-        State-dict keys stay unchanged (modules compile in place; the decoder and loss methods are
-        shadowed by compiled versions on this instance: compile after pickling, e.g. in ``setup``).
-        Shapes stay static because every sample keeps the same number of visible tokens; only the
-        masking (its generator is not traceable) and the patch embedding stay eager.
-        """
-        options.setdefault("dynamic", False)
-        self.encoder.blocks.compile(**options)
-        self.forward_decoder = torch.compile(self.forward_decoder, **options)  # type: ignore[method-assign]
-        self.forward_loss = torch.compile(self.forward_loss, **options)  # type: ignore[method-assign]
 
     def encoder_config(self) -> dict[str, Any]:
         """Everything ``timm.create_model`` needs to rebuild this encoder (no weights)."""

@@ -30,7 +30,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from medmae.models.mae import MAEOutput
+from medmae.models.mae_base import MAEBase
 from medmae.models.masking import random_masking, visible_count
 from medmae.models.pos_embed3d import sincos_pos_embed_3d
 
@@ -191,7 +191,7 @@ class ViTEncoder3D(nn.Module):
         return self.norm(x), hidden
 
 
-class MaskedAutoencoder3D(nn.Module):
+class MaskedAutoencoder3D(MAEBase):
     """MAE over volumes: :class:`ViTEncoder3D` on visible patches, light decoder, masked MSE in fp32.
 
     Args:
@@ -291,61 +291,6 @@ class MaskedAutoencoder3D(nn.Module):
         self._check_input(vols)
         masking = random_masking(self.encoder.embed(vols), mask_ratio, generator)
         return self.encoder.forward_tokens(masking.visible), masking.mask, masking.ids_restore
-
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Fill masked positions with the shared mask token, restore order, predict voxels (B, N, p³C)."""
-        prefix = self.encoder.num_prefix_tokens
-        x = self.decoder_embed(latent)
-        b, n = ids_restore.shape
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, n + prefix - x.shape[1], -1)
-        patches = torch.cat([x[:, prefix:], mask_tokens], dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :prefix], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred(x)[:, prefix:]
-
-    def target_patches(self, vols: torch.Tensor) -> torch.Tensor:
-        """The regression target in fp32: patches, normalised per patch when ``norm_pix_loss``."""
-        target = self.patchify(vols.float())
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        return target
-
-    def forward_loss(self, vols: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked patches only, in fp32 (bf16 sums over p³ voxels drift)."""
-        per_patch = (pred.float() - self.target_patches(vols)).pow(2).mean(dim=-1)
-        mask = mask.float()
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def forward(
-        self, vols: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
-    ) -> MAEOutput:
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(vols, ratio, generator)
-        pred = self.forward_decoder(latent, ids_restore)
-        return MAEOutput(self.forward_loss(vols, pred, mask), pred, mask)
-
-    def pixels_from_prediction(self, vols: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Predicted patches back to a volume, undoing norm-pix with the true patch mean/std."""
-        pred = pred.float()
-        if self.norm_pix_loss:
-            target = self.patchify(vols.float())
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1.0e-6).sqrt()
-            pred = pred * std + mean
-        return self.unpatchify(pred)
-
-    def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` encoder blocks, decoder and loss in place (state-dict keys unchanged).
-
-        Shapes are static because every sample keeps the same number of visible tokens.
-        """
-        options.setdefault("dynamic", False)
-        self.encoder.blocks.compile(**options)
-        self.forward_decoder = torch.compile(self.forward_decoder, **options)  # type: ignore[method-assign]
-        self.forward_loss = torch.compile(self.forward_loss, **options)  # type: ignore[method-assign]
 
     def encoder_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this encoder, or the matching MONAI ViT/UNETR (no weights)."""
