@@ -138,6 +138,48 @@ def build_unetr(
     )
 
 
+def monai_unetr(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    img_size: Sequence[int],
+    embed_dim: int,
+    mlp_dim: int,
+    heads: int,
+    depth: int,
+    cls_token: bool,
+    *,
+    feature_size: int = 16,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+) -> UNETR:
+    """MONAI's UNETR (2D or 3D) shaped like a medmae encoder: conv patch embedding, qkv bias, the
+    encoder's depth (MONAI always builds 12 blocks), and :class:`EncoderUNETR` when it keeps a class token."""
+    cls = EncoderUNETR if cls_token else UNETR
+    model = cls(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        img_size=tuple(img_size),
+        feature_size=feature_size,
+        hidden_size=embed_dim,
+        mlp_dim=mlp_dim,
+        num_heads=heads,
+        proj_type="conv",
+        norm_name=norm_name,
+        conv_block=True,
+        res_block=res_block,
+        dropout_rate=dropout_rate,
+        spatial_dims=spatial_dims,
+        qkv_bias=True,
+    )
+    if len(model.vit.blocks) != depth:
+        model.vit.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(depth)
+        )
+    return model
+
+
 def unetr_from_encoder(
     spec: EncoderSpec,
     state: dict[str, torch.Tensor] | None,
@@ -160,28 +202,22 @@ def unetr_from_encoder(
     mlp_dim = int(meta.blocks[0].mlp.fc1.out_features)
     _check_spec(spec, size, depth, where)
     embed_dim = spec.embed_dim
-    cls = EncoderUNETR if cls_token else UNETR
-    model = cls(
-        in_channels=chans,
-        out_channels=out_channels,
-        img_size=size,
+    model = monai_unetr(
+        2,
+        chans,
+        out_channels,
+        size,
+        embed_dim,
+        mlp_dim,
+        heads,
+        depth,
+        cls_token,
         feature_size=feature_size,
-        hidden_size=embed_dim,
-        mlp_dim=mlp_dim,
-        num_heads=heads,
-        proj_type="conv",
         norm_name=norm_name,
-        conv_block=True,
         res_block=res_block,
         dropout_rate=dropout_rate,
-        spatial_dims=2,
-        qkv_bias=True,
     )
     vit = model.vit
-    if len(vit.blocks) != depth:  # MONAI always builds 12 blocks; match the encoder's depth
-        vit.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(depth)
-        )
     if cls_token:
         vit.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.normal_(vit.cls_token, std=0.02)

@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import UNETR, ViT
 from torch import nn
 
-from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, EncoderUNETR, timm_to_monai_vit
+from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, monai_unetr, timm_to_monai_vit
 from medmae.models.mae3d import MaskedAutoencoder3D, ViTEncoder3D, as_size3d, grid_shape3d
 from medmae.models.pos_embed3d import sincos_pos_embed_3d
 
@@ -130,27 +129,21 @@ def build_unetr3d(
         )
     grid = grid_shape3d(size, UNETR_PATCH)
     embed_dim, mlp_dim = shape["embed_dim"], shape["mlp_dim"]
-    cls = EncoderUNETR if "cls_token" in state else UNETR
-    model = cls(
-        in_channels=shape["in_chans"],
-        out_channels=out_channels,
-        img_size=size,
+    model = monai_unetr(
+        3,
+        shape["in_chans"],
+        out_channels,
+        size,
+        embed_dim,
+        mlp_dim,
+        heads,
+        shape["depth"],
+        "cls_token" in state,
         feature_size=feature_size,
-        hidden_size=embed_dim,
-        mlp_dim=mlp_dim,
-        num_heads=heads,
-        proj_type="conv",
         norm_name=norm_name,
-        conv_block=True,
         res_block=res_block,
         dropout_rate=dropout_rate,
-        spatial_dims=3,
-        qkv_bias=True,
     )
-    if len(model.vit.blocks) != shape["depth"]:  # MONAI always builds 12 blocks; match the encoder
-        model.vit.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(shape["depth"])
-        )
     _fill(model.vit, state, grid)
     return model
 
