@@ -9,7 +9,8 @@ A cache directory holds::
       reject_report.json       # written by data_prep: counts by reason, pseudonymous only
 
 Everything here is pseudonymous: ``series_id`` and ``patient_id`` are keyed hashes made by
-data_prep; no name, UID, date, institution or archive path is ever stored (docs/data_prep.md, "What ends up in the cache").
+data_prep; no name, UID, date, institution or archive path is ever stored (docs/data_prep.md,
+"What ends up in the cache").
 
 Arrays are in one canonical orientation: array axes (Z, Y, X) are the voxel axes closest to the
 patient's (superior, posterior, left) directions, each increasing that way (DICOM LPS), so an axial

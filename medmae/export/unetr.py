@@ -232,16 +232,22 @@ def unetr_from_encoder(
             mapped = timm_to_monai_vit(state, depth, cls_token)
         except KeyError as e:
             raise ValueError(f"{where}: encoder weights lack {e} for a {depth}-block ViT") from None
-        try:
-            missing, unexpected = vit.load_state_dict(mapped, strict=False)
-        except RuntimeError as e:
-            raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
-        missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
-        if missing or unexpected:
-            raise ValueError(
-                f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
-            )
+        load_mapped_vit(vit, mapped, where)
     return model
+
+
+def load_mapped_vit(vit: nn.Module, mapped: dict[str, torch.Tensor], where: str) -> None:
+    """Load MONAI-named encoder weights into a MONAI ViT; ValueError on any key or shape that does not fit
+    (the cross-attention norms MONAI always builds are unused and may stay missing)."""
+    try:
+        missing, unexpected = vit.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
+    missing = [k for k in missing if ".norm_cross_attn." not in k]
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def _meta_encoder(spec: EncoderSpec) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import torch
 from monai.networks.nets import UNETR, ViT
 from torch import nn
 
-from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, monai_unetr, timm_to_monai_vit
+from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, load_mapped_vit, monai_unetr, timm_to_monai_vit
 from medmae.models.mae3d import MaskedAutoencoder3D, ViTEncoder3D, as_size3d, grid_shape3d
 from medmae.models.pos_embed3d import sincos_pos_embed_3d
 
@@ -52,15 +52,7 @@ def load_monai_vit3d(vit: ViT, encoder_state: Mapping[str, torch.Tensor], where:
         mapped = monai_vit3d_state(encoder_state)
     except KeyError as e:
         raise ValueError(f"{where}: encoder weights are missing {e}") from None
-    try:
-        missing, unexpected = vit.load_state_dict(mapped, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{where}: encoder weights do not fit MONAI ViT ({str(e).splitlines()[1:2]})") from None
-    missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused without cross-attention
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
-        )
+    load_mapped_vit(vit, mapped, where)
 
 
 def build_vit3d(

@@ -265,14 +265,7 @@ class MaskedAutoencoder3D(MAEBase):
         if self.encoder.cls_token is not None:
             nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_linear_and_norms()
 
     @property
     def num_patches(self) -> int:

@@ -37,6 +37,17 @@ class MAEBase(nn.Module):
     mask_ratio: float
     norm_pix_loss: bool
 
+    def _init_linear_and_norms(self) -> None:
+        """Official MAE init of every Linear (xavier uniform, zero bias) and LayerNorm (1, 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
