@@ -79,3 +79,45 @@ def test_auto_mode_is_off_without_a_cuda_trainer(mixed_cache: Path) -> None:
     assert dm.device_transforms is None and not dm.pixels_on_device()
     with pytest.raises(ValueError, match="device_transforms"):
         CacheDataModule(str(mixed_cache), device_transforms="yes")
+
+
+def test_fit_trains_on_deferred_batches(mixed_cache: Path, tmp_path: Path) -> None:
+    """Through Lightning: the hook finishes every batch before the step sees it."""
+    import lightning.pytorch as pl
+
+    from medmae.train import MAEPretrainModule
+
+    dm = CacheDataModule(
+        str(mixed_cache),
+        img_size=32,
+        batch_size=4,
+        min_size=8,
+        samples_per_epoch=8,
+        num_workers=0,
+        device_transforms=True,
+    )
+    module = MAEPretrainModule(
+        variant="mae_vit_tiny_patch16",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        warmup_steps=0,
+        lr=1e-3,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2 and dm.train_dataloader().dataset.defer_pixels
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
