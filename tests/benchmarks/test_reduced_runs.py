@@ -10,6 +10,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "tiny", "--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "2"]
+#: train_step.py at its smallest: 32² images, batch 2, one warm-up and two timed rounds, medmae vs MONAI
+STEP_REDUCED = [
+    "benchmarks/train_step.py",
+    *TINY,
+    "--img-size",
+    "32",
+    "--batch",
+    "2",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+    "--no-memory",
+    "--peers",
+    "medmae,monai",
+]
 
 
 def _run(*args: str, timeout: int = 600) -> str:
@@ -26,21 +44,7 @@ def _cells(table_row: str) -> list[str]:
 
 def test_train_step_reduced_compares_medmae_with_monai() -> None:
     out = _run(
-        "benchmarks/train_step.py",
-        *TINY,
-        "--img-size",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--threads",
-        "1",
-        "--no-memory",
-        "--peers",
-        "medmae,monai",
+        *STEP_REDUCED,
     )
     rows = {_cells(line)[0]: _cells(line) for line in out.splitlines() if line.startswith("| m")}
     assert set(rows) == {"model", "medmae", "monai"}
@@ -52,21 +56,7 @@ def test_train_step_reduced_compares_medmae_with_monai() -> None:
 @pytest.mark.slow
 def test_train_step_reduced_compiled_runs_pair_like_with_like() -> None:
     out = _run(
-        "benchmarks/train_step.py",
-        *TINY,
-        "--img-size",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--threads",
-        "1",
-        "--no-memory",
-        "--peers",
-        "medmae,monai",
+        *STEP_REDUCED,
         "--compile",
     )
     assert re.search(r"medmae\+compile / monai\+compile: \d+\.\d+x", out)
