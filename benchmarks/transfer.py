@@ -80,6 +80,48 @@ class Recipe:
     tap_norm: bool = True
 
 
+#: Recipe fields that only shape pretraining: with ``--encoder`` they describe nothing that ran
+PRETRAIN_FIELDS = (
+    "img_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mask_ratio",
+    "norm_pix_loss",
+    "crop_scale",
+    "pretrain_steps",
+    "pretrain_batch",
+    "blr",
+    "decoder_embed_dim",
+    "decoder_depth",
+)
+
+
+def recipe_record(recipe: Recipe, encoder: Path | None) -> dict[str, object]:
+    """The recipe as run: with a given encoder its pretraining settings are that export's, not ours."""
+    record: dict[str, object] = asdict(recipe)
+    if encoder is not None:
+        for field in PRETRAIN_FIELDS:
+            record.pop(field)
+        record["pretraining"] = f"not run: --encoder given (its settings: {encoder.name}/encoder.json)"
+    return record
+
+
+def quiet_trainer(work: Path, max_steps: int, **kwargs: object) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, bars or summary: the benchmark prints its own table."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=work,
+        **kwargs,
+    )
+
+
 def nilearn_data() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
@@ -172,17 +214,7 @@ def pretrain(work: Path, recipe: Recipe, seed: int = 0) -> Path:
         seed=seed,
         log_images_every_n_steps=0,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=recipe.pretrain_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=work,
-    )
+    trainer = quiet_trainer(work, recipe.pretrain_steps, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     export = work / "encoder"
     export_encoder(module.model, export, data.preprocessing(), {"global_step": trainer.global_step})
@@ -229,17 +261,7 @@ def finetune(
         decoder=recipe.decoder,
         tap_norm=recipe.tap_norm,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=recipe.finetune_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=work,
-    )
+    trainer = quiet_trainer(work, recipe.finetune_steps, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
     net = module.net.eval()
     pre = module.preprocessing
@@ -344,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
-        "recipe": asdict(recipe),
+        "recipe": recipe_record(recipe, args.encoder),
         "seeds": args.seeds,
         "per_seed": results,
         "val": summarise(results, "val"),
