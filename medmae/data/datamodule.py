@@ -50,6 +50,8 @@ from medmae.data.index import AXES, SliceIndex, select_series
 from medmae.data.neighbours import SLICE_SPACING_RTOL
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
 from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
+from medmae.data.volume import VolumeIndex, VolumeOptions, VolumeTransform, select_volumes
+from medmae.data.volume_dataset import CacheVolumeDataset
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,12 @@ class CacheDataModule(pl.LightningDataModule):
         prefetch_factor: batches prefetched per worker (only when ``num_workers > 0``).
         max_open_files: memory-mapped series kept open per worker.
         verify_on_setup: open every selected array's header at setup and drop unreadable entries.
+        volume: ``None`` (default): 2D / 2.5D slice samples. A :class:`~medmae.data.volume.VolumeOptions`
+            (YAML: ``volume: {size: [96, 96, 96], spacing_mm: 1.5, ...}``): 3D samples for the 3D MAE,
+            ``(C, Z, Y, X)`` crops resampled to ``spacing_mm`` (``medmae.data.volume``). The
+            intensity, foreground, modality, sampling and loader options above apply as in 2D;
+            ``img_size``, ``slices``, ``axis``, the 2D crop/flip/resize options, ``min_size``,
+            ``min_slices``, ``include_images`` and ``max_anisotropy`` do not (``volume`` has its own).
 
     Examples::
 
@@ -200,6 +208,7 @@ class CacheDataModule(pl.LightningDataModule):
         prefetch_factor: int = 2,
         max_open_files: int = 64,
         verify_on_setup: bool = True,
+        volume: VolumeOptions | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cache_dir, str | Path) or not str(cache_dir):
@@ -265,8 +274,16 @@ class CacheDataModule(pl.LightningDataModule):
             foreground_hu=foreground_hu,
             foreground_level=foreground_level,
         )
-        self.train_dataset: CacheSliceDataset | None = None
-        self.val_dataset: CacheSliceDataset | None = None
+        if volume is not None and not isinstance(volume, VolumeOptions):
+            raise ValueError(f"data.volume must be a VolumeOptions section or null, got {volume!r}")
+        if volume is not None and slices != 1:
+            raise ValueError(f"data.slices={slices} with data.volume: 3D samples have no slice channels; set slices: 1")
+        if volume is not None and device_transforms:
+            raise ValueError("data.device_transforms: true is 2D only; 3D samples are finished in the workers")
+        #: the 3D sample rule (``None``: 2D / 2.5D slices)
+        self.volume_transform = None if volume is None else VolumeTransform(volume, self.transform.intensity)
+        self.train_dataset: CacheSliceDataset | CacheVolumeDataset | None = None
+        self.val_dataset: CacheSliceDataset | CacheVolumeDataset | None = None
         #: per split: series kept, slices, and drop counts by reason (filled by ``setup``)
         self.setup_report: dict[str, dict[str, Any]] = {}
         #: counts (never ids) of the training series actually used, after every filter (``setup``)
@@ -281,15 +298,26 @@ class CacheDataModule(pl.LightningDataModule):
     @property
     def channels(self) -> int:
         """Channels of every sample: ``slices`` x (number of CT windows in ``"channels"`` mode, else 1)."""
+        if self.volume_transform is not None:
+            return self.volume_transform.channels
         return self.transform.channels
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)`` of every sample."""
+    def image_size(self) -> tuple[int, ...]:
+        """``(height, width)`` of every slice sample; ``(Z, Y, X)`` of every 3D sample."""
+        if self.volume_transform is not None:
+            return self.volume_transform.out_shape
         return self.transform.out_size
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slice samples (2D / 2.5D), 3 for volumes."""
+        return 2 if self.volume_transform is None else 3
 
     def preprocessing(self) -> dict[str, Any]:
         """JSON-able record of every data choice, for the checkpoint/export card (no paths, no PHI)."""
+        if self.volume_transform is not None:
+            return self._volume_preprocessing()
         record: dict[str, Any] = {
             "version": PREPROCESSING_VERSION,
             "source": "medmae cache (canonical LPS (Z, Y, X) arrays; HU for CT)",
@@ -339,6 +367,33 @@ class CacheDataModule(pl.LightningDataModule):
         record["rng"] = "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation"
         return record
 
+    def _volume_preprocessing(self) -> dict[str, Any]:
+        assert self.volume_transform is not None
+        return {
+            "version": PREPROCESSING_VERSION,
+            "source": "medmae cache (canonical LPS (Z, Y, X) arrays; HU for CT)",
+            "versions": {"medmae": __version__, "numpy": np.__version__, "torch": torch.__version__.split("+")[0]},
+            **self.volume_transform.describe(),
+            "selection": {
+                "modalities": self.modalities,
+                "images": "single 2D images are not used",
+                "rules": "volume_anisotropy: max/min voxel spacing > max_anisotropy; volume_coverage: extent < "
+                "min_coverage x field of view along an axis",
+                "splits": {"train": "train", "val": "val"},
+            },
+            "sampling": {
+                "policy": "series weight (physical volume / field of view)**alpha, with replacement; a new crop of "
+                "the same series replaces a background crop",
+                "alpha": self.sampling_alpha,
+                "samples_per_epoch": self.samples_per_epoch,
+                "val_samples": self.val_samples,
+                "foreground_tries": self.foreground_tries,
+            },
+            "training_data": self.training_data,
+            "seed": self.seed,
+            "rng": "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation",
+        }
+
     # ------------------------------------------------------------------ setup
 
     def _spacing_filter(self) -> float | None:
@@ -346,8 +401,10 @@ class CacheDataModule(pl.LightningDataModule):
         rule = self.transform.neighbours
         return float(rule.spacing_mm) if rule.by_distance else None  # type: ignore[arg-type]
 
-    def _build_split(self, split: str, rows: Sequence[ManifestRow]) -> CacheSliceDataset | None:
-        selection = select_series(
+    def _select(self, split: str, rows: Sequence[ManifestRow]) -> Any:
+        if self.volume_transform is not None:
+            return select_volumes(rows, split=split, options=self.volume_transform.options, modalities=self.modalities)
+        return select_series(
             rows,
             split=split,
             axis=self.axis,
@@ -358,6 +415,9 @@ class CacheDataModule(pl.LightningDataModule):
             max_anisotropy=self.max_anisotropy,
             slice_spacing_mm=self._spacing_filter(),
         )
+
+    def _build_split(self, split: str, rows: Sequence[ManifestRow]) -> CacheSliceDataset | CacheVolumeDataset | None:
+        selection = self._select(split, rows)
         if selection.dropped.get("slice_spacing"):
             logger.info(
                 "%s split: %d series coarser than data.slice_spacing_mm=%g along the %s axis (or single images) "
@@ -379,7 +439,11 @@ class CacheDataModule(pl.LightningDataModule):
                     ", ".join(f"{k}: {v}" for k, v in sorted(unreadable.items())),
                 )
             dropped.update(unreadable)
-        index = SliceIndex(kept, self.axis, self.sampling_alpha)
+        index: SliceIndex | VolumeIndex
+        if self.volume_transform is not None:
+            index = VolumeIndex(kept, self.volume_transform.options, self.sampling_alpha)
+        else:
+            index = SliceIndex(kept, self.axis, self.sampling_alpha)
         self.setup_report[split] = {**index.describe(), "dropped": dict(sorted(dropped.items()))}
         if split == "train":
             self.training_data = {
@@ -398,13 +462,16 @@ class CacheDataModule(pl.LightningDataModule):
                     "min_slices": f"data.min_slices={self.min_slices}",
                     "anisotropy": f"data.max_anisotropy={self.max_anisotropy}",
                     "slice_spacing": f"data.slice_spacing_mm={self._spacing_filter()}",
+                    "volume_anisotropy": "data.volume.max_anisotropy",
+                    "volume_coverage": "data.volume.min_coverage (and size x spacing_mm)",
                 }
+                if self.volume_transform is not None:
+                    fields["image"] = "3D samples (data.volume) use volumes only"
                 named = [fields[r] for r in sorted(dropped) if r in fields]
-                hint = (
-                    f"dropped by {', '.join(named)}" if named else "check the cache's reject report (medmae prep)"
-                )
+                hint = f"dropped by {', '.join(named)}" if named else "check the cache's reject report (medmae prep)"
+                what = "volume" if self.volume_transform is not None else "slice"
                 raise NoUsableDataError(
-                    f"data.cache_dir {self.cache_dir}: no usable training slice ({total} train series, dropped "
+                    f"data.cache_dir {self.cache_dir}: no usable training {what} ({total} train series, dropped "
                     f"{dict(sorted(dropped.items())) or 'none'}); {hint}"
                 )
             return None
@@ -412,6 +479,18 @@ class CacheDataModule(pl.LightningDataModule):
         random_crop = split == "train"
         if split == "val" and self.val_samples is not None:
             positions = index.draw(np.random.default_rng([self.seed, STREAM_VAL_POSITIONS]), self.val_samples)
+        if isinstance(index, VolumeIndex):
+            assert self.volume_transform is not None
+            return CacheVolumeDataset(
+                self.cache_dir,
+                index,
+                self.volume_transform,
+                seed=self.seed,
+                random_crop=random_crop,
+                positions=positions,
+                foreground_tries=self.foreground_tries,
+                max_open_files=self.max_open_files,
+            )
         return CacheSliceDataset(
             self.cache_dir,
             index,
@@ -494,12 +573,14 @@ class CacheDataModule(pl.LightningDataModule):
 
     def pixels_on_device(self) -> bool:
         """Whether batches are finished on the device (``device_transforms``; null = on when training on CUDA)."""
+        if self.volume_transform is not None:
+            return False
         if self.device_transforms is not None:
             return self.device_transforms
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
-    def _loader(self, dataset: CacheSliceDataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: CacheSliceDataset | CacheVolumeDataset, **kwargs: Any) -> DataLoader:
         deferred = self.pixels_on_device()
         dataset.defer_pixels = deferred  # before the workers start: they get a copy
         collate = {"collate_fn": collate_raw} if deferred else {}

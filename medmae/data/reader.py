@@ -132,3 +132,27 @@ class SeriesReader:
         if out.shape != (len(slices), box.height, box.width):
             raise CacheEntryError(record.series_id, "read_error", f"box {box} outside plane {view.shape}")
         return out
+
+    def read_box(self, series: int, box: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Copy the ``[lo, hi)`` ranges along (Z, Y, X) of a series' canonical array (a 3D crop's box).
+
+        Only those voxels are read from the memory map (the volume is never loaded whole).
+
+        Raises:
+            CacheEntryError: the array is missing, truncated, mismatched or unreadable, or the box
+                does not lie inside it.
+        """
+        record = self.records[series]
+        try:
+            array = self._array(series)
+            (z0, z1), (y0, y1), (x0, x1) = box
+            out = np.array(array[z0:z1, y0:y1, x0:x1])
+        except CacheEntryError:
+            raise
+        except (OSError, ValueError, IndexError) as e:
+            self._open.pop(series, None)
+            raise CacheEntryError(record.series_id, "read_error", e.__class__.__name__) from e
+        expected = tuple(hi - lo for lo, hi in box)
+        if out.shape != expected:
+            raise CacheEntryError(record.series_id, "read_error", f"box {list(box)} outside array {array.shape}")
+        return out

@@ -33,13 +33,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmae.data.cache import PERCENTILES, SeriesRecord
+from medmae.data.cache import SeriesRecord
+from medmae.data.intensity import (  # noqa: F401  (re-exported: the names' historical home)
+    CT_WINDOW_MODES,
+    DEFAULT_CT_WINDOWS,
+    PERCENTILE_RULE,
+    IntensityRule,
+    number,
+    pair,
+    window_range,
+)
 from medmae.data.neighbours import PlanePick, SliceNeighbours
 
 INTERPOLATIONS = ("bilinear", "bicubic")
-CT_WINDOW_MODES = ("random", "channels")
-#: (level, width) in HU: soft tissue, lung, bone.
-DEFAULT_CT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
 
 
 @dataclass(frozen=True)
@@ -122,54 +128,12 @@ def scale_intensity(image: torch.Tensor, low: float, high: float) -> torch.Tenso
     return ((image - low) / (high - low)).clamp_(0.0, 1.0)
 
 
-def window_range(level: float, width: float) -> tuple[float, float]:
-    """HU range ``(low, high)`` shown by a window of ``level`` (centre) and ``width``."""
-    return level - width / 2.0, level + width / 2.0
-
-
 def foreground_fraction(plane: np.ndarray, threshold: float, max_points: int = 4096) -> float:
     """Fraction of pixels of a 2D plane above ``threshold``, on a regular subsample of ~``max_points``."""
     h, w = plane.shape[-2:]
     step = max(1, int(math.sqrt(h * w / max_points)))
     sub = plane[..., ::step, ::step]
     return float(np.count_nonzero(sub > threshold)) / sub.size
-
-
-#: How the stored percentiles that scale non-HU series are computed (the card states it in full, so
-#: someone without medmae can reproduce the input). Checked against data_prep/decode.py and
-#: medmae.data.cache.compute_stats.
-PERCENTILE_RULE: dict[str, str] = {
-    "voxels": (
-        "every stored voxel of the whole series (all slices; background, air and any padding outside "
-        "the field of view included: DICOM Pixel Padding Value is not masked), not the crop, the plane "
-        "or a foreground mask; computed once by `medmae prep`"
-    ),
-    "values": (
-        "stored values = modality LUT output: DICOM RescaleSlope/RescaleIntercept or the Modality LUT "
-        "Sequence, NIfTI scl_slope/scl_inter; MONOCHROME1 inverted as lo + hi - v, [lo, hi] being the "
-        "output range of every value the header allows (higher = brighter); no VOI LUT, window or "
-        "other display transform applied; NIfTI 4D: the first volume"
-    ),
-    "method": "numpy.percentile, linear interpolation between order statistics (method='linear')",
-    "degenerate": "when p_high <= p_low the range is [p_low, p_low + 1] (a constant series maps to 0)",
-    "reference": (
-        "medmae compute_stats, stored per series at prep time; fine-tuning recomputes it the same way for NIfTI"
-    ),
-}
-
-
-def _number(value: object, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _pair(value: object, field: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ValueError(f"{field} must be a pair of numbers, got {value!r}") from None
-    return a, b
 
 
 class SliceTransform:
@@ -238,42 +202,26 @@ class SliceTransform:
             raise ValueError(f"img_size must be a positive int or a pair of positive ints, got {out_size!r}")
         if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
             raise ValueError(f"slices must be an int >= 1, got {slices!r}")
-        s_lo, s_hi = _pair(crop_scale, "crop_scale")
+        s_lo, s_hi = pair(crop_scale, "crop_scale")
         if not 0.0 < s_lo <= s_hi <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
-        r_lo, r_hi = _pair(crop_ratio, "crop_ratio")
+        r_lo, r_hi = pair(crop_ratio, "crop_ratio")
         if not (0.0 < r_lo <= r_hi and math.isfinite(r_hi)):
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {crop_ratio!r}")
-        if not 0.0 <= _number(hflip_prob, "hflip_prob") <= 1.0:
+        if not 0.0 <= number(hflip_prob, "hflip_prob") <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-        windows = tuple(_pair(w, "ct_windows entry") for w in ct_windows)
-        if not windows or any(not (math.isfinite(lv) and math.isfinite(wd) and wd > 0) for lv, wd in windows):
-            raise ValueError(
-                f"ct_windows must be a non-empty list of (level, width) pairs with width > 0, got {ct_windows!r}"
-            )
-        if ct_window_mode not in CT_WINDOW_MODES:
-            raise ValueError(f"ct_window_mode must be one of {CT_WINDOW_MODES}, got {ct_window_mode!r}")
-        if (
-            isinstance(ct_inference_window, bool)
-            or not isinstance(ct_inference_window, int)
-            or not 0 <= ct_inference_window < len(windows)
-        ):
-            raise ValueError(
-                f"ct_inference_window must index ct_windows (0..{len(windows) - 1}), got {ct_inference_window!r}"
-            )
+        intensity = IntensityRule.checked(
+            ct_windows,
+            ct_window_mode,
+            ct_inference_window,
+            percentiles,
+            foreground_fraction,
+            foreground_hu,
+            foreground_level,
+        )
         neighbours = SliceNeighbours.centred(slices, slice_spacing_mm, slice_interpolation)
-        p_lo, p_hi = _pair(percentiles, "percentiles")
-        if p_lo not in PERCENTILES or p_hi not in PERCENTILES or not p_lo < p_hi:
-            raise ValueError(
-                f"percentiles must be two increasing values from the cache's stored {PERCENTILES}, got {percentiles!r}"
-            )
-        if not 0.0 <= _number(foreground_fraction, "foreground_fraction") < 1.0:
-            raise ValueError(f"foreground_fraction must be in [0, 1), got {foreground_fraction!r}")
-        _number(foreground_hu, "foreground_hu")
-        if not 0.0 <= _number(foreground_level, "foreground_level") < 1.0:
-            raise ValueError(f"foreground_level must be in [0, 1), got {foreground_level!r}")
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.slices = slices
         #: which planes form the channels (index adjacency or millimetre offsets)
@@ -283,14 +231,15 @@ class SliceTransform:
         self.hflip_prob = float(hflip_prob)
         self.interpolation = interpolation
         self.antialias = bool(antialias)
-        self.ct_windows = windows
-        self.ct_window_mode = ct_window_mode
-        self.ct_inference_window = ct_inference_window
-        self.percentiles = (p_lo, p_hi)
-        self.foreground_fraction = float(foreground_fraction)
-        self.foreground_hu = float(foreground_hu)
-        self.foreground_level = float(foreground_level)
-        self._ct_ranges = tuple(window_range(lv, wd) for lv, wd in windows)
+        #: the intensity and foreground rule (shared with 3D volumes)
+        self.intensity = intensity
+        self.ct_windows = intensity.ct_windows
+        self.ct_window_mode = intensity.ct_window_mode
+        self.ct_inference_window = intensity.ct_inference_window
+        self.percentiles = intensity.percentiles
+        self.foreground_fraction = intensity.foreground_fraction
+        self.foreground_hu = intensity.foreground_hu
+        self.foreground_level = intensity.foreground_level
 
     # ------------------------------------------------------------------ geometry
 
@@ -301,8 +250,7 @@ class SliceTransform:
     @property
     def channels(self) -> int:
         """Channels per sample: ``slices`` times the number of windows in ``"channels"`` mode."""
-        per_slice = len(self.ct_windows) if self.ct_window_mode == "channels" else 1
-        return self.slices * per_slice
+        return self.slices * self.intensity.groups
 
     def pick_planes(self, centre: int, n_slices: int, axis_spacing: float | None = None) -> PlanePick:
         """The planes of a sample centred on ``centre`` (see :class:`~medmae.data.neighbours.SliceNeighbours`).
@@ -323,29 +271,12 @@ class SliceTransform:
     # ------------------------------------------------------------------ intensity
 
     def intensity_ranges(self, record: SeriesRecord, rng: np.random.Generator) -> list[tuple[float, float]]:
-        """The ``(low, high)`` ranges mapped to [0, 1], one per output channel group.
-
-        Series in HU (CT) get their window(s); all others the stored percentiles, repeated to the
-        number of windows in ``"channels"`` mode so every sample has the same channel count. In
-        ``"random"`` mode one draw from ``rng`` picks the CT window (also drawn, and ignored, for
-        non-CT series, so the RNG stream does not depend on modality).
-        """
-        pick = int(rng.integers(len(self._ct_ranges))) if self.ct_window_mode == "random" else None
-        if record.intensity == "HU":
-            return list(self._ct_ranges) if pick is None else [self._ct_ranges[pick]]
-        lo = record.stats[f"p{self.percentiles[0]:g}"]
-        hi = record.stats[f"p{self.percentiles[1]:g}"]
-        if not hi > lo:  # constant image: everything maps to 0
-            hi = lo + 1.0
-        return [(lo, hi)] * (len(self._ct_ranges) if pick is None else 1)
+        """The ``(low, high)`` ranges mapped to [0, 1], one per channel group (:class:`IntensityRule`)."""
+        return self.intensity.ranges(record, rng)
 
     def foreground_threshold(self, record: SeriesRecord) -> float:
-        """Stored value above which a pixel counts as foreground (``foreground_hu`` for HU series)."""
-        if record.intensity == "HU":
-            return self.foreground_hu
-        lo = record.stats[f"p{self.percentiles[0]:g}"]
-        hi = record.stats[f"p{self.percentiles[1]:g}"]
-        return lo + self.foreground_level * (hi - lo)
+        """Stored value above which a pixel counts as foreground (:class:`IntensityRule`)."""
+        return self.intensity.foreground_threshold(record)
 
     def is_foreground(self, slab: np.ndarray, record: SeriesRecord) -> bool:
         """Whether a crop (``(k, h, w)``, storage values) has enough foreground in its centre slice.
@@ -403,35 +334,5 @@ class SliceTransform:
             },
             "hflip_prob": self.hflip_prob,
             "resize": {"interpolation": self.interpolation, "antialias": self.antialias, "align_corners": False},
-            "intensity": {
-                "ct": {
-                    "applies_to": "series with intensity unit HU",
-                    "windows_level_width": [list(w) for w in self.ct_windows],
-                    "mode": self.ct_window_mode,
-                    "inference_window": self.ct_inference_window,
-                    "inference": (
-                        "every window as channels"
-                        if self.ct_window_mode == "channels"
-                        else "fine-tuning and inference use windows_level_width[inference_window]"
-                    ),
-                    "values": (
-                        "stored HU = modality LUT output (DICOM RescaleSlope/Intercept; NIfTI scl_slope/scl_inter), "
-                        "no VOI LUT; windows apply after the resize"
-                    ),
-                },
-                "other": {
-                    "method": "stored percentiles -> [0, 1]",
-                    "percentiles": list(self.percentiles),
-                    "percentile_rule": PERCENTILE_RULE,
-                },
-                "output_range": [0.0, 1.0],
-                "dtype": "float32",
-            },
-            "foreground": {
-                "enabled": self.foreground_fraction > 0.0,
-                "min_fraction": self.foreground_fraction,
-                "ct_threshold_hu": self.foreground_hu,
-                "other_threshold_fraction_of_percentile_range": self.foreground_level,
-                "evaluated_on": "centre slice of the crop, stored values, ~4096-point grid",
-            },
+            **self.intensity.describe("centre slice of the crop, stored values, ~4096-point grid"),
         }

@@ -11,7 +11,7 @@ ViT-B/16, 224^2, 3 channels, mask 0.75, decoder 512 x 8: 58.7 GFLOP per image; V
 
 from __future__ import annotations
 
-from medmae.models.mae import MaskedAutoencoder
+from medmae.models.mae_base import MAEBase
 from medmae.models.masking import visible_count
 
 
@@ -31,7 +31,7 @@ def mae_train_flops(
     mlp_ratio: float = 4.0,
     decoder_mlp_ratio: float = 4.0,
 ) -> float:
-    """FLOPs per image of one training step (``patch_dim`` = patch_size**2 * channels)."""
+    """FLOPs per image of one training step (``patch_dim`` = patch_size**2 * channels; 3D: patch_size**3 * channels)."""
     n = num_patches
     k = visible_count(n, mask_ratio)
     forward = (
@@ -44,15 +44,15 @@ def mae_train_flops(
     return 3.0 * forward
 
 
-def model_train_flops(model: MaskedAutoencoder) -> float:
-    """:func:`mae_train_flops` of a built model, read from its modules."""
+def model_train_flops(model: MAEBase) -> float:
+    """:func:`mae_train_flops` of a built model (2D or 3D), read from its modules."""
     enc = model.encoder
     enc_mlp = enc.blocks[0].mlp.fc1.out_features / enc.embed_dim if len(enc.blocks) else 4.0
     dec_dim = model.decoder_embed.out_features
     dec_mlp = model.decoder_blocks[0].mlp.fc1.out_features / dec_dim if len(model.decoder_blocks) else 4.0
     return mae_train_flops(
         num_patches=model.num_patches,
-        patch_dim=model.patch_size**2 * model.in_chans,
+        patch_dim=model.decoder_pred.out_features,  # voxels per patch x channels, 2D or 3D
         embed_dim=enc.embed_dim,
         depth=len(enc.blocks),
         decoder_dim=dec_dim,

@@ -109,10 +109,12 @@ def _check_ratio(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number in (0, 64], got {value!r}")
 
 
-def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.Sequential:
+    """timm Blocks (fused attention); stochastic depth rising linearly to ``drop_path_rate`` (as timm)."""
     norm = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
+    rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
     return nn.Sequential(
-        *[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        *[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=r) for r in rates]
     )
 
 
@@ -144,6 +146,7 @@ class ViTEncoder3D(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         cls_token: bool,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_chans, self.img_size, self.patch_size = in_chans, img_size, patch_size
@@ -157,7 +160,7 @@ class ViTEncoder3D(nn.Module):
             self.register_parameter("cls_token", None)
         # persistent: exported with the weights, so the card's state carries the positions MONAI needs
         self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid, cls_token=cls_token))
-        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio)
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
 
     @property
@@ -202,6 +205,7 @@ class MaskedAutoencoder3D(MAEBase):
         cls_token: prepend a class token (position zero); see the module docstring.
         mask_ratio: fraction of patches removed per sample, in [0, 1), leaving at least one visible.
         norm_pix_loss: regress per-patch normalised voxels (mean 0, variance 1 within each patch).
+        drop_path_rate: stochastic depth of the encoder blocks (0 in the MAE recipe).
         decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio: decoder size.
 
     Example::
@@ -223,6 +227,7 @@ class MaskedAutoencoder3D(MAEBase):
         cls_token: bool = True,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        drop_path_rate: float = 0.0,
         decoder_embed_dim: int = 384,
         decoder_depth: int = 4,
         decoder_num_heads: int = 12,
@@ -238,6 +243,9 @@ class MaskedAutoencoder3D(MAEBase):
         _check_int("decoder_depth", decoder_depth, 1)
         _check_ratio("mlp_ratio", mlp_ratio)
         _check_ratio("decoder_mlp_ratio", decoder_mlp_ratio)
+        rate = drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
         if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, int | float):
             raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
         visible_count(grid[0] * grid[1] * grid[2], mask_ratio)  # names mask_ratio if no patch stays visible
@@ -245,7 +253,7 @@ class MaskedAutoencoder3D(MAEBase):
         self.mask_ratio, self.norm_pix_loss = float(mask_ratio), norm_pix_loss
 
         self.encoder = ViTEncoder3D(
-            in_chans, self.img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, cls_token
+            in_chans, self.img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, cls_token, drop_path_rate
         )
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -332,6 +340,7 @@ def create_mae3d(
     num_heads: int | None = None,
     patch_size: int | None = None,
     mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.0,
     decoder_embed_dim: int = 384,
     decoder_depth: int = 4,
     decoder_num_heads: int = 12,
@@ -349,6 +358,7 @@ def create_mae3d(
         cls_token=cls_token,
         mask_ratio=mask_ratio,
         norm_pix_loss=norm_pix_loss,
+        drop_path_rate=drop_path_rate,
         decoder_embed_dim=decoder_embed_dim,
         decoder_depth=decoder_depth,
         decoder_num_heads=decoder_num_heads,

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
-from medmae.models import MaskedAutoencoder
+from medmae.models import MAEBase
 from medmae.models.flops import model_train_flops
 
 #: value shown where patches were masked in the "masked input" panel
@@ -71,7 +71,7 @@ class ThroughputLogger(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
-        self._flops = model_train_flops(model) if isinstance(model, MaskedAutoencoder) else None
+        self._flops = model_train_flops(model) if isinstance(model, MAEBase) else None
         if self.peak_tflops is None and pl_module.device.type == "cuda":
             self.peak_tflops = peak_tflops(torch.cuda.get_device_name(pl_module.device))
 
@@ -192,7 +192,7 @@ class ReconstructionLogger(Callback):
             self._render(trainer, pl_module)
 
     def _render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model: MaskedAutoencoder = pl_module.model
+        model: MAEBase = pl_module.model
         view = channel_view(_data_record(trainer), model.in_chans)
         generator = torch.Generator(device=self._batch.device).manual_seed(self.seed)
         was_training = model.training
@@ -208,7 +208,8 @@ class ReconstructionLogger(Callback):
             if hasattr(experiment, "add_image"):
                 experiment.add_image("train/reconstruction", self.last_grid, trainer.global_step)
             if hasattr(experiment, "add_text"):
-                experiment.add_text("train/reconstruction_legend", grid_legend(view), trainer.global_step)
+                legend = grid_legend(view, spatial_dims=self._batch.ndim - 2)
+                experiment.add_text("train/reconstruction_legend", legend, trainer.global_step)
 
 
 def _data_record(trainer: pl.Trainer) -> dict[str, Any] | None:
@@ -241,7 +242,8 @@ def channel_view(record: Mapping[str, Any] | None, in_chans: int) -> ChannelView
     slices = in_chans
     windows: list[Any] = []
     if record is not None:
-        slices = int(record.get("slices", in_chans) or in_chans)
+        default = 1 if record.get("spatial_dims") == 3 else in_chans  # volumes: channels are windows only
+        slices = int(record.get("slices", default) or default)
         ct = record.get("intensity", {}).get("ct", {}) if isinstance(record.get("intensity"), Mapping) else {}
         if ct.get("mode") == "channels":
             windows = list(ct.get("windows_level_width") or [])
@@ -253,9 +255,7 @@ def channel_view(record: Mapping[str, Any] | None, in_chans: int) -> ChannelView
         parts.append(f"centre slice of {slices} (offset 0)")
     if len(windows) > 1 and in_chans == slices * len(windows):
         level, width = windows[0]
-        parts.append(
-            f"CT window 1 of {len(windows)} (level {level:g} / width {width:g} HU; other series: percentiles)"
-        )
+        parts.append(f"CT window 1 of {len(windows)} (level {level:g} / width {width:g} HU; other series: percentiles)")
     return ChannelView(centre, "; ".join(parts))
 
 
@@ -263,31 +263,55 @@ def channel_view(record: Mapping[str, Any] | None, in_chans: int) -> ChannelView
 PANEL_TITLES = ("original", "masked", "output", "output+GT")
 
 
-def grid_legend(view: ChannelView) -> str:
+def grid_legend(view: ChannelView, spatial_dims: int = 2) -> str:
     """Markdown legend logged beside the grid in TensorBoard."""
+    rows = (
+        "Rows: for each sample its three orthogonal centre planes, axial (anterior up, patient right "
+        "left), coronal and sagittal (superior up). Each sample is scaled to its original volume's min..max."
+        if spatial_dims == 3
+        else "Each row is scaled to its original's min..max."
+    )
     return (
         f"Shown: {view.note}. Columns: **original** input | **masked** input (gray = masked patches) | "
         "**output**: the model's reconstruction of every patch | **output+GT**: the reconstruction on "
-        "masked patches with the *ground-truth* visible patches pasted in (not the model's own output). "
-        "Each row is scaled to its original's min..max."
+        f"masked patches with the *ground-truth* visible patches pasted in (not the model's own output). {rows}"
     )
 
 
+def centre_planes(volume: torch.Tensor) -> list[torch.Tensor]:
+    """The axial, coronal and sagittal centre planes of ``(B, Z, Y, X)`` volumes, superior up.
+
+    Axial ``(Y, X)``; coronal ``(Z, X)`` and sagittal ``(Z, Y)`` with Z reversed so the head is up
+    (the cache's plane orientation, ``medmae.data.index``).
+    """
+    z, y, x = volume.shape[-3:]
+    return [volume[:, z // 2], volume[:, :, y // 2].flip(1), volume[..., x // 2].flip(1)]
+
+
+def _pad_to(tile: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad ``(B, h, w)`` at the bottom/right to ``(B, height, width)`` with white."""
+    return torch.nn.functional.pad(tile, (0, width - tile.shape[-1], 0, height - tile.shape[-2]), value=1.0)
+
+
 def reconstruction_grid(
-    model: MaskedAutoencoder,
+    model: MAEBase,
     imgs: torch.Tensor,
     generator: torch.Generator | None = None,
     view: ChannelView | None = None,
 ) -> torch.Tensor:
-    """(3, H', W') image in [0, 1]: a title strip, then a row per sample with four panels."""
+    """(3, H', W') image in [0, 1]: a title strip, then a row per sample (2D) or per sample and
+    centre plane (3D: axial, coronal, sagittal), each with four panels."""
     out = model(imgs, generator=generator)
     recon = model.pixels_from_prediction(imgs, out.pred)
-    p, c = model.patch_size, model.in_chans
-    mask = model.unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p * c).to(imgs.dtype))
+    c = model.in_chans
+    per_patch = model.decoder_pred.out_features  # patch voxels x channels, 2D or 3D
+    mask = model.unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, per_patch).to(imgs.dtype))
     channel = (view or channel_view(None, c)).channel
     orig, recon, mask = imgs[:, channel], recon[:, channel], mask[:, channel]
-    lo = orig.amin(dim=(1, 2), keepdim=True)
-    span = (orig.amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-6)
+    dims = tuple(range(1, orig.ndim))
+    shape = (-1,) + (1,) * (orig.ndim - 1)
+    lo = orig.amin(dim=dims).view(shape)
+    span = (orig.amax(dim=dims).view(shape) - lo).clamp_min(1e-6)
 
     def show(x: torch.Tensor) -> torch.Tensor:
         return ((x - lo) / span).clamp(0.0, 1.0)
@@ -298,9 +322,17 @@ def reconstruction_grid(
         show(recon),
         show(orig * (1 - mask) + recon * mask),
     ]
-    tiles = torch.stack(panels, dim=1).reshape(-1, 1, *orig.shape[-2:])  # sample-major: row per sample
+    if orig.ndim == 4:  # volumes: each panel becomes its three centre planes, padded to one tile size
+        planes = [centre_planes(p) for p in panels]  # [panel][plane] (B, h, w)
+        height = max(t.shape[-2] for t in planes[0])
+        width = max(t.shape[-1] for t in planes[0])
+        rows = [torch.stack([_pad_to(planes[k][j], height, width) for k in range(4)], 1) for j in range(3)]
+        tiles = torch.stack(rows, 1).reshape(-1, 1, height, width)  # sample, plane, panel
+    else:
+        width = orig.shape[-1]
+        tiles = torch.stack(panels, dim=1).reshape(-1, 1, *orig.shape[-2:])  # sample-major: row per sample
     body = make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)
-    return torch.cat([title_strip(orig.shape[-1], PANEL_TITLES), body], dim=1)
+    return torch.cat([title_strip(width, PANEL_TITLES), body], dim=1)
 
 
 #: height in pixels of the title strip above the grid

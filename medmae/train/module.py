@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
 
-from medmae.models import MaskedAutoencoder, as_hw, create_mae
+from medmae.models import MAE3D_VARIANTS, MAEBase, as_hw, create_mae, create_mae3d
 from medmae.train.schedule import lr_at_step, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,14 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
 class MAEPretrainModule(pl.LightningModule):
-    """MAE pretraining step, optimiser and schedule.
+    """MAE pretraining step, optimiser and schedule, for the 2D (slices) and the 3D (volumes) MAE.
 
     Args:
-        variant: named size, ``mae_vit_{tiny,small,base,large,huge}_patch16``.
+        variant: named size, ``mae_vit_{tiny,small,base,large,huge}_patch16`` (2D, a timm ViT) or
+            ``mae3d_vit_{tiny,small,base}_patch16`` (3D, for data with ``data.volume``).
         in_chans: input channels (1 grayscale; k for 2.5D); must equal the data's channels.
-        img_size: ``H`` or ``[H, W]``; must equal the data's image size; multiples of the patch size.
+        img_size: 2D ``H`` or ``[H, W]``; 3D ``S`` or ``[Z, Y, X]``; must equal the data's sample
+            size (``data.img_size`` / ``data.volume.size``); multiples of the patch size.
         mask_ratio: fraction of patches masked per sample.
         norm_pix_loss: regress per-patch normalised pixels.
         embed_dim, depth, num_heads, mlp_ratio, patch_size: encoder size overrides (None = variant's).
@@ -65,7 +67,7 @@ class MAEPretrainModule(pl.LightningModule):
         self,
         variant: str = "mae_vit_base_patch16",
         in_chans: int = 1,
-        img_size: int | tuple[int, int] = 224,
+        img_size: int | tuple[int, int] | tuple[int, int, int] = 224,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         embed_dim: int | None = None,
@@ -93,23 +95,7 @@ class MAEPretrainModule(pl.LightningModule):
         super().__init__()
         _check_optim_args(blr, lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps)
         self.save_hyperparameters()
-        self.model: MaskedAutoencoder = create_mae(
-            variant,
-            in_chans=in_chans,
-            img_size=as_hw(img_size),
-            mask_ratio=mask_ratio,
-            norm_pix_loss=norm_pix_loss,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            patch_size=patch_size,
-            drop_path_rate=drop_path_rate,
-            decoder_embed_dim=decoder_embed_dim,
-            decoder_depth=decoder_depth,
-            decoder_num_heads=decoder_num_heads,
-            decoder_mlp_ratio=decoder_mlp_ratio,
-        )
+        self.model: MAEBase = build_mae(self.hparams)
         self._skipped = torch.zeros(())  # device tensor: optimizer steps skipped for non-finite gradients
         self._skipped_seen = 0  # what the host last read (for the warning)
         self.data_replacements: dict[str, torch.Tensor] = {}
@@ -121,6 +107,17 @@ class MAEPretrainModule(pl.LightningModule):
 
     def check_data_compatible(self, datamodule: Any) -> None:
         """Stop before training when the data cannot feed this model; the message names the fields."""
+        dims = getattr(datamodule, "spatial_dims", None)
+        if dims is not None and dims != self.spatial_dims:
+            raise ValueError(
+                f"model.variant={self.hparams.variant} is a {self.spatial_dims}D MAE but the data yields "
+                f"{dims}D samples: "
+                + (
+                    "set data.volume (3D crops) or a 2D variant (mae_vit_*)"
+                    if self.spatial_dims == 3
+                    else "use a 3D variant (mae3d_vit_*) with data.volume, or remove data.volume"
+                )
+            )
         channels = getattr(datamodule, "channels", None)
         if channels is not None and channels != self.model.in_chans:
             raise ValueError(
@@ -128,10 +125,14 @@ class MAEPretrainModule(pl.LightningModule):
                 f"(data.slices / windows-as-channels); set model.in_chans: {channels}"
             )
         size = getattr(datamodule, "image_size", None)
-        if size is not None and tuple(size) != self.model.img_size:
-            raise ValueError(
-                f"model.img_size={list(self.model.img_size)} but data.img_size={list(size)}; they must match"
-            )
+        if size is not None and tuple(size) != tuple(self.model.img_size):
+            field = "data.volume.size" if self.spatial_dims == 3 else "data.img_size"
+            raise ValueError(f"model.img_size={list(self.model.img_size)} but {field}={list(size)}; they must match")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for the slice MAE, 3 for the volume MAE."""
+        return 3 if self.hparams.variant in MAE3D_VARIANTS else 2
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.datamodule is not None:
@@ -312,6 +313,32 @@ class MAEPretrainModule(pl.LightningModule):
             ThroughputLogger(),
             ReconstructionLogger(self.hparams.log_images_every_n_steps, self.hparams.num_log_images),
         ]
+
+
+def build_mae(hp: Any) -> MAEBase:
+    """The MAE the hyperparameters name: 2D (timm ViT) or 3D (``mae3d_*``); ValueError naming the field."""
+    common = {
+        "in_chans": hp.in_chans,
+        "mask_ratio": hp.mask_ratio,
+        "norm_pix_loss": hp.norm_pix_loss,
+        "embed_dim": hp.embed_dim,
+        "depth": hp.depth,
+        "num_heads": hp.num_heads,
+        "patch_size": hp.patch_size,
+        "drop_path_rate": hp.drop_path_rate,
+        "decoder_embed_dim": hp.decoder_embed_dim,
+        "decoder_depth": hp.decoder_depth,
+        "decoder_num_heads": hp.decoder_num_heads,
+        "decoder_mlp_ratio": hp.decoder_mlp_ratio,
+    }
+    if hp.variant in MAE3D_VARIANTS:
+        size = hp.img_size
+        if not isinstance(size, int) and (isinstance(size, str) or len(size) != 3):
+            raise ValueError(f"model.img_size must be S or [Z, Y, X] for the 3D variant {hp.variant}, got {size!r}")
+        return create_mae3d(
+            hp.variant, img_size=size, mlp_ratio=hp.mlp_ratio if hp.mlp_ratio is not None else 4.0, **common
+        )
+    return create_mae(hp.variant, img_size=as_hw(hp.img_size), mlp_ratio=hp.mlp_ratio, **common)
 
 
 def mask_seed(seed: int, rank: int, *stream: int) -> int:
