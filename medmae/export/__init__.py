@@ -1,5 +1,5 @@
-"""Encoder export and transfer: safetensors weights + JSON card, loaders into timm and MONAI UNETR,
-and the pretraining preprocessing rebuilt from the card."""
+"""Encoder export and transfer: safetensors weights + JSON card, loaders into timm and MONAI UNETR
+(2D) or MONAI ViT / UNETR (3D), and the pretraining preprocessing rebuilt from the card."""
 
 from medmae.export.card import CardError, load_card
 from medmae.export.encoder import (
@@ -11,17 +11,22 @@ from medmae.export.encoder import (
 )
 from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
 from medmae.export.unetr import EncoderUNETR, build_unetr
+from medmae.export.unetr3d import build_unetr3d_from_export, load_vit3d
+from medmae.export.volume_preprocessing import VolumePreprocessor
 
 __all__ = [
     "CardError",
     "CheckpointError",
     "EncoderUNETR",
     "PlanePreprocessor",
+    "VolumePreprocessor",
     "build_unetr",
+    "build_unetr3d_from_export",
     "export_checkpoint",
     "export_encoder",
     "load_card",
     "load_timm_encoder",
+    "load_vit3d",
     "preprocessing_from_card",
     "read_checkpoint",
 ]

@@ -23,6 +23,15 @@ older cards, same meaning) and ``slice_interpolation``, ``resize``, ``intensity`
 ``ct.mode``, ``ct.inference_window``; ``other.percentiles`` and ``other.percentile_rule``: over which
 voxels and after which lookup tables), and ``training_data``: counts of the training series, slices and
 patients actually used, by modality, source and kind (counts only, never an id).
+
+3D encoders (``arch: medmae_vit3d``, :class:`~medmae.models.mae3d.MaskedAutoencoder3D`) have no timm
+model: their ``encoder`` section is ``MaskedAutoencoder3D.encoder_config()`` (``spatial_dims: 3``,
+``in_chans``, ``img_size [S0, S1, S2]``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
+``mlp_ratio``, ``cls_token``, ``qkv_bias``, ``layer_norm_eps``), checked into :class:`EncoderSpec3D`, and
+their ``preprocessing`` is ``VolumeTransform.describe()`` (``spatial_dims: 3``, ``volume.size``,
+``volume.spacing_mm``, the same ``intensity`` section; see :mod:`medmae.export.volume_preprocessing`).
+They load into MONAI ``ViT`` / ``UNETR(spatial_dims=3)`` (:mod:`medmae.export.unetr3d`); the 2D loaders
+refuse them in one line that says what to use instead.
 """
 
 from __future__ import annotations
@@ -53,6 +62,12 @@ LIMITS = {"in_chans": 64, "img_size": 4096, "patch_size": 64, "embed_dim": 8192,
 MAX_WEIGHTS_BYTES = 16 * 1024**3
 
 
+#: ``encoder.arch`` of a 3D export (medmae's own ViT over cubic patches; timm has no 3D ViT)
+ARCH_3D = "medmae_vit3d"
+#: what to call instead when a 2D loader is given a 3D export
+LOADERS_3D = "medmae.export.build_unetr3d_from_export(DIR, out_channels) or load_vit3d(DIR)"
+
+
 class CardError(ValueError):
     """The export card is missing, unreadable or has a field with a wrong type or value."""
 
@@ -69,6 +84,29 @@ class EncoderSpec:
     embed_dim: int
 
 
+@dataclass(frozen=True)
+class EncoderSpec3D:
+    """The checked ``encoder`` section of a 3D export: everything needed to rebuild the MONAI ViT."""
+
+    arch: str
+    in_chans: int
+    img_size: tuple[int, int, int]
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    cls_token: bool
+    qkv_bias: bool
+    layer_norm_eps: float
+    spatial_dims: int = 3
+
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of the blocks' MLP (timm's ``int(embed_dim * mlp_ratio)``)."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+
 def _bad(where: str, field: str, why: str) -> CardError:
     return CardError(f"{where}: field '{field}' {why}")
 
@@ -79,12 +117,96 @@ def _int(value: Any, where: str, field: str, lo: int, hi: int) -> int:
     return value
 
 
-def check_encoder_section(enc: Any, where: str) -> EncoderSpec:
-    """Validate the ``encoder`` section of a card (types, limits, allowed kwargs)."""
-    import timm
+def is_3d_encoder(enc: Any) -> bool:
+    """Whether a (raw) ``encoder`` section describes a 3D encoder (by ``arch`` or ``spatial_dims``)."""
+    return isinstance(enc, dict) and (enc.get("arch") == ARCH_3D or enc.get("spatial_dims") == 3)
 
+
+def check_encoder_section(enc: Any, where: str) -> EncoderSpec | EncoderSpec3D:
+    """Validate the ``encoder`` section of a card (types, limits, allowed kwargs); 2D or 3D."""
     if not isinstance(enc, dict):
         raise _bad(where, "encoder", f"must be an object, got {type(enc).__name__}")
+    if is_3d_encoder(enc):
+        return check_encoder_section_3d(enc, where)
+    return _check_encoder_section_2d(enc, where)
+
+
+def check_encoder_2d(enc: Any, where: str, loader: str) -> EncoderSpec:
+    """:func:`check_encoder_section` for a loader that only takes 2D (timm) encoders: a 3D export gets
+    one :class:`CardError` line saying so and what to use instead."""
+    spec = check_encoder_section(enc, where)
+    if isinstance(spec, EncoderSpec3D):
+        raise refuse_3d(where, loader)
+    return spec
+
+
+def refuse_3d(where: str, loader: str) -> CardError:
+    """The one-line error of a 2D-only loader given a 3D export."""
+    return CardError(
+        f"{where}: field 'encoder.arch' is {ARCH_3D!r}, a 3D encoder; {loader} takes 2D encoders only: use {LOADERS_3D}"
+    )
+
+
+def _number(value: Any, where: str, field: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and lo < value <= hi):
+        raise _bad(where, field, f"must be a number in ({lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def check_encoder_section_3d(enc: dict[str, Any], where: str) -> EncoderSpec3D:
+    """Validate a 3D ``encoder`` section (``MaskedAutoencoder3D.encoder_config()``); errors name the field.
+
+    Keys outside the documented set are ignored (they never reach a constructor)."""
+    fields = ("arch", "spatial_dims", "in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+    for key in (*fields, "mlp_ratio", "cls_token", "qkv_bias", "layer_norm_eps"):
+        if key not in enc:
+            raise _bad(where, f"encoder.{key}", "is missing")
+    if enc["arch"] != ARCH_3D:
+        raise _bad(where, "encoder.arch", f"must be {ARCH_3D!r} for a 3D encoder, got {enc['arch']!r}")
+    if enc["spatial_dims"] != 3 or isinstance(enc["spatial_dims"], bool):
+        raise _bad(where, "encoder.spatial_dims", f"must be 3 for {ARCH_3D}, got {enc['spatial_dims']!r}")
+    in_chans = _int(enc["in_chans"], where, "encoder.in_chans", 1, LIMITS["in_chans"])
+    size = enc["img_size"]
+    if not isinstance(size, list | tuple) or len(size) != 3:
+        raise _bad(where, "encoder.img_size", f"must be [S0, S1, S2], got {size!r}")
+    img_size = tuple(_int(s, where, "encoder.img_size", 1, LIMITS["img_size"]) for s in size)
+    patch = _int(enc["patch_size"], where, "encoder.patch_size", 1, LIMITS["patch_size"])
+    if any(s % patch for s in img_size):
+        raise _bad(where, "encoder.img_size", f"{list(img_size)} is not a multiple of patch_size {patch}")
+    embed_dim = _int(enc["embed_dim"], where, "encoder.embed_dim", 1, LIMITS["embed_dim"])
+    if embed_dim % 6:
+        raise _bad(where, "encoder.embed_dim", f"must be a multiple of 6 (3D sin-cos positions), got {embed_dim}")
+    depth = _int(enc["depth"], where, "encoder.depth", 1, LIMITS["depth"])
+    heads = _int(enc["num_heads"], where, "encoder.num_heads", 1, LIMITS["num_heads"])
+    if embed_dim % heads:
+        raise _bad(where, "encoder.num_heads", f"{heads} does not divide embed_dim {embed_dim}")
+    mlp_ratio = _number(enc["mlp_ratio"], where, "encoder.mlp_ratio", 0.0, 64.0)
+    if int(embed_dim * mlp_ratio) < 1:
+        raise _bad(where, "encoder.mlp_ratio", f"{mlp_ratio!r} gives no MLP width for embed_dim {embed_dim}")
+    for key in ("cls_token", "qkv_bias"):
+        if not isinstance(enc[key], bool):
+            raise _bad(where, f"encoder.{key}", f"must be true or false, got {enc[key]!r}")
+    if not enc["qkv_bias"]:
+        raise _bad(where, "encoder.qkv_bias", "is false; medmae 3D encoders (and the MONAI ViT they load into) have it")
+    eps = _number(enc["layer_norm_eps"], where, "encoder.layer_norm_eps", 0.0, 0.1)
+    return EncoderSpec3D(
+        ARCH_3D,
+        in_chans,
+        img_size,
+        patch,
+        embed_dim,
+        depth,
+        heads,
+        mlp_ratio,
+        enc["cls_token"],
+        True,
+        eps,  # type: ignore[arg-type]
+    )
+
+
+def _check_encoder_section_2d(enc: dict[str, Any], where: str) -> EncoderSpec:
+    import timm
+
     for key in ("arch", "kwargs", "in_chans", "img_size", "patch_size", "embed_dim"):
         if key not in enc:
             raise _bad(where, f"encoder.{key}", "is missing")
@@ -149,8 +271,16 @@ def load_card(export_dir: str | Path) -> dict[str, Any]:
         raise CardError(f"{where}: must hold a JSON object")
     if card.get("format") != CARD_FORMAT:
         raise _bad(where, "format", f"is {card.get('format')!r}, expected {CARD_FORMAT}")
-    check_encoder_section(card.get("encoder"), where)
-    if not isinstance(card.get("preprocessing", {}), dict):
+    spec = check_encoder_section(card.get("encoder"), where)
+    pre = card.get("preprocessing", {})
+    if not isinstance(pre, dict):
         raise _bad(where, "preprocessing", "must be an object")
+    if pre:  # an export without data has {} (nothing to rebuild); otherwise input and encoder must agree
+        dims = pre.get("spatial_dims", 2)
+        want = 3 if isinstance(spec, EncoderSpec3D) else 2
+        if isinstance(dims, bool) or dims != want:
+            raise _bad(
+                where, "preprocessing.spatial_dims", f"is {dims!r} but encoder.arch {spec.arch!r} takes {want}D input"
+            )
     weights_path(export_dir, card, where)
     return card

@@ -38,11 +38,15 @@ from medmae.export.card import (
     WEIGHTS_NAME,
     CardError,
     EncoderSpec,
-    check_encoder_section,
+    EncoderSpec3D,
+    check_encoder_2d,
     load_card,
+    refuse_3d,
     weights_path,
 )
-from medmae.models import MaskedAutoencoder, as_hw
+from medmae.models import MaskedAutoencoder, MaskedAutoencoder3D, as_hw
+
+MAE = MaskedAutoencoder | MaskedAutoencoder3D
 
 #: timm arguments a caller may not pass: weights come from the export folder and nowhere else.
 FORBIDDEN_OVERRIDES = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "features_only")
@@ -58,7 +62,7 @@ def versions() -> dict[str, str]:
 
 
 def encoder_card(
-    model: MaskedAutoencoder, preprocessing: dict[str, Any] | None, training: dict[str, Any] | None = None
+    model: MAE, preprocessing: dict[str, Any] | None, training: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The JSON card describing an exported encoder."""
     return {
@@ -78,12 +82,16 @@ def encoder_card(
 
 
 def export_encoder(
-    model: MaskedAutoencoder,
+    model: MAE,
     out_dir: Path,
     preprocessing: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write weights + card into ``out_dir``; returns the weights path."""
+    """Write weights + card into ``out_dir``; returns the weights path.
+
+    2D: the timm ViT ``state_dict``; 3D (:class:`MaskedAutoencoder3D`): the ``ViTEncoder3D`` one (timm
+    names, ``Conv3d`` patch embedding), card ``encoder`` = ``model.encoder_config()``.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file, not a directory")
@@ -113,12 +121,15 @@ def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
 
 
 def export_checkpoint(ckpt_path: Path, out_dir: Path) -> Path:
-    """Export the encoder of a pretraining checkpoint written by ``medmae fit`` / ``medmae demo``."""
+    """Export the encoder of a pretraining checkpoint written by ``medmae fit`` / ``medmae demo`` (2D or 3D:
+    ``MAEPretrainModule`` rebuilds whichever MAE the checkpoint's ``variant`` names)."""
     from medmae.train.module import MAEPretrainModule
 
     ckpt = read_checkpoint(ckpt_path)
     try:
-        module = MAEPretrainModule(**ckpt["hyper_parameters"])
+        # LightningCLI adds private entries (e.g. ``_instantiator``) that are not module arguments
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not str(k).startswith("_")}
+        module = MAEPretrainModule(**hparams)
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         detail = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
@@ -161,6 +172,8 @@ def _pretrained_cfg(in_chans: int, img_size: tuple[int, int], card: dict[str, An
 
 def create_timm_encoder(spec: EncoderSpec, card: dict[str, Any], **overrides: Any) -> VisionTransformer:
     """``timm.create_model`` of the card's encoder with the caller's overrides winning (no weights)."""
+    if isinstance(spec, EncoderSpec3D):
+        raise refuse_3d(spec.arch, "timm (load_timm_encoder / finetune-cls / the light decoder)")
     bad = sorted(set(overrides) & set(FORBIDDEN_OVERRIDES))
     if bad:
         raise ValueError(f"load_timm_encoder: {bad} cannot be overridden; weights come from the export folder")
@@ -199,7 +212,7 @@ def load_timm_encoder(export_dir: str | Path, **overrides: Any) -> VisionTransfo
     the keys. ``pretrained_cfg`` reports the real input (channels, size, mean 0 / std 1).
     """
     card = load_card(export_dir)
-    spec = check_encoder_section(card["encoder"], str(Path(export_dir) / CARD_NAME))
+    spec = check_encoder_2d(card["encoder"], str(Path(export_dir) / CARD_NAME), "load_timm_encoder")
     state = read_encoder_weights(Path(export_dir), card)
     return timm_from_encoder(spec, state, card, **overrides)
 

@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,12 +43,44 @@ import torch.nn.functional as F
 
 from medmae.data.cache import PERCENTILES
 from medmae.data.index import AXES
+from medmae.data.intensity import IntensityRule
 from medmae.data.neighbours import SLICE_INTERPOLATIONS, SliceNeighbours, fits_slice_spacing
 from medmae.data.reader import plane_view
-from medmae.data.transforms import INTERPOLATIONS, resize, scale_intensity, window_range
+from medmae.data.transforms import INTERPOLATIONS, resize, scale_intensity
 from medmae.export.card import CardError
 
+if TYPE_CHECKING:
+    from medmae.export.volume_preprocessing import VolumePreprocessor
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Series:
+    """What :meth:`IntensityRule.ranges` reads of a series: its intensity unit and stored statistics."""
+
+    intensity: str
+    stats: Mapping[str, float]
+
+
+def inference_ranges(
+    ct_windows: Sequence[tuple[float, float]],
+    ct_window_mode: str,
+    inference_window: int,
+    percentiles: tuple[float, float],
+    intensity: str,
+    stats: Mapping[str, float],
+) -> list[tuple[float, float]]:
+    """The ``(low, high)`` ranges fine-tuning and inference map to [0, 1], one per channel group (2D and 3D).
+
+    Pretraining's own rule (:meth:`medmae.data.intensity.IntensityRule.ranges`) with its one random
+    choice fixed: in ``random`` mode the window ``inference_window`` (a one-window rule draws nothing
+    else), in ``channels`` mode every window; non-HU series get the stored percentiles.
+    """
+    windows = tuple(ct_windows) if ct_window_mode == "channels" else (tuple(ct_windows[inference_window]),)
+    rule = IntensityRule(windows, ct_window_mode, 0, (float(percentiles[0]), float(percentiles[1])))  # type: ignore[arg-type]
+    ranges = rule.ranges(_Series(intensity, stats), np.random.default_rng(0))  # type: ignore[arg-type]
+    return [(float(lo), float(hi)) for lo, hi in ranges]
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,8 @@ class PlanePreprocessor:
     slice_spacing_mm: float | None = None
     slice_interpolation: str = "nearest"
 
+    spatial_dims = 2  # a class attribute, not a field (VolumePreprocessor has 3)
+
     @property
     def neighbours(self) -> SliceNeighbours:
         """The channel-placement rule of pretraining (the same code the training dataset runs)."""
@@ -96,16 +130,9 @@ class PlanePreprocessor:
 
     def intensity_ranges(self, intensity: str, stats: Mapping[str, float]) -> list[tuple[float, float]]:
         """``(low, high)`` mapped to [0, 1], one per channel group: CT windows for HU, percentiles otherwise."""
-        n_groups = len(self.ct_windows) if self.ct_window_mode == "channels" else 1
-        if intensity == "HU":
-            if self.ct_window_mode == "channels":
-                return [window_range(*w) for w in self.ct_windows]
-            return [window_range(*self.ct_windows[self.inference_window])]
-        lo = float(stats[f"p{self.percentiles[0]:g}"])
-        hi = float(stats[f"p{self.percentiles[1]:g}"])
-        if not hi > lo:
-            hi = lo + 1.0
-        return [(lo, hi)] * n_groups
+        return inference_ranges(
+            self.ct_windows, self.ct_window_mode, self.inference_window, self.percentiles, intensity, stats
+        )
 
     # ------------------------------------------------------------------ geometry
 
@@ -215,27 +242,8 @@ def _field(d: Mapping[str, Any], path: str, where: str) -> Any:
     return node
 
 
-def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> PlanePreprocessor:
-    """Rebuild the pretraining preprocessing from a card (as returned by :func:`load_card`).
-
-    Raises :class:`CardError` naming ``where`` (the card's file) and the field when the record is
-    missing or malformed.
-    """
-    pre = card.get("preprocessing")
-    if not isinstance(pre, Mapping) or not pre:
-        raise CardError(f"{where}: field 'preprocessing' is missing or empty (the encoder was exported without data)")
-    axis = _field(pre, "axis", where)
-    if axis not in AXES:
-        raise CardError(f"{where}: field 'preprocessing.axis' must be one of {tuple(AXES)}, got {axis!r}")
-    size = _field(pre, "image_size", where)
-    if not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise CardError(f"{where}: field 'preprocessing.image_size' must be [height, width], got {size!r}")
-    offsets = _field(pre, "slice_offsets", where)
-    if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets):
-        raise CardError(f"{where}: field 'preprocessing.slice_offsets' must be a list of ints, got {offsets!r}")
-    interp = _field(pre, "resize.interpolation", where)
-    if interp not in INTERPOLATIONS:
-        raise CardError(f"{where}: field 'preprocessing.resize.interpolation' must be one of {INTERPOLATIONS}")
+def intensity_from_card(pre: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The checked ``intensity`` section (2D and 3D cards share it): the fields of both preprocessors."""
     windows = _field(pre, "intensity.ct.windows_level_width", where)
     try:
         ct_windows = tuple((float(lv), float(wd)) for lv, wd in windows)
@@ -243,7 +251,7 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
         raise CardError(
             f"{where}: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}"
         ) from None
-    if not ct_windows or any(not wd > 0 for _, wd in ct_windows):
+    if not ct_windows or any(not (math.isfinite(lv) and math.isfinite(wd) and wd > 0) for lv, wd in ct_windows):
         raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' needs windows of width > 0")
     mode = _field(pre, "intensity.ct.mode", where)
     if mode not in ("random", "channels"):
@@ -260,6 +268,50 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
     pcts = _field(pre, "intensity.other.percentiles", where)
     if not isinstance(pcts, list) or len(pcts) != 2 or any(p not in PERCENTILES for p in pcts) or not pcts[0] < pcts[1]:
         raise CardError(f"{where}: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")
+    return {
+        "ct_windows": ct_windows,
+        "ct_window_mode": mode,
+        "inference_window": inference_window,
+        "percentiles": (float(pcts[0]), float(pcts[1])),
+    }
+
+
+def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> PlanePreprocessor | VolumePreprocessor:
+    """Rebuild the pretraining preprocessing from a card (as returned by :func:`load_card`).
+
+    2D / 2.5D cards (no ``preprocessing.spatial_dims``, or 2) give a :class:`PlanePreprocessor`; 3D
+    cards (``spatial_dims: 3``) a :class:`~medmae.export.volume_preprocessing.VolumePreprocessor`.
+    Raises :class:`CardError` naming ``where`` (the card's file) and the field when the record is
+    missing or malformed.
+    """
+    pre = card.get("preprocessing")
+    if not isinstance(pre, Mapping) or not pre:
+        raise CardError(f"{where}: field 'preprocessing' is missing or empty (the encoder was exported without data)")
+    dims = pre.get("spatial_dims", 2)
+    if isinstance(dims, bool) or dims not in (2, 3):
+        raise CardError(f"{where}: field 'preprocessing.spatial_dims' must be 2 or 3, got {dims!r}")
+    if dims == 3:
+        from medmae.export.volume_preprocessing import volume_preprocessing_from_card
+
+        return volume_preprocessing_from_card(pre, where)
+    return plane_preprocessing_from_card(pre, where)
+
+
+def plane_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") -> PlanePreprocessor:
+    """The 2D / 2.5D half of :func:`preprocessing_from_card` (``pre``: the card's ``preprocessing``)."""
+    axis = _field(pre, "axis", where)
+    if axis not in AXES:
+        raise CardError(f"{where}: field 'preprocessing.axis' must be one of {tuple(AXES)}, got {axis!r}")
+    size = _field(pre, "image_size", where)
+    if not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise CardError(f"{where}: field 'preprocessing.image_size' must be [height, width], got {size!r}")
+    offsets = _field(pre, "slice_offsets", where)
+    if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets):
+        raise CardError(f"{where}: field 'preprocessing.slice_offsets' must be a list of ints, got {offsets!r}")
+    interp = _field(pre, "resize.interpolation", where)
+    if interp not in INTERPOLATIONS:
+        raise CardError(f"{where}: field 'preprocessing.resize.interpolation' must be one of {INTERPOLATIONS}")
+    intensity = intensity_from_card(pre, where)
     antialias = bool(pre["resize"].get("antialias", True))
     spacing_mm = pre.get("slice_spacing_mm")  # absent (older cards) or null: index adjacency
     if spacing_mm is not None and (
@@ -284,10 +336,7 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
         slice_offsets=tuple(offsets),
         interpolation=interp,
         antialias=antialias,
-        ct_windows=ct_windows,
-        ct_window_mode=mode,
-        inference_window=inference_window,
-        percentiles=(float(pcts[0]), float(pcts[1])),
+        **intensity,
         slice_spacing_mm=None if spacing_mm is None else float(spacing_mm),
         slice_interpolation=slice_interp,
     )

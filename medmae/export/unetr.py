@@ -33,7 +33,7 @@ from monai.networks.nets import UNETR
 from torch import nn
 
 from medmae.export.adapt import adapt_state_dict
-from medmae.export.card import CARD_NAME, EncoderSpec, check_encoder_section, load_card
+from medmae.export.card import CARD_NAME, EncoderSpec, EncoderSpec3D, check_encoder_2d, load_card, refuse_3d
 from medmae.export.encoder import read_encoder_weights
 from medmae.models import as_hw
 
@@ -121,7 +121,7 @@ def build_unetr(
     export_dir = Path(export_dir)
     card = load_card(export_dir)
     where = str(export_dir / CARD_NAME)
-    spec = check_encoder_section(card["encoder"], where)
+    spec = check_encoder_2d(card["encoder"], where, "build_unetr")
     state = read_encoder_weights(export_dir, card) if load_weights else None
     return unetr_from_encoder(
         spec,
@@ -195,6 +195,8 @@ def unetr_from_encoder(
     where: str = "encoder",
 ) -> UNETR:
     """:func:`build_unetr` from an encoder spec and a timm ``state_dict`` (``None``: random init)."""
+    if isinstance(spec, EncoderSpec3D):
+        raise refuse_3d(where, "unetr_from_encoder (2D UNETR)")
     size = as_hw(img_size) if img_size is not None else spec.img_size
     chans = spec.in_chans if in_chans is None else int(in_chans)
     meta = _meta_encoder(spec)

@@ -15,16 +15,25 @@ What differs from 2D, and why:
   zero, so the token is copied as is); one pretrained with ``cls_token=False`` loads into a stock
   MONAI ``UNETR``/``ViT(classification=False)``. Either way every hidden state MONAI returns equals
   the encoder's block output (tested within 1e-5).
+
+From an export folder (``medmae export`` of a 3D checkpoint): :func:`build_unetr3d_from_export` and
+:func:`load_vit3d` read the card (:class:`~medmae.export.card.EncoderSpec3D`), check the weights
+against it, and build the same networks; ``load_weights=False`` gives the same network with MONAI's
+random initialisation (the baseline of a transfer comparison: learnable positions drawn by MONAI,
+a class token drawn N(0, 0.02)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.nets import UNETR, ViT
 from torch import nn
 
+from medmae.export.card import CARD_NAME, CardError, EncoderSpec, EncoderSpec3D, check_encoder_section, load_card
+from medmae.export.encoder import read_encoder_weights
 from medmae.export.unetr import UNETR_HIDDEN_STATES, UNETR_PATCH, load_mapped_vit, monai_unetr, timm_to_monai_vit
 from medmae.models.mae3d import MaskedAutoencoder3D, ViTEncoder3D, as_size3d, grid_shape3d
 from medmae.models.pos_embed3d import sincos_pos_embed_3d
@@ -87,6 +96,16 @@ def build_vit3d(
     return vit
 
 
+def _check_unetr(patch_size: int, depth: int, where: str) -> None:
+    if patch_size != UNETR_PATCH:
+        raise ValueError(f"{where}: encoder patch_size is {patch_size}; MONAI UNETR only takes 16")
+    if depth <= max(UNETR_HIDDEN_STATES):
+        raise ValueError(
+            f"{where}: encoder depth is {depth}; UNETR reads block outputs {UNETR_HIDDEN_STATES}, "
+            f"so it needs at least {max(UNETR_HIDDEN_STATES) + 1} blocks"
+        )
+
+
 def build_unetr3d(
     encoder: EncoderLike,
     img_size: int | Sequence[int],
@@ -112,13 +131,7 @@ def build_unetr3d(
     """
     state, heads, size = _resolve(encoder, num_heads, img_size)
     shape = _shape(state)
-    if shape["patch_size"] != UNETR_PATCH:
-        raise ValueError(f"build_unetr3d: encoder patch_size is {shape['patch_size']}; MONAI UNETR only takes 16")
-    if shape["depth"] <= max(UNETR_HIDDEN_STATES):
-        raise ValueError(
-            f"build_unetr3d: encoder depth is {shape['depth']}; UNETR reads block outputs {UNETR_HIDDEN_STATES}, "
-            f"so it needs at least {max(UNETR_HIDDEN_STATES) + 1} blocks"
-        )
+    _check_unetr(shape["patch_size"], shape["depth"], "build_unetr3d")
     grid = grid_shape3d(size, UNETR_PATCH)
     embed_dim, mlp_dim = shape["embed_dim"], shape["mlp_dim"]
     model = monai_unetr(
@@ -190,3 +203,157 @@ def _fill(vit: ViT, state: dict[str, torch.Tensor], grid: tuple[int, int, int]) 
         vit.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
     state = {**state, "pos_embed": sincos_pos_embed_3d(embed_dim, grid, cls_token=has_cls)}
     load_monai_vit3d(vit, state)
+
+
+# ----------------------------------------------------------------------------- from an export folder
+
+
+def read_export3d(
+    export_dir: str | Path, load_weights: bool = True
+) -> tuple[EncoderSpec3D, dict[str, torch.Tensor] | None]:
+    """The checked 3D encoder spec of an export folder and its weights (``None`` unless ``load_weights``);
+    :class:`CardError` names the field when the export is 2D or its weights do not fit the card."""
+    export_dir = Path(export_dir)
+    card = load_card(export_dir)
+    where = str(export_dir / CARD_NAME)
+    spec = check_encoder_section(card["encoder"], where)
+    if isinstance(spec, EncoderSpec):
+        raise CardError(
+            f"{where}: field 'encoder.arch' is {spec.arch!r}, a 2D encoder; the 3D loaders take medmae_vit3d "
+            "exports: use medmae.export.build_unetr (MONAI UNETR 2D) or load_timm_encoder"
+        )
+    state = read_encoder_weights(export_dir, card) if load_weights else None
+    if state is not None:
+        check_weights3d(spec, state, where)
+    return spec, state
+
+
+def check_weights3d(spec: EncoderSpec3D, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """The weights must have the sizes the card states (CardError naming the first field that differs)."""
+    try:
+        shape = _shape(state)
+    except ValueError as e:
+        raise CardError(f"{where}: weights are not a medmae 3D encoder ({e})") from None
+    for field, value in (
+        ("in_chans", spec.in_chans),
+        ("patch_size", spec.patch_size),
+        ("embed_dim", spec.embed_dim),
+        ("depth", spec.depth),
+    ):
+        if shape[field] != value:
+            raise CardError(f"{where}: field 'encoder.{field}' is {value} but the weights have {shape[field]}")
+    if shape["mlp_dim"] != spec.mlp_dim:
+        raise CardError(
+            f"{where}: field 'encoder.mlp_ratio' gives an MLP of {spec.mlp_dim} but the weights have {shape['mlp_dim']}"
+        )
+    if ("cls_token" in state) != spec.cls_token:
+        raise CardError(f"{where}: field 'encoder.cls_token' is {spec.cls_token} but the weights disagree")
+
+
+def _set_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
+
+
+def unetr3d_from_spec(
+    spec: EncoderSpec3D,
+    state: Mapping[str, torch.Tensor] | None,
+    out_channels: int,
+    img_size: int | Sequence[int] | None = None,
+    *,
+    feature_size: int = 16,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+    where: str = "encoder",
+) -> UNETR:
+    """MONAI ``UNETR(spatial_dims=3)`` of a 3D encoder spec, carrying ``state`` (``None``: MONAI's random init).
+
+    ``img_size`` defaults to the encoder's pretraining crop; positions are recomputed for another size."""
+    size = as_size3d(spec.img_size if img_size is None else img_size)
+    _check_unetr(spec.patch_size, spec.depth, where)
+    try:
+        grid_shape3d(size, UNETR_PATCH)
+    except ValueError as e:
+        raise ValueError(f"{where}: fine-tuning {e}") from None
+    if state is not None:
+        model = build_unetr3d(
+            dict(state),
+            size,
+            out_channels,
+            feature_size,
+            num_heads=spec.num_heads,
+            norm_name=norm_name,
+            res_block=res_block,
+            dropout_rate=dropout_rate,
+        )
+    else:
+        model = monai_unetr(
+            3,
+            spec.in_chans,
+            out_channels,
+            size,
+            spec.embed_dim,
+            spec.mlp_dim,
+            spec.num_heads,
+            spec.depth,
+            spec.cls_token,
+            feature_size=feature_size,
+            norm_name=norm_name,
+            res_block=res_block,
+            dropout_rate=dropout_rate,
+        )
+        if spec.cls_token:
+            model.vit.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+            nn.init.normal_(model.vit.cls_token, std=0.02)
+    _set_eps(model.vit, spec.layer_norm_eps)
+    return model
+
+
+def build_unetr3d_from_export(
+    export_dir: str | Path,
+    out_channels: int,
+    *,
+    img_size: int | Sequence[int] | None = None,
+    feature_size: int = 16,
+    norm_name: str | tuple = "instance",
+    res_block: bool = True,
+    dropout_rate: float = 0.0,
+    load_weights: bool = True,
+) -> UNETR:
+    """A MONAI ``UNETR(spatial_dims=3)`` carrying the encoder of a 3D export folder.
+
+    Args:
+        export_dir: folder written by ``medmae export`` for a 3D checkpoint (``arch: medmae_vit3d``).
+        out_channels: segmentation classes, background included.
+        img_size: fine-tuning crop ``(S0, S1, S2)``, multiples of 16; default the encoder's.
+        feature_size, norm_name, res_block, dropout_rate: MONAI UNETR decoder settings.
+        load_weights: ``False`` keeps MONAI's random init of the same network (the baseline).
+    """
+    spec, state = read_export3d(export_dir, load_weights)
+    return unetr3d_from_spec(
+        spec,
+        state,
+        out_channels,
+        img_size,
+        feature_size=feature_size,
+        norm_name=norm_name,
+        res_block=res_block,
+        dropout_rate=dropout_rate,
+        where=str(Path(export_dir) / CARD_NAME),
+    )
+
+
+def load_vit3d(
+    export_dir: str | Path, img_size: int | Sequence[int] | None = None, *, dropout_rate: float = 0.0
+) -> ViT:
+    """A MONAI ``ViT(spatial_dims=3, classification=False)`` carrying the encoder of a 3D export folder;
+    its hidden states equal the encoder's block outputs (``img_size`` default: the encoder's)."""
+    spec, state = read_export3d(export_dir)
+    assert state is not None
+    vit = build_vit3d(
+        state, spec.img_size if img_size is None else img_size, num_heads=spec.num_heads, dropout_rate=dropout_rate
+    )
+    _set_eps(vit, spec.layer_norm_eps)
+    return vit

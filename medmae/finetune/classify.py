@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from medmae.export.card import refuse_3d
 from medmae.export.encoder import timm_from_encoder
 from medmae.finetune.cls_data import LEVELS, check_target, num_outputs
 from medmae.finetune.encoders import InputNorm, parse_init, resolve_encoder
@@ -146,6 +147,8 @@ class ClassificationModule(pl.LightningModule):
         self.save_hyperparameters()  # only what the user typed; no CSV content, no volume header
         self.classes, self.smoothing = classes, smoothing
         source = resolve_encoder(parse_init(init, card))
+        if source.spatial_dims == 3:
+            raise refuse_3d(f"model.init {source.init.describe()}", "finetune-cls (timm ViT classifiers)")
         self.source_record = source.record()
         self.spec, self.preprocessing = source.spec, source.preprocessing
         vit = timm_from_encoder(

@@ -10,6 +10,10 @@ The three starts build the *same* downstream model so a transfer comparison is o
   default 2D one (axial planes, percentiles / soft-tissue CT window) followed by the model's own
   mean/std normalisation, and its patch embedding is folded to the input's channels by the
   equal-channel rule.
+
+A 3D export (``arch: medmae_vit3d``) gives a source with an :class:`~medmae.export.card.EncoderSpec3D`
+and a :class:`~medmae.export.volume_preprocessing.VolumePreprocessor` (``spatial_dims == 3``): the
+segmentation fine-tuning then builds MONAI ``UNETR(spatial_dims=3)`` (:mod:`medmae.finetune.segment3d`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ from torch import nn
 
 from medmae.data.transforms import DEFAULT_CT_WINDOWS
 from medmae.export.adapt import adapt_patch_embed_channels
-from medmae.export.card import CARD_NAME, EncoderSpec, check_encoder_section, load_card
+from medmae.export.card import CARD_NAME, CardError, EncoderSpec, EncoderSpec3D, check_encoder_section, load_card
 from medmae.export.encoder import read_encoder_weights
 from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
+from medmae.export.unetr3d import check_weights3d
+from medmae.export.volume_preprocessing import VolumePreprocessor
+
+Preprocessor = PlanePreprocessor | VolumePreprocessor
 
 INIT_KINDS = ("medmae", "random", "timm")
 
@@ -108,15 +116,21 @@ class EncoderSource:
     """Everything a downstream builder needs: architecture, weights (or None), input pipeline."""
 
     init: EncoderInit
-    spec: EncoderSpec
+    spec: EncoderSpec | EncoderSpec3D
     state: dict[str, torch.Tensor] | None
-    preprocessing: PlanePreprocessor
+    preprocessing: Preprocessor
     input_norm: InputNorm | None = None
+
+    @property
+    def spatial_dims(self) -> int:
+        """3 for a volumetric (``medmae_vit3d``) encoder, else 2."""
+        return 3 if isinstance(self.spec, EncoderSpec3D) else 2
 
     def record(self) -> dict[str, Any]:
         """What a fine-tuning checkpoint keeps to rebuild the network without the export folder."""
         norm = self.input_norm
         return {
+            "spatial_dims": self.spatial_dims,
             "encoder": dataclasses.asdict(self.spec),
             "preprocessing": dataclasses.asdict(self.preprocessing),
             "input_norm": None if norm is None else (norm.mean.flatten().tolist(), norm.std.flatten().tolist()),
@@ -127,6 +141,14 @@ class EncoderSource:
     def from_record(cls, record: dict[str, Any]) -> EncoderSource:
         """The architecture and input pipeline of :meth:`record` (no weights: the checkpoint has them)."""
         enc, p = dict(record["encoder"]), dict(record["preprocessing"])
+        if record.get("spatial_dims", 2) == 3:  # absent in checkpoints written before 3D: 2D
+            spec3d = EncoderSpec3D(**{**enc, "img_size": tuple(enc["img_size"])})
+            vol = VolumePreprocessor(
+                size=tuple(p["size"]), spacing_mm=tuple(p["spacing_mm"]),
+                ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
+                inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
+            )  # fmt: skip
+            return cls(EncoderInit("random"), spec3d, None, vol)
         spec = EncoderSpec(enc["arch"], dict(enc["kwargs"]), int(enc["in_chans"]), tuple(enc["img_size"]),
                            int(enc["patch_size"]), int(enc["embed_dim"]))
         pre = PlanePreprocessor(
@@ -142,7 +164,7 @@ class EncoderSource:
         return cls(EncoderInit("random"), spec, None, pre, input_norm)
 
 
-def resolve_preprocessing(init: EncoderInit) -> PlanePreprocessor:
+def resolve_preprocessing(init: EncoderInit) -> Preprocessor:
     """Only the input pipeline of ``init`` (data modules need no weights): the card's, or the timm default."""
     if init.kind in ("medmae", "random"):
         assert init.export_dir is not None and init.card is not None
@@ -163,11 +185,15 @@ def resolve_encoder(init: EncoderInit) -> EncoderSource:
         where = str(init.export_dir / CARD_NAME)
         spec = check_encoder_section(init.card["encoder"], where)
         pre = preprocessing_from_card(init.card, where=where)
+        if pre.spatial_dims != (3 if isinstance(spec, EncoderSpec3D) else 2):
+            raise CardError(f"{where}: field 'preprocessing.spatial_dims' does not match encoder.arch {spec.arch!r}")
         if pre.channels != spec.in_chans:
             raise ValueError(
                 f"{where}: preprocessing yields {pre.channels} channel(s) but encoder.in_chans is {spec.in_chans}"
             )
         state = read_encoder_weights(init.export_dir, init.card) if init.kind == "medmae" else None
+        if state is not None and isinstance(spec, EncoderSpec3D):
+            check_weights3d(spec, state, where)
         return EncoderSource(init, spec, state, pre)
     return _timm_source(init, 1)
 

@@ -10,6 +10,10 @@ Launch::
 
 ``model.init``, ``model.num_classes`` and ``model.card`` are linked to the data module, so both read
 the same card. Configuration and input mistakes stop with one line naming the field or file.
+
+A 3D export (``medmae_vit3d``) fine-tunes MONAI UNETR 3D on random patches
+(``configs/finetune/seg3d_*.yaml``); ``predict-seg`` then segments whole volumes by sliding windows
+of the card's size (``--overlap``, ``--batch`` windows per forward pass).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from medmae.export.card import CardError
 from medmae.export.preprocessing import PlanePreprocessor
+from medmae.export.volume_preprocessing import VolumePreprocessor
+from medmae.finetune.encoders import Preprocessor
 from medmae.finetune.seg_data import SegmentationDataModule
 from medmae.finetune.segment import SegmentationModule, Segmenter, load_segmenter, predict_planes
-from medmae.finetune.volumes import VolumeError, read_image
+from medmae.finetune.segment3d import predict_volume3d
+from medmae.finetune.volumes import Volume, VolumeError, read_image
 
 
 class SegmentationCLI(LightningCLI):
@@ -74,8 +81,13 @@ def predict_main(argv: Sequence[str]) -> int:
     parser.add_argument("images", nargs="+", help="NIfTI files or DICOM series folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for the <name>_seg.nii.gz masks")
     parser.add_argument("--modality", default="OT", help="modality of NIfTI inputs (CT -> HU windows)")
-    parser.add_argument("--batch", type=int, default=16, help="planes per forward pass")
+    parser.add_argument("--batch", type=int, default=16, help="planes (2D) or sliding windows (3D) per forward pass")
+    parser.add_argument("--overlap", type=float, default=0.25, help="3D: overlap of neighbouring sliding windows")
     args = parser.parse_args(list(argv))
+    if not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; give a folder")
     try:
@@ -85,7 +97,7 @@ def predict_main(argv: Sequence[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for ref in args.images:
         try:
-            written = predict_volume(net, pre, ref, args.out, args.modality, args.batch)
+            written = predict_volume(net, pre, ref, args.out, args.modality, args.batch, args.overlap)
         except VolumeError as e:
             parser.error(str(e))
         print(f"{ref} -> {written}")
@@ -93,19 +105,38 @@ def predict_main(argv: Sequence[str]) -> int:
 
 
 def predict_volume(
-    net: Segmenter, pre: PlanePreprocessor, reference: str, out_dir: Path, modality: str = "OT", batch: int = 16
+    net: Segmenter,
+    pre: Preprocessor,
+    reference: str,
+    out_dir: Path,
+    modality: str = "OT",
+    batch: int = 16,
+    overlap: float = 0.25,
 ) -> Path:
     """Segment one volume; the mask keeps the input NIfTI's voxel order and affine (DICOM: canonical, RAS)."""
+    volume = read_image(reference, modality=modality)
+    if isinstance(pre, VolumePreprocessor):
+        try:
+            image = pre.image(volume.array, volume.intensity, volume.stats, volume.spacing)
+        except ValueError as e:
+            raise VolumeError(f"{reference}: {e}") from None
+        canonical = predict_volume3d(net, image, pre, volume.shape, volume.spacing, overlap, batch)
+    else:
+        assert isinstance(pre, PlanePreprocessor)
+        planes = pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing)
+        stack_shape = pre.stack(volume.array).shape
+        pred = predict_planes(net, planes, pre, tuple(stack_shape[1:]), batch)
+        canonical = np.zeros(volume.shape, dtype=np.uint8)
+        pre.stack(canonical)[...] = pred  # the plane view writes through to the (Z, Y, X) array
+    return write_mask(volume, canonical, out_dir)
+
+
+def write_mask(volume: Volume, canonical: np.ndarray, out_dir: Path) -> Path:
+    """Write a canonical (Z, Y, X) class map as ``<name>_seg.nii.gz`` in the input's voxel order and affine."""
     import nibabel as nib
 
     from data_prep.build import RAS_TO_LPS
 
-    volume = read_image(reference, modality=modality)
-    planes = pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing)
-    stack_shape = pre.stack(volume.array).shape
-    pred = predict_planes(net, planes, pre, tuple(stack_shape[1:]), batch)
-    canonical = np.zeros(volume.shape, dtype=np.uint8)
-    pre.stack(canonical)[...] = pred  # the plane view writes through to the (Z, Y, X) array
     if volume.source_ornt is not None:
         data, affine = volume.to_source(canonical), volume.source_affine
     else:

@@ -12,7 +12,8 @@ Every plane goes through the export card's :class:`~medmae.export.preprocessing.
 once at setup (the same code inference uses). Training samples are planes with labelled foreground,
 augmented by a random-resized crop and optional flip applied to image and label together;
 validation yields whole volumes, scored in :mod:`medmae.finetune.segment` on planes stacked back
-into the volume.
+into the volume. With a 3D export the same module trains on random 3D patches instead
+(:mod:`medmae.finetune.seg_data3d`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from medmae.data.transforms import random_resized_crop_box
 from medmae.export.preprocessing import PlanePreprocessor
-from medmae.finetune.encoders import parse_init, patient_split, resolve_preprocessing
+from medmae.export.volume_preprocessing import VolumePreprocessor
+from medmae.finetune.encoders import Preprocessor, parse_init, patient_split, resolve_preprocessing
+from medmae.finetune.seg_data3d import PatchDataset, PreparedVolume, prepare_volume_case
 from medmae.finetune.volumes import NIFTI_SUFFIXES, VolumeError, read_image, read_label
 
 logger = logging.getLogger(__name__)
@@ -177,22 +180,23 @@ class PlaneDataset(Dataset):
 class VolumeDataset(Dataset):
     """Validation: one whole case per item."""
 
-    def __init__(self, cases: list[PreparedCase]) -> None:
+    def __init__(self, cases: list[PreparedCase] | list[PreparedVolume]) -> None:
         self.cases = cases
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, i: int) -> PreparedCase:
+    def __getitem__(self, i: int) -> PreparedCase | PreparedVolume:
         return self.cases[i]
 
 
-def _single(batch: list[PreparedCase]) -> PreparedCase:
+def _single(batch: list) -> PreparedCase | PreparedVolume:
     return batch[0]
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    """Plane batches from labelled volumes, preprocessed exactly as the encoder was pretrained.
+    """Plane batches (2D encoders) or 3D patches (3D encoders) from labelled volumes, preprocessed exactly
+    as the encoder was pretrained.
 
     Args:
         init: the encoder start (``medmae:DIR``, ``random:DIR``, ``timm:NAME``); linked from
@@ -207,9 +211,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         max_train_cases: use only the first N training cases (few-label experiments); None = all.
         batch_size, num_workers: DataLoader settings for training planes.
         samples_per_epoch: training planes per epoch (drawn with replacement); None = each plane once.
-        crop_scale: random-resized-crop area range for training planes ((1, 1) disables).
+            3D: patches per epoch; None = one per training volume (at least ``batch_size``).
+        crop_scale: random-resized-crop area range for training planes ((1, 1) disables); 3D: the
+            patch's volume fraction before it is resized to the card's size.
         hflip_prob: left-right flip probability (keep 0 when labels are lateral, e.g. left/right organs).
-        include_empty_planes: also train on planes without any labelled structure.
+        include_empty_planes: also train on planes without any labelled structure (2D).
+        foreground_prob: 3D: probability that a training patch holds a labelled voxel (the rest are
+            placed uniformly).
         seed: seed of splits and augmentation.
     """
 
@@ -231,6 +239,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip_prob: float = 0.0,
         include_empty_planes: bool = False,
+        foreground_prob: float = 0.5,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -242,6 +251,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
+        if not 0.0 <= foreground_prob <= 1.0:
+            raise ValueError(f"data.foreground_prob must be in [0, 1], got {foreground_prob!r}")
         if max_train_cases is not None and max_train_cases < 1:
             raise ValueError(f"data.max_train_cases must be >= 1, got {max_train_cases!r}")
         self.init = init
@@ -258,11 +269,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.hflip_prob = float(hflip_prob)
         self.include_empty_planes = include_empty_planes
+        self.foreground_prob = float(foreground_prob)
         self.seed = seed
-        self.preprocessing: PlanePreprocessor | None = None
-        self.train_cases: list[PreparedCase] = []
-        self.train_set: PlaneDataset | None = None
-        self.val_cases: list[PreparedCase] = []
+        self.preprocessing: Preprocessor | None = None
+        self.train_cases: list = []
+        self.train_set: PlaneDataset | PatchDataset | None = None
+        self.val_cases: list = []
 
     def cases(self) -> list[SegCase]:
         if self.csv is not None:
@@ -280,14 +292,20 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise VolumeError("no training case: every case fell into validation (lower val_fraction)")
         if self.max_train_cases is not None:
             train = train[: self.max_train_cases]
-        prep = [prepare_case(c, self.preprocessing, self.num_classes, self.modality, self.cache_dir) for c in train]
-        self.train_cases = prep
-        self.val_cases = [
-            prepare_case(c, self.preprocessing, self.num_classes, self.modality, self.cache_dir) for c in val
-        ]
+        self.train_cases = [self._prepare(c) for c in train]
+        self.val_cases = [self._prepare(c) for c in val]
         logger.info("segmentation data: %d training and %d validation volumes", len(train), len(val))
 
+    def _prepare(self, case: SegCase) -> PreparedCase | PreparedVolume:
+        pre = self.preprocessing
+        if isinstance(pre, VolumePreprocessor):
+            return prepare_volume_case(case.image, case.label, pre, self.num_classes, self.modality, self.cache_dir)
+        assert isinstance(pre, PlanePreprocessor)
+        return prepare_case(case, pre, self.num_classes, self.modality, self.cache_dir)
+
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.preprocessing, VolumePreprocessor):
+            return self._patch_dataloader(self.preprocessing)
         if self.train_set is None:
             self.train_set = PlaneDataset(
                 self.train_cases, self.crop_scale, self.hflip_prob, self.seed, self.include_empty_planes
@@ -302,6 +320,24 @@ class SegmentationDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             drop_last=n >= self.batch_size,
+            persistent_workers=False,
+        )
+
+    def _patch_dataloader(self, pre: VolumePreprocessor) -> DataLoader:
+        """3D: ``samples_per_epoch`` distinct random patches per epoch (each index its own draw)."""
+        if self.train_set is None:
+            n = self.samples_per_epoch or max(len(self.train_cases), self.batch_size)
+            self.train_set = PatchDataset(
+                self.train_cases, n, pre.size, self.crop_scale, self.hflip_prob, self.foreground_prob, self.seed
+            )
+        g = torch.Generator().manual_seed(self.seed)
+        data = self.train_set
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=torch.utils.data.RandomSampler(data, generator=g),
+            num_workers=self.num_workers,
+            drop_last=len(data) >= self.batch_size,
             persistent_workers=False,
         )
 

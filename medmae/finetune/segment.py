@@ -9,6 +9,10 @@ least 10 blocks (``build_unetr`` says so by field name otherwise).
 Validation scores whole volumes: every plane is predicted on the encoder grid, resampled back to its
 plane (undoing pad + resize), and the planes are stacked into the volume before per-class Dice is
 computed against the original labels. ``val/dice`` is the mean over foreground classes.
+
+A 3D export (``arch: medmae_vit3d``) switches the same module to MONAI ``UNETR(spatial_dims=3)``,
+random 3D patches and sliding-window validation over whole volumes (:mod:`medmae.finetune.segment3d`,
+:mod:`medmae.finetune.seg_data3d`); loss, layer-wise lr decay and schedule are shared.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from torch import nn
 from medmae.export.encoder import timm_from_encoder
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.unetr import unetr_from_encoder
-from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
+from medmae.finetune.encoders import EncoderSource, InputNorm, Preprocessor, parse_init, resolve_encoder
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.light_decoder import LightSegmenter
 from medmae.finetune.schedule import adamw_warmup_cosine
 from medmae.finetune.seg_data import PreparedCase
+from medmae.finetune.seg_data3d import PreparedVolume
+from medmae.finetune.segment3d import build_segmenter3d, predict_volume3d
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +73,14 @@ def build_segmenter(
     """The fine-tuning network for an encoder source (weights loaded when the source has them).
 
     ``unetr``: MONAI UNETR (patch 16, >= 10 blocks); ``light``: the same design over the timm encoder
-    for any power-of-two patch and depth (:mod:`medmae.finetune.light_decoder`).
+    for any power-of-two patch and depth (:mod:`medmae.finetune.light_decoder`). A 3D source gets
+    MONAI UNETR 3D (:func:`~medmae.finetune.segment3d.build_segmenter3d`; ``cls_token`` is the encoder's).
     """
     pre = source.preprocessing
-    if decoder == "unetr":
-        net: nn.Module = unetr_from_encoder(
+    if source.spatial_dims == 3:
+        net: nn.Module = build_segmenter3d(source, num_classes, feature_size, dropout_rate, decoder)
+    elif decoder == "unetr":
+        net = unetr_from_encoder(
             source.spec,
             source.state,
             num_classes,
@@ -115,6 +124,17 @@ def predict_planes(
     return torch.cat(out).numpy()
 
 
+def predict_case(
+    net: nn.Module, case: PreparedCase | PreparedVolume, pre: Preprocessor, batch: int = 16, overlap: float = 0.25
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prediction, labels)`` of a validation case on its original grid: planes (2D) or sliding windows (3D)."""
+    if isinstance(case, PreparedVolume):
+        assert not isinstance(pre, PlanePreprocessor)
+        return predict_volume3d(net, case.image, pre, case.shape, case.spacing, overlap, batch), case.label
+    assert isinstance(pre, PlanePreprocessor)
+    return predict_planes(net, case.images, pre, case.plane_shape, batch), case.label_stack
+
+
 class SegmentationModule(pl.LightningModule):
     """Fine-tune a UNETR from ``init`` (``medmae:DIR`` | ``random:DIR`` | ``timm:NAME``).
 
@@ -131,10 +151,11 @@ class SegmentationModule(pl.LightningModule):
             timm encoder: any power-of-two patch, any depth).
         feature_size: decoder width at full resolution.
         tap_norm: ``light`` decoder only: LayerNorm on each tapped block output (see light_decoder.py).
-        cls_token: keep the pretrained class token in the encoder.
+        cls_token: keep the pretrained class token in the encoder (2D; a 3D encoder keeps its own).
         dropout_rate: dropout inside the ViT blocks.
         dice_weight, ce_weight: weights of the Dice and cross-entropy terms of ``DiceCELoss``.
-        infer_batch: planes per forward pass in validation.
+        infer_batch: planes (2D) or sliding windows (3D) per forward pass in validation.
+        sw_overlap: 3D only: overlap of neighbouring sliding windows (MONAI ``sliding_window_inference``).
     """
 
     def __init__(
@@ -155,6 +176,7 @@ class SegmentationModule(pl.LightningModule):
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
         infer_batch: int = 16,
+        sw_overlap: float = 0.25,
     ) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("min_lr", min_lr + 1e-30), ("weight_decay", weight_decay + 1e-30)):
@@ -164,6 +186,8 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"model.num_classes must be an int >= 2, got {num_classes!r}")
+        if not 0.0 <= sw_overlap < 1.0:
+            raise ValueError(f"model.sw_overlap must be in [0, 1), got {sw_overlap!r}")
         self.save_hyperparameters()
         source = resolve_encoder(parse_init(init, card))
         self.source_record = source.record()
@@ -186,9 +210,10 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def validation_step(self, case: PreparedCase, batch_idx: int) -> None:
-        pred = predict_planes(self.net, case.images, self.preprocessing, case.plane_shape, self.hparams.infer_batch)
-        self._val_dice.append(dice_per_class(pred, case.label_stack, self.hparams.num_classes))
+    def validation_step(self, case: PreparedCase | PreparedVolume, batch_idx: int) -> None:
+        hp = self.hparams
+        pred, truth = predict_case(self.net, case, self.preprocessing, hp.infer_batch, hp.sw_overlap)
+        self._val_dice.append(dice_per_class(pred, truth, hp.num_classes))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_dice:
@@ -216,7 +241,7 @@ class SegmentationModule(pl.LightningModule):
         checkpoint[CKPT_KEY] = self.source_record
 
 
-def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, PlanePreprocessor, int]:
+def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, Preprocessor, int]:
     """A fine-tuned segmenter for inference from its checkpoint alone (read safely, ``weights_only``)."""
     ckpt_path = Path(ckpt_path)
     try:

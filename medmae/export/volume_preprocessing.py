@@ -1,0 +1,177 @@
+"""The 3D encoder's input rebuilt from the export card alone: whole volumes at the pretraining spacing.
+
+A 3D card's ``preprocessing`` is ``VolumeTransform.describe()`` (``spatial_dims: 3``): the output grid
+``volume.size`` in voxels at ``volume.spacing_mm``, canonical (Z, Y, X) axes, and the intensity rule
+shared with 2D. :func:`preprocessing_from_card` turns it into :class:`VolumePreprocessor`, which maps a
+canonical (Z, Y, X) volume (what ``medmae.finetune.volumes`` reads from NIfTI / DICOM / the cache) to
+encoder input with the code pretraining ran (``medmae.data.volume``), in pretraining's order::
+
+    stored values -> float32 -> intensity (linear, one range per channel) -> resample -> clip [0, 1]
+
+Pretraining's validation view is the centred crop of ``size`` at exactly ``spacing_mm``; fine-tuning
+and inference instead resample the *whole* series to ``spacing_mm`` (:func:`medmae.data.volume.resample_volume`,
+the same linear rule and voxel-centre coordinates) and cover it with sliding windows of ``size``
+(MONAI ``sliding_window_inference``), so every voxel gets a prediction. Where the centred crop and the
+whole-volume grid share voxels they hold the same numbers (tested). :meth:`VolumePreprocessor.restore`
+brings outputs back onto the series' own grid (:func:`medmae.data.volume.restore_volume`).
+
+Labels go onto the same grid by nearest neighbour (:func:`resample_labels`: the nearest source voxel
+to each output voxel centre, same coordinates as the image).
+
+CT windows: as in 2D (:func:`medmae.export.preprocessing.inference_ranges`): the window
+``intensity.ct.inference_window`` in ``random`` mode, every window as a channel in ``channels`` mode.
+
+Example::
+
+    pre = preprocessing_from_card(load_card("encoder3d/"))
+    x = pre.image(volume_zyx, intensity="HU", stats=stats, spacing=(2.5, 0.7, 0.7))   # (C, z, y, x)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmae.data.volume import resample_volume, restore_volume, sample_positions
+from medmae.export.card import LIMITS, CardError
+from medmae.export.preprocessing import _field, inference_ranges, intensity_from_card
+
+Triple = tuple[float, float, float]
+
+
+def check_spacing(spacing: Sequence[float] | None, what: str = "volume spacing") -> Triple:
+    """Three finite positive (Z, Y, X) spacings in mm; ValueError otherwise."""
+    try:
+        z, y, x = (float(s) for s in spacing)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be three numbers (Z, Y, X) in mm, got {spacing!r}") from None
+    if not all(math.isfinite(s) and s > 0 for s in (z, y, x)):
+        raise ValueError(f"{what} must be finite and > 0 mm along every axis, got {spacing!r}")
+    return z, y, x
+
+
+def resample_labels(
+    labels: np.ndarray | torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
+) -> torch.Tensor:
+    """A ``(Z, Y, X)`` label map onto the :func:`~medmae.data.volume.resample_volume` grid, nearest neighbour.
+
+    Output voxel ``j`` along an axis takes source voxel ``round((j + 0.5) * target / source - 0.5)``
+    (clamped to the volume): the same coordinates as the image, so image and labels stay aligned.
+    """
+    x = torch.as_tensor(np.asarray(labels)).long()
+    if x.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) label map, got shape {tuple(x.shape)}")
+    for axis in range(3):
+        n = x.shape[axis]
+        ratio = float(target_spacing[axis]) / float(spacing[axis])
+        n_out = max(1, int(round(n / ratio)))
+        coords = sample_positions(0.0, n_out * ratio, n_out, 0)
+        index = torch.floor(coords + 0.5).long().clamp(0, n - 1)
+        x = x.index_select(axis, index)
+    return x
+
+
+@dataclass(frozen=True)
+class VolumePreprocessor:
+    """Canonical (Z, Y, X) volumes -> encoder input ``(C, z, y, x)`` in [0, 1] at ``spacing_mm``, as in pretraining.
+
+    ``size`` is the pretraining crop (the sliding-window size); the whole volume is resampled, not cropped.
+    """
+
+    size: tuple[int, int, int]
+    spacing_mm: Triple
+    ct_windows: tuple[tuple[float, float], ...]
+    ct_window_mode: str
+    inference_window: int
+    percentiles: tuple[float, float]
+
+    spatial_dims = 3  # a class attribute, not a field: 2D preprocessors have none (their cards neither)
+
+    @property
+    def channels(self) -> int:
+        return len(self.ct_windows) if self.ct_window_mode == "channels" else 1
+
+    def intensity_ranges(self, intensity: str, stats: Mapping[str, float]) -> list[tuple[float, float]]:
+        """``(low, high)`` mapped to [0, 1], one per channel: CT window(s) for HU, percentiles otherwise."""
+        return inference_ranges(
+            self.ct_windows, self.ct_window_mode, self.inference_window, self.percentiles, intensity, stats
+        )
+
+    def image(
+        self, volume: np.ndarray, intensity: str, stats: Mapping[str, float], spacing: Sequence[float]
+    ) -> torch.Tensor:
+        """The whole volume as encoder input: ``(C, z, y, x)`` float32 in [0, 1] on the ``spacing_mm`` grid.
+
+        ``spacing``: the volume's (Z, Y, X) voxel spacing in mm (``Volume.spacing``, a cache record's).
+        """
+        spacing = check_spacing(spacing)
+        values = torch.from_numpy(np.asarray(volume, dtype=np.float32))
+        if values.ndim != 3:
+            raise ValueError(f"expected a canonical (Z, Y, X) volume, got shape {tuple(values.shape)}")
+        values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        mapped = torch.stack([(values - lo) / (hi - lo) for lo, hi in self.intensity_ranges(intensity, stats)])
+        return resample_volume(mapped, spacing, self.spacing_mm).clamp_(0.0, 1.0).float().contiguous()
+
+    def labels(self, label_volume: np.ndarray, spacing: Sequence[float]) -> torch.Tensor:
+        """A label map on the :meth:`image` grid (nearest neighbour): ``(z, y, x)`` int64."""
+        return resample_labels(label_volume, check_spacing(spacing), self.spacing_mm)
+
+    def restore(self, output: torch.Tensor, shape: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+        """A ``(K, z, y, x)`` float output on the :meth:`image` grid back onto the series' ``(Z, Y, X)`` grid
+        (linear, for logits or probabilities): ``(K, Z, Y, X)``."""
+        return restore_volume(output.float(), shape, check_spacing(spacing), self.spacing_mm)
+
+    def restore_argmax(self, output: torch.Tensor, shape: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+        """The class map of ``(K, z, y, x)`` logits on the series' grid, ``(Z, Y, X)`` uint8.
+
+        Equal to ``restore(output).argmax(0)``, one class at a time (memory of two volumes, not ``K``).
+        """
+        spacing = check_spacing(spacing)
+        best = labels = None
+        for k in range(output.shape[0]):
+            up = restore_volume(output[k : k + 1].float(), shape, spacing, self.spacing_mm)[0]
+            if best is None:
+                best, labels = up, torch.zeros(up.shape, dtype=torch.uint8)
+                continue
+            better = up > best
+            best = torch.where(better, up, best)
+            labels[better] = k  # type: ignore[index]
+        assert labels is not None
+        return labels
+
+
+def _size(value: Any, where: str) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= LIMITS["img_size"] for s in value)
+    ):
+        raise CardError(f"{where}: field 'preprocessing.volume.size' must be three ints [Z, Y, X], got {value!r}")
+    return value[0], value[1], value[2]
+
+
+def volume_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") -> VolumePreprocessor:
+    """The 3D half of :func:`~medmae.export.preprocessing.preprocessing_from_card` (``pre``: the card's
+    ``preprocessing`` section, ``spatial_dims: 3``); :class:`CardError` names the field."""
+    size = _size(_field(pre, "volume.size", where), where)
+    spacing = _field(pre, "volume.spacing_mm", where)
+    if isinstance(spacing, bool) or not isinstance(spacing, list) or any(isinstance(s, bool) for s in spacing):
+        raise CardError(f"{where}: field 'preprocessing.volume.spacing_mm' must be three numbers, got {spacing!r}")
+    try:
+        spacing_mm = check_spacing(spacing)
+    except ValueError:
+        raise CardError(
+            f"{where}: field 'preprocessing.volume.spacing_mm' must be three finite numbers > 0 (mm), got {spacing!r}"
+        ) from None
+    out = VolumePreprocessor(size=size, spacing_mm=spacing_mm, **intensity_from_card(pre, where))
+    channels = pre.get("channels", out.channels)
+    if channels != out.channels or isinstance(channels, bool):
+        raise CardError(
+            f"{where}: field 'preprocessing.channels' is {channels!r} but the intensity section gives {out.channels}"
+        )
+    return out
