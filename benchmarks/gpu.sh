@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of README in one prepared run (~8 min on an H100/H200): the MAE step of medmae,
-# lightly and MONAI (eager and compiled, bf16), ViT-L/16 MFU, a batch sweep, and the starvation ratio
-# of a real fit from the cache. Prints one report and writes it to ${1:-gpu_results.md}.
+# lightly and MONAI (eager and compiled, bf16), ViT-L/16 MFU, a batch sweep, the 3D MAE step of medmae
+# and MONAI (eager, ~30 s), and the starvation ratio of a real fit from the cache. Prints one report
+# and writes it to ${1:-gpu_results.md}.
 #
 #   bash benchmarks/gpu.sh [REPORT.md]
 #
@@ -35,6 +36,10 @@ STEP="python benchmarks/train_step.py --device cuda --precision bf16 --img-size 
     timeout 45 $STEP --model base --batch "$B" --steps 10 --warmup 3 --peers medmae | grep -E '^\| medmae' | sed "s/^/batch ${B}: /" \
       || echo "(batch ${B} failed: rc $?)"
   done
+  echo
+  echo "## 3b. 3D MAE step, ViT-B/16, 96³, batch 32, bf16, eager: medmae vs MONAI ($(TS))"
+  timeout 60 python benchmarks/train_step.py --3d --device cuda --precision bf16 --model base --batch 32 \
+    --steps 15 --warmup 3 --no-memory || echo "(section 3b failed or timed out: rc $?)"
   echo
   echo "## 4. Starvation ratio: fit from the cache / model step only, ViT-B/16, batch 256, bf16 ($(TS))"
   timeout 150 python benchmarks/fit_throughput.py --device cuda --precision bf16-mixed --model base --batch 256 \

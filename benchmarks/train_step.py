@@ -1,4 +1,4 @@
-"""One full MAE training step (forward, loss, backward, AdamW step): medmae vs lightly vs MONAI.
+"""One full MAE training step (forward, loss, backward, AdamW step): medmae vs lightly vs MONAI, 2D or 3D.
 
 Each implementation is built the way its authors show it, at the same sizes (encoder, decoder, image,
 channels, batch, mask ratio 0.75), and trained with the same optimizer: ``torch.optim.AdamW``, betas
@@ -14,6 +14,12 @@ Lightning module uses without a GradScaler; available on CPU and CUDA, so all th
 * monai   -- ``monai.networks.nets.MaskedAutoEncoderViT`` (spatial_dims=2, qkv_bias=True to match timm's
   ViT), MSE over the patches its returned mask marks as masked.
 
+``--3d`` times the volumetric MAE instead (defaults: 96³ volumes, batch 2, decoder 384 x 4 x 12, the
+decoder of medmae's 3D MAE and MONAI's defaults): medmae ``create_mae3d("mae3d_vit_<size>_patch16")``
+against MONAI ``MaskedAutoEncoderViT(spatial_dims=3)``; lightly has no 3D MAE. In 3D MONAI's loss is
+given medmae's norm-pix target (each target patch normalised to mean 0, variance 1, then the MSE over
+the masked patches), so both models compute the same loss on the same patch vectors.
+
 Timing: ``--warmup`` steps per model, then ``--steps`` rounds; each round times one step of every model in
 turn (A B C A B C ...), synchronising on CUDA, so slow drift of the machine hits all models alike.
 Memory: every model is trained for a few steps alone in a fresh subprocess (``--no-memory`` skips it);
@@ -25,6 +31,8 @@ the rest. Example (the README table)::
 
     python benchmarks/train_step.py --model small --img-size 224 --channels 1 --batch 16 --threads 2
     python benchmarks/train_step.py --device cuda --precision bf16 --model base --batch 256 --compile
+    python benchmarks/train_step.py --3d --model small --threads 1 --steps 20       # 3D, 96³, batch 2
+    python benchmarks/train_step.py --3d --device cuda --precision bf16 --model base --batch 32 --compile
 """
 
 from __future__ import annotations
@@ -58,6 +66,15 @@ IMPORTS = {
     "monai": ("monai.networks.nets",),
 }
 MASK_RATIO = 0.75
+#: defaults that depend on the dimension: (2D, 3D)
+DEFAULTS = {
+    "img_size": (224, 96),
+    "batch": (16, 2),
+    "decoder_dim": (512, 384),
+    "decoder_depth": (8, 4),
+    "decoder_heads": (16, 12),
+    "peers": (",".join(PEERS), "medmae,monai"),
+}
 # parameter names (suffixes) without weight decay besides every bias / norm weight, for all three models
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "mask_tokens", "position_embeddings", "decoder_pos_embedding")
 
@@ -78,11 +95,11 @@ class Bench:
 
 
 def build_medmae(a: argparse.Namespace) -> Bench:
-    from medmae.models import create_mae
+    from medmae.models import create_mae, create_mae3d
 
     width, depth, heads = SIZES[a.model]
-    model = create_mae(
-        f"mae_vit_{a.model}_patch16",
+    model = (create_mae3d if a.dims == 3 else create_mae)(
+        f"mae{'3d' if a.dims == 3 else ''}_vit_{a.model}_patch16",
         in_chans=a.channels,
         img_size=a.img_size,
         mask_ratio=MASK_RATIO,
@@ -99,7 +116,7 @@ def build_medmae(a: argparse.Namespace) -> Bench:
     def loss_fn(imgs: torch.Tensor) -> torch.Tensor:
         return model(imgs, generator=gen).loss
 
-    return Bench("medmae", "medmae.models.MaskedAutoencoder", model, loss_fn)
+    return Bench("medmae", f"medmae.models.{type(model).__name__}", model, loss_fn)
 
 
 class LightlyMAE(nn.Module):
@@ -208,20 +225,34 @@ def build_monai(a: argparse.Namespace) -> Bench:
         decoder_mlp_dim=4 * a.decoder_dim,
         decoder_num_layers=a.decoder_depth,
         decoder_num_heads=a.decoder_heads,
-        spatial_dims=2,
+        spatial_dims=a.dims,
         qkv_bias=True,  # MONAI's default is False; timm's ViT (medmae, lightly) has qkv bias
     ).to(a.device)
-    p = a.patch_size
 
     def loss_fn(imgs: torch.Tensor) -> torch.Tensor:
-        pred, mask = model(imgs)  # (B, N, p*p*C), (B, N) int with 1 = masked
-        b, c, h, w = imgs.shape
-        target = imgs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
-        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+        pred, mask = model(imgs)  # (B, N, p^d*C), (B, N) int with 1 = masked
+        target = patchify(imgs.float(), a.patch_size)
+        if a.dims == 3:  # medmae's norm-pix target (MAEBase.target_patches), see the module docstring
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        per_patch = (pred.float() - target).pow(2).mean(dim=-1)
         mask = mask.to(per_patch.dtype)
         return (per_patch * mask).sum() / mask.sum()
 
     return Bench("monai", "monai.networks.nets.MaskedAutoEncoderViT", model, loss_fn)
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, N, p^d * C): patches in row-major grid order (MONAI's token order), (p.., C) vectors."""
+    b, c, *sides = imgs.shape
+    d = len(sides)
+    x = imgs.reshape(b, c, *[v for n in sides for v in (n // p, p)])
+    x = x.permute(0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1)
+    return x.reshape(b, -1, p**d * c)
+
+
+def make_input(a: argparse.Namespace) -> torch.Tensor:
+    """One batch of random images (B, C, H, W) or volumes (B, C, S, S, S)."""
+    return torch.randn(a.batch, a.channels, *[a.img_size] * a.dims, device=a.device)
 
 
 BUILDERS: dict[str, Callable[[argparse.Namespace], Bench]] = {
@@ -298,8 +329,8 @@ def train_flops_per_image(a: argparse.Namespace) -> float:
 
     width, depth, _ = SIZES[a.model]
     return mae_train_flops(
-        num_patches=(a.img_size // a.patch_size) ** 2,
-        patch_dim=a.patch_size**2 * a.channels,
+        num_patches=(a.img_size // a.patch_size) ** a.dims,
+        patch_dim=a.patch_size**a.dims * a.channels,
         embed_dim=width,
         depth=depth,
         decoder_dim=a.decoder_dim,
@@ -328,7 +359,7 @@ def memory_worker(a: argparse.Namespace) -> None:
         importlib.import_module(module)
     w = torch.randn(64, 64, device=a.device, requires_grad=True)
     (w @ w).sum().backward()
-    imgs = torch.randn(a.batch, a.channels, a.img_size, a.img_size, device=a.device)
+    imgs = make_input(a)
     cuda = torch.device(a.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -420,19 +451,20 @@ def count_params(bench: Bench, imgs: torch.Tensor, a: argparse.Namespace) -> tup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(SIZES), default="small", help="encoder size (ViT-*/16)")
-    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--3d", dest="three_d", action="store_true", help="volumetric MAE: medmae vs MONAI (3D)")
+    ap.add_argument("--img-size", type=int, default=None, help="image / volume side (default 224; 3D: 96)")
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--decoder-dim", type=int, default=512)
-    ap.add_argument("--decoder-depth", type=int, default=8)
-    ap.add_argument("--decoder-heads", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="default 16; 3D: 2")
+    ap.add_argument("--decoder-dim", type=int, default=None, help="default 512; 3D: 384")
+    ap.add_argument("--decoder-depth", type=int, default=None, help="default 8; 3D: 4")
+    ap.add_argument("--decoder-heads", type=int, default=None, help="default 16; 3D: 12")
     ap.add_argument("--steps", type=int, default=30, help="interleaved timed rounds (one step per model each)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast bf16")
-    ap.add_argument("--peers", default=",".join(PEERS), help="comma list of medmae,lightly,monai")
+    ap.add_argument("--peers", default=None, help="comma list of medmae,lightly,monai (3D: medmae,monai)")
     ap.add_argument("--compile", action="store_true", help="also time every peer compiled (<peer>+compile)")
     ap.add_argument("--lr", type=float, default=None, help="default: 1.5e-4 * batch / 256 (MAE recipe)")
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -441,6 +473,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-model memory runs")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.dims = 3 if a.three_d else 2
+    for key, (two, three) in DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, three if a.three_d else two)
+    if a.three_d and SIZES[a.model][0] % 6:
+        ap.error(f"--3d: the {a.model} width {SIZES[a.model][0]} is not a multiple of 6 (3D sin-cos positions)")
     if a.lr is None:
         a.lr = 1.5e-4 * a.batch / 256
     if a.threads is None:
@@ -468,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(PEERS))
     if unknown:
         sys.exit(f"unknown peers {unknown}; choose from {','.join(PEERS)}")
+    if a.three_d and "lightly" in wanted:
+        wanted.remove("lightly")
+        print("skipped: lightly (lightly has no 3D MAE)")
     if a.compile:
         wanted += [name + COMPILED for name in wanted]
 
@@ -475,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     width, depth, heads = SIZES[a.model]
     print(
         f"config : ViT-{a.model[0].upper()}/{a.patch_size} ({width}w x {depth}d, {heads} heads), decoder "
-        f"{a.decoder_dim}w x {a.decoder_depth}d x {a.decoder_heads}h, {a.img_size}^2 x {a.channels} ch, "
+        f"{a.decoder_dim}w x {a.decoder_depth}d x {a.decoder_heads}h, {a.img_size}^{a.dims} x {a.channels} ch, "
         f"batch {a.batch}, mask {MASK_RATIO}, {a.device} {a.precision}, AdamW(0.9, 0.95, wd {a.weight_decay}, "
         f"lr {a.lr:.3g}, fused={a.fused}), {a.warmup} warmup + {a.steps} interleaved rounds"
     )
@@ -489,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     if not benches:
         sys.exit("nothing to benchmark")
 
-    imgs = torch.randn(a.batch, a.channels, a.img_size, a.img_size, device=a.device)
+    imgs = make_input(a)
     steps = [make_step(b, a) for b in benches]
     load_start = loadavg()
     for _ in range(a.warmup):
