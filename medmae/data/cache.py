@@ -42,9 +42,7 @@ SERIES_DIRNAME = "series"
 
 #: Percentiles stored in every record's ``stats`` (as keys ``"p0.5"``, ``"p1"``, ...).
 PERCENTILES: tuple[float, ...] = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
-STAT_KEYS: tuple[str, ...] = ("min", "max", "mean", "std") + tuple(
-    f"p{p:g}" for p in PERCENTILES
-)
+STAT_KEYS: tuple[str, ...] = ("min", "max", "mean", "std") + tuple(f"p{p:g}" for p in PERCENTILES)
 SOURCES = ("dicom", "nifti")
 KINDS = ("volume", "image")  # image: a single 2D picture (CR/DX/MG, one slice), stored as Z = 1
 SPLITS = ("train", "val")

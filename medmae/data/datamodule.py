@@ -42,24 +42,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medmae import __version__
 from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_series_array
 from medmae.data.dataset import CacheSliceDataset
 from medmae.data.device_path import collate_raw, finish_on_device
 from medmae.data.index import AXES, SliceIndex, select_series
-from medmae.data.neighbours import SLICE_SPACING_RTOL
+from medmae.data.records import slice_record, volume_record
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
+from medmae.data.stream import TrainStreamPosition
 from medmae.data.transforms import DEFAULT_CT_WINDOWS, SliceTransform
 from medmae.data.volume import VolumeIndex, VolumeOptions, VolumeTransform, select_volumes
 from medmae.data.volume_dataset import CacheVolumeDataset
 
 logger = logging.getLogger(__name__)
-
-PREPROCESSING_VERSION = 1
-
-#: batch entry added just before a training step: ``(epoch, batch number in the epoch)`` as host ints,
-#: read from the batch's own sampler keys (the module seeds its masks from it)
-STEP_KEY = "step_key"
 
 
 class NoUsableDataError(RuntimeError):
@@ -97,7 +91,7 @@ def verify_entries(cache_dir: Path, rows: Sequence[ManifestRow]) -> tuple[tuple[
     return tuple(ok), dropped
 
 
-class CacheDataModule(pl.LightningDataModule):
+class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
     """Batches of 2D / 2.5D crops from a medmae cache (``medmae prep`` output) for MAE pretraining.
 
     Args:
@@ -317,82 +311,8 @@ class CacheDataModule(pl.LightningDataModule):
     def preprocessing(self) -> dict[str, Any]:
         """JSON-able record of every data choice, for the checkpoint/export card (no paths, no PHI)."""
         if self.volume_transform is not None:
-            return self._volume_preprocessing()
-        record: dict[str, Any] = {
-            "version": PREPROCESSING_VERSION,
-            "source": "medmae cache (canonical LPS (Z, Y, X) arrays; HU for CT)",
-            "axis": self.axis,
-            "slice_order": {
-                "axial": "inferior -> superior",
-                "coronal": "anterior -> posterior",
-                "sagittal": "patient right -> left",
-            }[self.axis],
-            "plane_orientation": {
-                "axial": "rows anterior -> posterior, columns patient right -> left",
-                "coronal": "rows superior -> inferior, columns patient right -> left",
-                "sagittal": "rows superior -> inferior, columns anterior -> posterior",
-            }[self.axis],
-            "images": (
-                "single 2D images are not used (no through-plane neighbours in millimetres)"
-                if self._spacing_filter() is not None
-                else "single 2D images use their one plane, repeated to every slice channel"
-            ),
-            "versions": {"medmae": __version__, "numpy": np.__version__, "torch": torch.__version__.split("+")[0]},
-        }
-        record.update(self.transform.describe())
-        record["selection"] = {
-            "modalities": self.modalities,
-            "min_size": self.min_size,
-            "min_slices": self.min_slices,
-            "include_images": self.include_images,
-            "max_anisotropy": self.max_anisotropy,
-            "slice_spacing_mm": self._spacing_filter(),
-            "slice_spacing_rule": (
-                f"volumes with spacing along the axis > slice_spacing_mm x {1 + SLICE_SPACING_RTOL:g}, and single "
-                "images, dropped"
-                if self._spacing_filter() is not None
-                else "none"
-            ),
-            "splits": {"train": "train", "val": "val"},
-        }
-        record["sampling"] = {
-            "policy": "series weight n_slices**alpha, slices uniform within a series, with replacement",
-            "alpha": self.sampling_alpha,
-            "samples_per_epoch": self.samples_per_epoch,
-            "val_samples": self.val_samples,
-            "foreground_tries": self.foreground_tries,
-        }
-        record["training_data"] = self.training_data
-        record["seed"] = self.seed
-        record["rng"] = "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation"
-        return record
-
-    def _volume_preprocessing(self) -> dict[str, Any]:
-        assert self.volume_transform is not None
-        return {
-            "version": PREPROCESSING_VERSION,
-            "source": "medmae cache (canonical LPS (Z, Y, X) arrays; HU for CT)",
-            "versions": {"medmae": __version__, "numpy": np.__version__, "torch": torch.__version__.split("+")[0]},
-            **self.volume_transform.describe(),
-            "selection": {
-                "modalities": self.modalities,
-                "images": "single 2D images are not used",
-                "rules": "volume_anisotropy: max/min voxel spacing > max_anisotropy; volume_coverage: extent < "
-                "min_coverage x field of view along an axis",
-                "splits": {"train": "train", "val": "val"},
-            },
-            "sampling": {
-                "policy": "series weight (physical volume / field of view)**alpha, with replacement; a new crop of "
-                "the same series replaces a background crop",
-                "alpha": self.sampling_alpha,
-                "samples_per_epoch": self.samples_per_epoch,
-                "val_samples": self.val_samples,
-                "foreground_tries": self.foreground_tries,
-            },
-            "training_data": self.training_data,
-            "seed": self.seed,
-            "rng": "numpy default_rng([seed, 0, epoch, draw]) per training sample; [seed, 1, i] validation",
-        }
+            return volume_record(self)
+        return slice_record(self)
 
     # ------------------------------------------------------------------ setup
 
@@ -596,41 +516,6 @@ class CacheDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """GPU data path: flip, resize and scale the batch's stored-value crops on the device."""
         return finish_on_device(batch, self.transform)
-
-    # ------------------------------------------------------------------ exact resume
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the sampler position of each batch the trainer is about to train on.
-
-        Lightning calls this hook for exactly the batches that reach a training step (its fetcher's
-        look-ahead batch is not counted yet), on the host, before the device copy: reading the keys
-        costs no device sync. The batch's own ``(epoch, index)`` keys are the only source of truth.
-        """
-        trainer = self.trainer
-        if trainer is not None and trainer.training and isinstance(batch, dict) and "epoch" in batch:
-            epoch = int(batch["epoch"][0])
-            last_draw = int(batch["index"].max())
-            replicas = max(1, self._num_replicas)
-            # rank r takes draws r, r+R, ...: after draw d every rank has taken d // R + 1 of its own
-            self.train_position = {"epoch": epoch, "draws_done": (last_draw // replicas + 1) * replicas}
-            first_draw = int(batch["index"].min())
-            batch[STEP_KEY] = (epoch, first_draw // (replicas * len(batch["index"])))
-        return batch
-
-    def _trained_position(self) -> tuple[int, int] | None:
-        if self.train_position is None:
-            return None
-        return self.train_position["epoch"], self.train_position["draws_done"]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the training position in the sampler's stream (no paths)."""
-        return {"train_position": dict(self.train_position) if self.train_position is not None else None}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """On resume the next training loader continues right after the last trained batch."""
-        position = state_dict.get("train_position")
-        if position is not None:
-            self.train_position = {"epoch": int(position["epoch"]), "draws_done": int(position["draws_done"])}
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None and "val" not in self.setup_report:
