@@ -8,7 +8,7 @@ records the same ``intensity`` and ``foreground`` sections for both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,19 +145,28 @@ class IntensityRule:
         return len(self.ct_windows) if self.ct_window_mode == "channels" else 1
 
     def ranges(self, record: SeriesRecord, rng: np.random.Generator) -> list[tuple[float, float]]:
-        """The ``(low, high)`` ranges mapped to [0, 1], one per output channel group.
+        """The ``(low, high)`` ranges mapped to [0, 1] in pretraining, one per output channel group.
 
         Series in HU (CT) get their window(s); all others the stored percentiles, repeated to the
         number of windows in ``"channels"`` mode so every sample has the same channel count. In
         ``"random"`` mode one draw from ``rng`` picks the CT window (also drawn, and ignored, for
         non-CT series, so the RNG stream does not depend on modality).
         """
+        pick = int(rng.integers(len(self.ct_windows))) if self.ct_window_mode == "random" else None
+        return self._ranges(record.intensity, record.stats, pick)
+
+    def inference_ranges(self, intensity: str, stats: Mapping[str, float]) -> list[tuple[float, float]]:
+        """The same rule with its one random choice fixed, for fine-tuning and inference: window
+        ``ct_inference_window`` in ``"random"`` mode, every window in ``"channels"`` mode."""
+        pick = self.ct_inference_window if self.ct_window_mode == "random" else None
+        return self._ranges(intensity, stats, pick)
+
+    def _ranges(self, intensity: str, stats: Mapping[str, float], pick: int | None) -> list[tuple[float, float]]:
         ct_ranges = self.ct_ranges
-        pick = int(rng.integers(len(ct_ranges))) if self.ct_window_mode == "random" else None
-        if record.intensity == "HU":
+        if intensity == "HU":
             return list(ct_ranges) if pick is None else [ct_ranges[pick]]
-        lo = record.stats[f"p{self.percentiles[0]:g}"]
-        hi = record.stats[f"p{self.percentiles[1]:g}"]
+        lo = float(stats[f"p{self.percentiles[0]:g}"])
+        hi = float(stats[f"p{self.percentiles[1]:g}"])
         if not hi > lo:  # constant image: everything maps to 0
             hi = lo + 1.0
         return [(lo, hi)] * (len(ct_ranges) if pick is None else 1)

@@ -55,14 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Series:
-    """What :meth:`IntensityRule.ranges` reads of a series: its intensity unit and stored statistics."""
-
-    intensity: str
-    stats: Mapping[str, float]
-
-
 def inference_ranges(
     ct_windows: Sequence[tuple[float, float]],
     ct_window_mode: str,
@@ -73,14 +65,17 @@ def inference_ranges(
 ) -> list[tuple[float, float]]:
     """The ``(low, high)`` ranges fine-tuning and inference map to [0, 1], one per channel group (2D and 3D).
 
-    Pretraining's own rule (:meth:`medmae.data.intensity.IntensityRule.ranges`) with its one random
-    choice fixed: in ``random`` mode the window ``inference_window`` (a one-window rule draws nothing
-    else), in ``channels`` mode every window; non-HU series get the stored percentiles.
+    Pretraining's own rule with its one random choice fixed
+    (:meth:`medmae.data.intensity.IntensityRule.inference_ranges`): in ``random`` mode the window
+    ``inference_window``, in ``channels`` mode every window; non-HU series get the stored percentiles.
     """
-    windows = tuple(ct_windows) if ct_window_mode == "channels" else (tuple(ct_windows[inference_window]),)
-    rule = IntensityRule(windows, ct_window_mode, 0, (float(percentiles[0]), float(percentiles[1])))  # type: ignore[arg-type]
-    ranges = rule.ranges(_Series(intensity, stats), np.random.default_rng(0))  # type: ignore[arg-type]
-    return [(float(lo), float(hi)) for lo, hi in ranges]
+    rule = IntensityRule(
+        tuple((float(lv), float(wd)) for lv, wd in ct_windows),
+        ct_window_mode,
+        int(inference_window),
+        (float(percentiles[0]), float(percentiles[1])),
+    )
+    return rule.inference_ranges(intensity, stats)
 
 
 @dataclass(frozen=True)
