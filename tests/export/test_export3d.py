@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,7 @@ from medmae.models import MaskedAutoencoder3D, create_mae
 TINY_3D = {"img_size": (32, 32, 16), "patch_size": 16, "embed_dim": 24, "depth": 10, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def volume_record(size: tuple[int, int, int] = (32, 32, 16), **rule: Any) -> dict[str, Any]:

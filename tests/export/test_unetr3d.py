@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,14 +13,7 @@ from medmae.export.unetr3d import build_unetr3d, build_vit3d, monai_vit3d_state
 from medmae.models import MaskedAutoencoder3D
 from medmae.models.pos_embed3d import sincos_pos_embed_3d
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine they stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrained(cls_token: bool = True, **overrides: Any) -> MaskedAutoencoder3D:

@@ -3,7 +3,6 @@ labels on the same grid, and outputs restored onto the series' grid."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,7 @@ from medmae.data.volume import VolumeOptions, VolumeTransform
 from medmae.export import PlanePreprocessor, VolumePreprocessor, preprocessing_from_card
 from medmae.export.volume_preprocessing import resample_labels
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def card_of(transform: VolumeTransform) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -29,12 +28,7 @@ CONFIG = REPO / "configs" / "finetune" / "seg3d_tiny_cpu.yaml"
 SIZE, SPACING = (16, 32, 32), (2.0, 1.25, 1.25)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
