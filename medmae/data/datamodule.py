@@ -46,6 +46,7 @@ from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_
 from medmae.data.dataset import CacheSliceDataset
 from medmae.data.device_path import collate_raw, finish_on_device
 from medmae.data.index import AXES, SliceIndex, select_series
+from medmae.data.intensity import IntensityRule
 from medmae.data.records import slice_record, volume_record
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
 from medmae.data.stream import TrainStreamPosition
@@ -260,13 +261,15 @@ class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
             hflip_prob=hflip_prob,
             interpolation=interpolation,
             antialias=antialias,
-            ct_windows=ct_windows,
-            ct_window_mode=ct_window_mode,
-            ct_inference_window=ct_inference_window,
-            percentiles=percentiles,
-            foreground_fraction=foreground_fraction,
-            foreground_hu=foreground_hu,
-            foreground_level=foreground_level,
+            intensity=IntensityRule.checked(
+                ct_windows,
+                ct_window_mode,
+                ct_inference_window,
+                percentiles,
+                foreground_fraction,
+                foreground_hu,
+                foreground_level,
+            ),
         )
         if volume is not None and not isinstance(volume, VolumeOptions):
             raise ValueError(f"data.volume must be a VolumeOptions section or null, got {volume!r}")

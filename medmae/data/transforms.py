@@ -157,20 +157,13 @@ class SliceTransform:
         interpolation: ``"bilinear"`` or ``"bicubic"`` (MAE's torchvision pipeline uses bicubic;
             antialiased bilinear costs 0.32 ms against 0.57 ms per 512² -> 224² crop here).
         antialias: antialias when downscaling (as torchvision / PIL do in the MAE recipe).
-        ct_windows: CT windows as ``(level, width)`` pairs in HU.
-        ct_window_mode: ``"random"`` (one window per sample, uniformly; a single window is a fixed
-            window) or ``"channels"`` (every window, stacked as channels).
-        ct_inference_window: index into ``ct_windows`` of the window fine-tuning and inference use
-            in ``"random"`` mode (they need one fixed window); recorded only, pretraining still draws.
-        percentiles: ``(low, high)`` stored percentiles (from ``cache.PERCENTILES``) mapped to 0 and 1
-            for every series that is not in HU.
-        foreground_fraction: minimum fraction of foreground pixels in a crop; 0 disables the filter.
-        foreground_hu: CT foreground threshold in HU (air is -1000, fat about -100).
-        foreground_level: non-CT foreground threshold, as a fraction of the series' percentile range.
+        intensity: the intensity and foreground rule (:class:`~medmae.data.intensity.IntensityRule`,
+            shared with 3D volumes); default: its defaults (soft tissue, lung and bone windows drawn
+            at random, percentiles 0.5-99.5, no foreground filter).
 
     Examples::
 
-        t = SliceTransform((224, 224), slices=3)
+        t = SliceTransform((224, 224), slices=3, intensity=IntensityRule.checked(ct_windows=[(40, 400)]))
         box, flip = t.plan(rng, (512, 512), random_crop=True)
         image = t(slab_int16, row, rng)      # (3, 224, 224) float32 in [0, 1]
     """
@@ -186,13 +179,7 @@ class SliceTransform:
         hflip_prob: float = 0.5,
         interpolation: str = "bilinear",
         antialias: bool = True,
-        ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
-        ct_window_mode: str = "random",
-        ct_inference_window: int = 0,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        foreground_fraction: float = 0.0,
-        foreground_hu: float = -500.0,
-        foreground_level: float = 0.1,
+        intensity: IntensityRule | None = None,
     ) -> None:
         if (
             not isinstance(out_size, Sequence)
@@ -212,15 +199,10 @@ class SliceTransform:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-        intensity = IntensityRule.checked(
-            ct_windows,
-            ct_window_mode,
-            ct_inference_window,
-            percentiles,
-            foreground_fraction,
-            foreground_hu,
-            foreground_level,
-        )
+        if intensity is None:
+            intensity = IntensityRule.checked()
+        elif not isinstance(intensity, IntensityRule):
+            raise ValueError(f"intensity must be an IntensityRule, got {intensity!r}")
         neighbours = SliceNeighbours.centred(slices, slice_spacing_mm, slice_interpolation)
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.slices = slices
@@ -233,13 +215,6 @@ class SliceTransform:
         self.antialias = bool(antialias)
         #: the intensity and foreground rule (shared with 3D volumes)
         self.intensity = intensity
-        self.ct_windows = intensity.ct_windows
-        self.ct_window_mode = intensity.ct_window_mode
-        self.ct_inference_window = intensity.ct_inference_window
-        self.percentiles = intensity.percentiles
-        self.foreground_fraction = intensity.foreground_fraction
-        self.foreground_hu = intensity.foreground_hu
-        self.foreground_level = intensity.foreground_level
 
     # ------------------------------------------------------------------ geometry
 
@@ -283,10 +258,10 @@ class SliceTransform:
 
         Always true when the filter is off (``foreground_fraction == 0``).
         """
-        if self.foreground_fraction <= 0.0:
+        if self.intensity.foreground_fraction <= 0.0:
             return True
         centre = slab[(slab.shape[0] - 1) // 2]
-        return foreground_fraction(centre, self.foreground_threshold(record)) >= self.foreground_fraction
+        return foreground_fraction(centre, self.foreground_threshold(record)) >= self.intensity.foreground_fraction
 
     # ------------------------------------------------------------------ apply
 
@@ -321,7 +296,7 @@ class SliceTransform:
             "channels": self.channels,
             "channel_layout": (
                 "window-major: [window0: slices..., window1: slices..., ...]"
-                if self.ct_window_mode == "channels" and len(self.ct_windows) > 1
+                if self.intensity.groups > 1
                 else "slices in increasing array index along the axis"
             ),
             "order": "crop stored values -> float32 -> resize -> intensity -> clip [0, 1]",

@@ -28,9 +28,18 @@ EYE = tuple(tuple(float(i == j) for j in range(4)) for i in range(4))
 def record(series_id: str = "s1", array: np.ndarray | None = None, **overrides) -> tuple[SeriesRecord, np.ndarray]:
     array = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) if array is None else array
     fields = dict(
-        series_id=series_id, patient_id="p1", modality="CT", source="dicom", kind="volume",
-        array=series_array_path(series_id), shape=array.shape, spacing=(2.0, 0.5, 0.5), dtype=str(array.dtype),
-        intensity="HU", stats=compute_stats(array), affine=EYE,
+        series_id=series_id,
+        patient_id="p1",
+        modality="CT",
+        source="dicom",
+        kind="volume",
+        array=series_array_path(series_id),
+        shape=array.shape,
+        spacing=(2.0, 0.5, 0.5),
+        dtype=str(array.dtype),
+        intensity="HU",
+        stats=compute_stats(array),
+        affine=EYE,
     )
     fields.update(overrides)
     return SeriesRecord(**fields), array

@@ -208,7 +208,7 @@ def test_lightning_cli_style_yaml_parses(noise_cache: Callable[[], Path]) -> Non
     assert dm.image_size == (24, 32) and dm.channels == 3
     assert dm.transform.neighbours.spacing_mm == 2.5 and dm.transform.neighbours.interpolation == "linear"
     assert dm.preprocessing()["intensity"]["ct"]["inference_window"] == 1
-    assert dm.transform.ct_windows == ((40.0, 400.0), (-600.0, 1500.0)) and dm.modalities == ["CT"]
+    assert dm.transform.intensity.ct_windows == ((40.0, 400.0), (-600.0, 1500.0)) and dm.modalities == ["CT"]
 
 
 class _Probe(pl.LightningModule):

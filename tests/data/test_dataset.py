@@ -11,6 +11,7 @@ import torch
 
 from medmae.data import CacheDataModule, CacheSliceDataset, SampleKey, SliceIndex, SliceTransform
 from medmae.data.cache import load_manifest
+from medmae.data.intensity import IntensityRule
 from tests.data.conftest import CacheBuilder, noise_volume, slice_ramp
 
 # A window showing 0..1000 HU: a stored value v comes out as v / 1000.
@@ -20,7 +21,8 @@ RAMP_WINDOW = [(500.0, 1000.0)]
 def _dataset(cache, slices: int = 1, axis: str = "axial", random_crop: bool = False, **transform) -> CacheSliceDataset:
     rows = load_manifest(cache).rows
     index = SliceIndex([r for r in rows if r.split == "train"], axis=axis)
-    t = SliceTransform(transform.pop("out_size", (16, 16)), slices=slices, ct_windows=RAMP_WINDOW, **transform)
+    rule = IntensityRule.checked(ct_windows=RAMP_WINDOW)
+    t = SliceTransform(transform.pop("out_size", (16, 16)), slices=slices, intensity=rule, **transform)
     return CacheSliceDataset(cache, index, t, seed=0, random_crop=random_crop)
 
 
@@ -78,7 +80,8 @@ def test_ct_slices_are_windowed_from_hu(cache_builder: CacheBuilder) -> None:
     cache_builder.add("hu", volume)
     cache = cache_builder.write()
     index = SliceIndex(load_manifest(cache).rows)
-    ds = CacheSliceDataset(cache, index, SliceTransform((8, 8), ct_windows=[(40, 400)]), random_crop=True)
+    t = SliceTransform((8, 8), intensity=IntensityRule.checked(ct_windows=[(40, 400)]))
+    ds = CacheSliceDataset(cache, index, t, random_crop=True)
     got = [float(ds[SampleKey(0, i, i)]["image"].mean()) for i in range(len(hu))]
     np.testing.assert_allclose(got, [0.0, 0.0, 0.25, 0.5, 1.0, 1.0], atol=1e-6)
 
@@ -98,7 +101,8 @@ def test_foreground_filter_replaces_air_crops(cache_builder: CacheBuilder) -> No
     keys = [SampleKey(0, i, p) for i, p in enumerate(index.draw(np.random.default_rng(0), 60))]
     unfiltered = CacheSliceDataset(cache, index, SliceTransform((16, 16)), random_crop=True)
     assert sum(unfiltered[k]["series"] == 0 for k in keys) > 20
-    filtered = CacheSliceDataset(cache, index, SliceTransform((16, 16), foreground_fraction=0.3), random_crop=True)
+    t = SliceTransform((16, 16), intensity=IntensityRule.checked(foreground_fraction=0.3))
+    filtered = CacheSliceDataset(cache, index, t, random_crop=True)
     samples = [filtered[k] for k in keys]
     assert all(s["series"] == 1 for s in samples)
     assert sum(s["rejected"] for s in samples) == filtered.rejected_count > 20
@@ -109,7 +113,7 @@ def test_foreground_filter_gives_up_after_its_tries(cache_builder: CacheBuilder)
     cache_builder.add("air", np.full((5, 32, 32), -1000, np.int16))
     cache = cache_builder.write()
     index = SliceIndex(load_manifest(cache).rows)
-    t = SliceTransform((8, 8), foreground_fraction=0.3)
+    t = SliceTransform((8, 8), intensity=IntensityRule.checked(foreground_fraction=0.3))
     ds = CacheSliceDataset(cache, index, t, foreground_tries=3)
     sample = ds[0]
     assert sample["rejected"] == 3 and sample["image"].shape == (1, 8, 8)

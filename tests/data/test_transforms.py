@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.transforms import Resize, ScaleIntensityRange
 
+from medmae.data.intensity import IntensityRule
 from medmae.data.transforms import (
     SliceTransform,
     center_crop_box,
@@ -83,7 +84,7 @@ def test_antialiased_downscale_removes_a_checkerboard() -> None:
     ("hu", "expected"), [(-1000, 0.0), (-160, 0.0), (-60, 0.25), (40, 0.5), (240, 1.0), (1500, 1.0)]
 )
 def test_ct_window_maps_known_hu(hu: int, expected: float) -> None:
-    t = SliceTransform((16, 16), ct_windows=[(40, 400)])
+    t = SliceTransform((16, 16), intensity=IntensityRule.checked(ct_windows=[(40, 400)]))
     slab = np.full((1, 32, 32), hu, dtype=np.int16)
     record = make_record("ct", slab)
     out = t(slab, record, np.random.default_rng(0))
@@ -92,7 +93,8 @@ def test_ct_window_maps_known_hu(hu: int, expected: float) -> None:
 
 
 def test_ct_windows_as_channels_are_window_major() -> None:
-    t = SliceTransform((8, 8), slices=2, ct_windows=[(40, 400), (-600, 1500)], ct_window_mode="channels")
+    rule = IntensityRule.checked(ct_windows=[(40, 400), (-600, 1500)], ct_window_mode="channels")
+    t = SliceTransform((8, 8), slices=2, intensity=rule)
     assert t.channels == 4
     slab = np.stack([np.full((8, 8), -600, np.int16), np.full((8, 8), 40, np.int16)])
     out = t(slab, make_record("ct", slab), np.random.default_rng(0))
@@ -101,7 +103,8 @@ def test_ct_windows_as_channels_are_window_major() -> None:
 
 
 def test_random_window_picks_each_listed_window() -> None:
-    t = SliceTransform((8, 8), ct_windows=[(40, 400), (-600, 1500)], ct_window_mode="random")
+    rule = IntensityRule.checked(ct_windows=[(40, 400), (-600, 1500)], ct_window_mode="random")
+    t = SliceTransform((8, 8), intensity=rule)
     slab = np.full((1, 8, 8), 40, np.int16)
     record = make_record("ct", slab)
     values = {round(float(t(slab, record, np.random.default_rng(i)).mean()), 4) for i in range(40)}
@@ -111,7 +114,7 @@ def test_random_window_picks_each_listed_window() -> None:
 def test_non_ct_uses_stored_percentiles() -> None:
     volume = np.arange(4000, dtype=np.int16).reshape(2, 40, 50)
     record = make_record("mr", volume, modality="MR")
-    t = SliceTransform((8, 8), percentiles=(5.0, 95.0))
+    t = SliceTransform((8, 8), intensity=IntensityRule.checked(percentiles=(5.0, 95.0)))
     lo, hi = record.stats["p5"], record.stats["p95"]
     slab = np.full((1, 16, 16), int((lo + hi) / 2), np.int16)
     out = t(slab, record, np.random.default_rng(0))
@@ -120,7 +123,7 @@ def test_non_ct_uses_stored_percentiles() -> None:
 
 
 def test_foreground_filter_rejects_an_all_air_slice() -> None:
-    t = SliceTransform((16, 16), foreground_fraction=0.2)
+    t = SliceTransform((16, 16), intensity=IntensityRule.checked(foreground_fraction=0.2))
     air = np.full((1, 64, 64), -1000, np.int16)
     body = air.copy()
     body[0, 16:48, 16:48] = 40  # a quarter of the plane is soft tissue
@@ -157,12 +160,18 @@ def test_slice_spacing_places_planes_in_millimetres() -> None:
     ],
 )
 def test_new_options_are_validated_and_named(field: str, kwargs: dict) -> None:
+    slice_keys = {"slices", "slice_spacing_mm", "slice_interpolation"}
+    rule = {k: v for k, v in kwargs.items() if k not in slice_keys}
     with pytest.raises(ValueError, match=field):
-        SliceTransform((8, 8), **kwargs)
+        SliceTransform(
+            (8, 8),
+            **{k: v for k, v in kwargs.items() if k in slice_keys},
+            intensity=IntensityRule.checked(**rule),
+        )
 
 
 def test_record_states_the_inference_window_and_the_percentile_rule() -> None:
-    record = SliceTransform((8, 8), ct_inference_window=2).describe()
+    record = SliceTransform((8, 8), intensity=IntensityRule.checked(ct_inference_window=2)).describe()
     assert record["intensity"]["ct"]["inference_window"] == 2
     rule = record["intensity"]["other"]["percentile_rule"]
     assert "whole series" in rule["voxels"] and "background" in rule["voxels"]
