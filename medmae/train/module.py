@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
 
-from medmae.models import MAE3D_VARIANTS, MAEBase, as_hw, create_mae, create_mae3d
+from medmae.models import MAE3D_VARIANTS, MAE_VARIANTS, MAEBase, as_hw, create_mae, create_mae3d
 from medmae.train.schedule import lr_at_step, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -331,6 +331,11 @@ def build_mae(hp: Any) -> MAEBase:
         "decoder_num_heads": hp.decoder_num_heads,
         "decoder_mlp_ratio": hp.decoder_mlp_ratio,
     }
+    if hp.variant not in MAE_VARIANTS and hp.variant not in MAE3D_VARIANTS:
+        raise ValueError(
+            f"unknown model.variant {hp.variant!r}; choose a 2D variant {sorted(MAE_VARIANTS)} or a 3D variant "
+            f"{sorted(MAE3D_VARIANTS)} (with data.volume)"
+        )
     if hp.variant in MAE3D_VARIANTS:
         size = hp.img_size
         if not isinstance(size, int) and (isinstance(size, str) or len(size) != 3):

@@ -122,6 +122,7 @@ def test_reconstruction_grid_shows_three_planes(volume_cache: Path, tmp_path: Pa
         (["--model.in_chans", "2"], "model.in_chans=2"),
         (["--data.volume.size", "[48, 48, 48]"], "data.volume.size"),
         (["--data.volume", "null"], "3D MAE but the data yields 2D samples"),
+        (["--model.variant", "mae3d_vit_large_patch16"], "unknown model.variant 'mae3d_vit_large_patch16'"),
     ],
 )
 def test_bad_3d_config_stops_before_training_naming_the_field(
