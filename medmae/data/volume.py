@@ -413,24 +413,48 @@ class VolumeTransform:
         }
 
 
+def grid_coordinates(n: int, spacing: float, target_spacing: float) -> torch.Tensor:
+    """Source voxel coordinates of the grid at ``target_spacing`` covering the same extent as ``n`` voxels.
+
+    Output voxel ``j`` sits at ``(j + 0.5) * target / source - 0.5`` source voxels; there are
+    ``round(n * source / target)`` of them (at least 1). Images and labels share this grid.
+    """
+    ratio = float(target_spacing) / float(spacing)
+    n_out = max(1, int(round(n / ratio)))
+    return sample_positions(0.0, n_out * ratio, n_out, 0)
+
+
 def resample_volume(
     volume: np.ndarray | torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
 ) -> torch.Tensor:
-    """A whole ``(C, Z, Y, X)`` volume resampled to ``target_spacing``, covering the same extent.
+    """A whole ``(C, Z, Y, X)`` volume resampled to ``target_spacing`` (linear; :func:`grid_coordinates`).
 
-    The inference view of the training crops (same coordinates, same linear rule): output voxel
-    ``j`` along an axis sits at ``(j + 0.5) * target / source - 0.5`` source voxels. Output size per
-    axis: ``round(n * source / target)`` (at least 1).
+    The inference view of the training crops: the same coordinates and the same linear rule.
     """
     x = torch.as_tensor(volume).float()
     if x.ndim != 4:
         raise ValueError(f"expected a (C, Z, Y, X) volume, got shape {tuple(x.shape)}")
     for axis in range(3):
-        n = x.shape[axis + 1]
-        ratio = float(target_spacing[axis]) / float(spacing[axis])
-        n_out = max(1, int(round(n / ratio)))
-        coords = sample_positions(0.0, n_out * ratio, n_out, 0)
+        coords = grid_coordinates(x.shape[axis + 1], spacing[axis], target_spacing[axis])
         x = resample_axis(x, axis + 1, coords)
+    return x
+
+
+def resample_labels(
+    labels: np.ndarray | torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
+) -> torch.Tensor:
+    """A ``(Z, Y, X)`` label map onto the :func:`resample_volume` grid by nearest neighbour.
+
+    Output voxel ``j`` takes source voxel ``round(coordinate)`` (clamped to the volume), the same
+    coordinates as the image, so image and labels stay aligned.
+    """
+    x = torch.as_tensor(np.asarray(labels)).long()
+    if x.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) label map, got shape {tuple(x.shape)}")
+    for axis in range(3):
+        n = x.shape[axis]
+        coords = grid_coordinates(n, spacing[axis], target_spacing[axis])
+        x = x.index_select(axis, torch.floor(coords + 0.5).long().clamp(0, n - 1))
     return x
 
 

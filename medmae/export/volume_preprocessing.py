@@ -15,7 +15,7 @@ the same linear rule and voxel-centre coordinates) and cover it with sliding win
 whole-volume grid share voxels they hold the same numbers (tested). :meth:`VolumePreprocessor.restore`
 brings outputs back onto the series' own grid (:func:`medmae.data.volume.restore_volume`).
 
-Labels go onto the same grid by nearest neighbour (:func:`resample_labels`: the nearest source voxel
+Labels go onto the same grid by nearest neighbour (:func:`medmae.data.volume.resample_labels`: the nearest source voxel
 to each output voxel centre, same coordinates as the image).
 
 CT windows: as in 2D (:func:`medmae.export.preprocessing.inference_ranges`): the window
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmae.data.volume import resample_volume, restore_volume, sample_positions
+from medmae.data.volume import resample_labels, resample_volume, restore_volume
 from medmae.export.card import LIMITS, CardError
 from medmae.export.preprocessing import _field, inference_ranges, intensity_from_card
 
@@ -53,27 +53,6 @@ def check_spacing(spacing: Sequence[float] | None, what: str = "volume spacing")
     if not all(math.isfinite(s) and s > 0 for s in (z, y, x)):
         raise ValueError(f"{what} must be finite and > 0 mm along every axis, got {spacing!r}")
     return z, y, x
-
-
-def resample_labels(
-    labels: np.ndarray | torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
-) -> torch.Tensor:
-    """A ``(Z, Y, X)`` label map onto the :func:`~medmae.data.volume.resample_volume` grid, nearest neighbour.
-
-    Output voxel ``j`` along an axis takes source voxel ``round((j + 0.5) * target / source - 0.5)``
-    (clamped to the volume): the same coordinates as the image, so image and labels stay aligned.
-    """
-    x = torch.as_tensor(np.asarray(labels)).long()
-    if x.ndim != 3:
-        raise ValueError(f"expected a (Z, Y, X) label map, got shape {tuple(x.shape)}")
-    for axis in range(3):
-        n = x.shape[axis]
-        ratio = float(target_spacing[axis]) / float(spacing[axis])
-        n_out = max(1, int(round(n / ratio)))
-        coords = sample_positions(0.0, n_out * ratio, n_out, 0)
-        index = torch.floor(coords + 0.5).long().clamp(0, n - 1)
-        x = x.index_select(axis, index)
-    return x
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import torch
 
 from medmae.data.cache import SeriesRecord, compute_stats
 from medmae.data.intensity import IntensityRule
-from medmae.data.volume import VolumeOptions, VolumeTransform
+from medmae.data.volume import VolumeOptions, VolumeTransform, resample_labels
 from medmae.export import PlanePreprocessor, VolumePreprocessor, preprocessing_from_card
-from medmae.export.volume_preprocessing import resample_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
