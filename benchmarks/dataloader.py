@@ -170,7 +170,7 @@ def time_loader(loader: DataLoader, warmup: int, batches: int) -> tuple[float, f
         n += len(next(it)["image"])
     elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu_start
     del it
-    return n / elapsed, n / cpu
+    return n / elapsed, n / max(cpu, 1.0 / os.sysconf("SC_CLK_TCK"))  # at least one clock tick
 
 
 def medmae_loader(cache: Path, slices: int, workers: int, batch: int, size: int, n_samples: int) -> DataLoader:

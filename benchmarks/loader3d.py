@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataloader import cpu_seconds, machine, phantom  # noqa: E402  (the same slices and CPU clock)
+from dataloader import machine, phantom, time_loader  # noqa: E402  (the same slices and timing)
 
 CT_WINDOW = (40.0, 400.0)  # level, width in HU: -160..240, MONAI's ScaleIntensityRanged below
 
@@ -161,23 +161,6 @@ def medmae_dataset(cache: Path, a: argparse.Namespace, workers: int, n_samples: 
     dataset = CacheVolumeDataset(cache, index, VolumeTransform(opts, IntensityRule.checked(ct_windows=[CT_WINDOW])))
     sampler = EpochWeightedSampler(index, n_samples, seed=0, num_replicas=1, rank=0)
     return DataLoader(dataset, batch_size=a.batch, sampler=sampler, num_workers=workers, drop_last=True)
-
-
-def time_loader(loader: DataLoader, warmup: int, batches: int) -> tuple[float, float]:
-    """``(samples per wall second, samples per CPU second of the loading processes)``, as
-    ``benchmarks/dataloader.py`` measures them (workers, or the main process with ``num_workers=0``)."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    workers = getattr(it, "_workers", [])
-    pids = [w.pid for w in workers] if workers else [os.getpid()]
-    n = 0
-    cpu_start, start = cpu_seconds(pids), time.perf_counter()
-    for _ in range(batches):
-        n += len(next(it)["image"])
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu_start
-    del it
-    return n / elapsed, n / max(cpu, 1.0 / os.sysconf("SC_CLK_TCK"))  # at least one clock tick
 
 
 def check_batch(loader: DataLoader, a: argparse.Namespace) -> str:
