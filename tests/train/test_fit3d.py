@@ -134,3 +134,35 @@ def test_bad_3d_config_stops_before_training_naming_the_field(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_no_identifying_value_of_the_samples_reaches_3d_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PHI canary for the 3D path: real sample DICOM/NIfTI (names, dates, UIDs, institutions in their
+    headers) -> prep -> 3D fit with reconstruction images -> export; nothing identifying comes out."""
+    from data_prep import prep_archive
+    from medmae.demo import sample_archives
+    from tests.test_demo import _identifying_strings
+
+    cache = tmp_path / "cache"
+    prep_archive(sample_archives(), cache, workers=1, salt_file=tmp_path / "salt", val_fraction=0.0, progress=False)
+    fit_main(
+        _args(cache, tmp_path, "--trainer.max_steps", "2", "--model.log_images_every_n_steps", "1")
+        + ["--model.embed_dim", "48", "--model.num_heads", "2", "--model.decoder_embed_dim", "48"]
+    )
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    export_checkpoint(ckpt, tmp_path / "encoder")
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    captured = capsys.readouterr()
+    canaries = _identifying_strings()
+    assert len(canaries) > 20
+    needles = [(c, c.encode("utf-8")) for c in canaries] + [(c, c.encode("utf-16-le")) for c in canaries]
+    leaks = []
+    for root in (tmp_path / "runs", tmp_path / "encoder"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                leaks += [f"{path.relative_to(tmp_path)}: {c!r}" for c, needle in needles if needle in data]
+    leaks += [f"output: {c!r}" for c in canaries if c in captured.out or c in captured.err]
+    assert leaks == []
