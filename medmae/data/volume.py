@@ -224,7 +224,6 @@ class VolumeIndex:
         """Counts for logs and reports (no ids)."""
         return {
             "series": self.num_series,
-            "volumes": self.num_series,
             "modalities": dict(sorted(Counter(r.modality for r in self.rows).items())),
         }
 
