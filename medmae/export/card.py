@@ -166,13 +166,7 @@ def check_encoder_section_3d(enc: dict[str, Any], where: str) -> EncoderSpec3D:
     if enc["spatial_dims"] != 3 or isinstance(enc["spatial_dims"], bool):
         raise _bad(where, "encoder.spatial_dims", f"must be 3 for {ARCH_3D}, got {enc['spatial_dims']!r}")
     in_chans = _int(enc["in_chans"], where, "encoder.in_chans", 1, LIMITS["in_chans"])
-    size = enc["img_size"]
-    if not isinstance(size, list | tuple) or len(size) != 3:
-        raise _bad(where, "encoder.img_size", f"must be [S0, S1, S2], got {size!r}")
-    img_size = tuple(_int(s, where, "encoder.img_size", 1, LIMITS["img_size"]) for s in size)
-    patch = _int(enc["patch_size"], where, "encoder.patch_size", 1, LIMITS["patch_size"])
-    if any(s % patch for s in img_size):
-        raise _bad(where, "encoder.img_size", f"{list(img_size)} is not a multiple of patch_size {patch}")
+    img_size, patch = _grid(enc, where, "[S0, S1, S2]")
     embed_dim = _int(enc["embed_dim"], where, "encoder.embed_dim", 1, LIMITS["embed_dim"])
     if embed_dim % 6:
         raise _bad(where, "encoder.embed_dim", f"must be a multiple of 6 (3D sin-cos positions), got {embed_dim}")
@@ -204,6 +198,19 @@ def check_encoder_section_3d(enc: dict[str, Any], where: str) -> EncoderSpec3D:
     )
 
 
+def _grid(enc: dict[str, Any], where: str, layout: str) -> tuple[tuple[int, ...], int]:
+    """``(img_size, patch_size)`` of an encoder section: ``layout`` names the sides (2 or 3), each a
+    multiple of the patch."""
+    size, sides = enc["img_size"], layout.count(",") + 1
+    if not isinstance(size, list | tuple) or len(size) != sides:
+        raise _bad(where, "encoder.img_size", f"must be {layout}, got {size!r}")
+    img_size = tuple(_int(s, where, "encoder.img_size", 1, LIMITS["img_size"]) for s in size)
+    patch = _int(enc["patch_size"], where, "encoder.patch_size", 1, LIMITS["patch_size"])
+    if any(s % patch for s in img_size):
+        raise _bad(where, "encoder.img_size", f"{list(img_size)} is not a multiple of patch_size {patch}")
+    return img_size, patch
+
+
 def _check_encoder_section_2d(enc: dict[str, Any], where: str) -> EncoderSpec:
     import timm
 
@@ -227,13 +234,7 @@ def _check_encoder_section_2d(enc: dict[str, Any], where: str) -> EncoderSpec:
         elif typ is not bool and not (math.isfinite(value) and 0 <= value <= 64):
             raise _bad(where, f"encoder.kwargs.{key}", f"is out of range: {value!r}")
     in_chans = _int(enc["in_chans"], where, "encoder.in_chans", 1, LIMITS["in_chans"])
-    size = enc["img_size"]
-    if not isinstance(size, list | tuple) or len(size) != 2:
-        raise _bad(where, "encoder.img_size", f"must be [height, width], got {size!r}")
-    img_size = tuple(_int(s, where, "encoder.img_size", 1, LIMITS["img_size"]) for s in size)
-    patch = _int(enc["patch_size"], where, "encoder.patch_size", 1, LIMITS["patch_size"])
-    if any(s % patch for s in img_size):
-        raise _bad(where, "encoder.img_size", f"{list(img_size)} is not a multiple of patch_size {patch}")
+    img_size, patch = _grid(enc, where, "[height, width]")
     embed_dim = _int(enc["embed_dim"], where, "encoder.embed_dim", 1, LIMITS["embed_dim"])
     return EncoderSpec(arch, dict(kwargs), in_chans, img_size, patch, embed_dim)  # type: ignore[arg-type]
 
