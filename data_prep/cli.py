@@ -2,7 +2,7 @@
 
     medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
                 [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--max-voxels N]
-                [--decode-timeout S] [--follow-links] [--nifti-modality RULE ...]
+                [--decode-timeout S] [--series-timeout S] [--follow-links] [--nifti-modality RULE ...]
                 [--allow-secondary] [--quiet]
     medmae prep merge CACHE_DIR [--shards N] [--quiet]
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from data_prep.nifti_meta import parse_modality_rule
 from data_prep.pipeline import PrepError, merge_shards, prep_archive
 from data_prep.scan import DEFAULT_MAX_VOXELS
-from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildWorkerError
+from data_prep.workers import DEFAULT_DECODE_TIMEOUT, DEFAULT_SERIES_TIMEOUT, BuildWorkerError
 
 
 class _UsageError(Exception):
@@ -116,6 +116,10 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-timeout", type=_positive_seconds, default=DEFAULT_DECODE_TIMEOUT, metavar="S",
                    help="seconds one file may take to decode before it is rejected "
                    f"(default {DEFAULT_DECODE_TIMEOUT:g})")
+    p.add_argument("--series-timeout", type=_positive_seconds, default=DEFAULT_SERIES_TIMEOUT, metavar="S",
+                   help="seconds of worker time one series may take over all its attempts (each file timed out "
+                   "or crashed costs one) before its files are rejected as series_timeout "
+                   f"(default {DEFAULT_SERIES_TIMEOUT:g})")
     p.add_argument("--follow-links", action="store_true",
                    help="follow symbolic links to folders outside the archives (default: count them, not followed)")
     p.add_argument("--nifti-modality", type=_nifti_rule, action="append", default=[], metavar="RULE",
@@ -166,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.quiet,
                 max_voxels=args.max_voxels,
                 decode_timeout=args.decode_timeout,
+                series_timeout=args.series_timeout,
                 follow_links=args.follow_links,
                 nifti_modality=args.nifti_modality,
                 allow_secondary=args.allow_secondary,

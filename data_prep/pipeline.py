@@ -43,7 +43,7 @@ from data_prep.report import (
 )
 from data_prep.scan import DEFAULT_MAX_VOXELS, ScanRecord, scan_archives
 from data_prep.series import assemble
-from data_prep.workers import DEFAULT_DECODE_TIMEOUT, BuildSupervisor
+from data_prep.workers import DEFAULT_DECODE_TIMEOUT, DEFAULT_SERIES_TIMEOUT, BuildSupervisor
 from medmae.data.cache import (
     MANIFEST_NAME,
     Manifest,
@@ -78,6 +78,7 @@ def prep_archive(
     follow_links: bool = False,
     nifti_modality: Sequence[str] | str = (),
     allow_secondary: bool = False,
+    series_timeout: float = DEFAULT_SERIES_TIMEOUT,
 ) -> PrepSummary:
     """Turn DICOM/NIfTI archives into the de-identified training cache at ``out``.
 
@@ -94,6 +95,9 @@ def prep_archive(
             are rejected ``too_large`` before anything is decoded.
         decode_timeout: seconds one file may take to decode before its worker is killed (the file
             is then ``pixel_decode_failed`` and the series is built without it).
+        series_timeout: seconds of worker time one series may take over all its attempts (a file
+            timed out or crashed costs an attempt); past it the series is rejected ``series_timeout``,
+            so a series of many slow or hanging files cannot hold a worker for hours.
         follow_links: follow symbolic links to folders outside the archives (loops are never followed).
         nifti_modality: ``--nifti-modality`` rules, ``"MOD"`` (every NIfTI) or ``"PATTERN=MOD"`` (fnmatch
             on the path in its archive or the absolute path); the first match wins over the JSON
@@ -113,6 +117,8 @@ def prep_archive(
         raise PrepError(f"max_voxels must be a positive integer (got {max_voxels!r})")
     if not (isinstance(decode_timeout, int | float) and decode_timeout > 0):
         raise PrepError(f"decode_timeout must be a positive number of seconds (got {decode_timeout!r})")
+    if not (isinstance(series_timeout, int | float) and 0 < series_timeout < float("inf")):
+        raise PrepError(f"series_timeout must be a positive number of seconds (got {series_timeout!r})")
     if not isinstance(allow_secondary, bool):
         raise PrepError(f"allow_secondary must be True or False (got {allow_secondary!r})")
     rules = parse_nifti_modality(nifti_modality)
@@ -143,6 +149,7 @@ def prep_archive(
         return _prep_locked(
             archives, out, workers, salt_path, salt_created, val_fraction, shard, path_map, progress,
             max_voxels, decode_timeout, follow_links, nifti_rules=rules, allow_secondary=allow_secondary,
+            series_timeout=series_timeout,
         )
     finally:
         lock.__exit__(None, None, None)
@@ -164,6 +171,7 @@ def _prep_locked(
     *,
     nifti_rules: Sequence[ModalityRule],
     allow_secondary: bool,
+    series_timeout: float,
 ) -> PrepSummary:
     recorded = recorded_salt_fingerprints(out)
     if salt_created and recorded:
@@ -218,7 +226,7 @@ def _prep_locked(
         for plan, sid in ((p, pseudo.series(p.key)) for p in plans)
         if mine(sid)
     ]
-    results = _run_builds(tasks, workers, progress, decode_timeout)
+    results = _run_builds(tasks, workers, progress, decode_timeout, series_timeout)
 
     in_series: set[str] = set()
     for task, res in zip(tasks, results, strict=True):
@@ -464,7 +472,7 @@ def _scan(
 
 
 def _run_builds(
-    tasks: Sequence[BuildTask], workers: int, progress: bool, decode_timeout: float
+    tasks: Sequence[BuildTask], workers: int, progress: bool, decode_timeout: float, series_timeout: float
 ) -> list[BuildResult]:
     """Build all tasks in supervised worker processes (see :class:`BuildSupervisor`); results in task order.
 
@@ -498,17 +506,17 @@ def _run_builds(
                 if kill_after and built >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        def give_up(k: int, excluded: Mapping[str, str], cause: str) -> None:
+        def give_up(k: int, excluded: Mapping[str, str], cause: str, reason: Reason) -> None:
             task = tasks[todo[k]]
             fid = task.file_ids
-            rejects = {fid[rel]: Reason.BUILD_FAILED for rel in task.plan.rels}
+            rejects = {fid[rel]: reason for rel in task.plan.rels}
             causes = {fid[rel]: cause for rel in task.plan.rels}
             for rel, why in excluded.items():
                 rejects[fid[rel]], causes[fid[rel]] = Reason.PIXEL_DECODE_FAILED, why
             finished(k, BuildResult(task.series_id, None, rejects, causes=causes))
 
         if todo:
-            supervisor = BuildSupervisor(min(workers, len(todo)), decode_timeout)
+            supervisor = BuildSupervisor(min(workers, len(todo)), decode_timeout, series_timeout)
             supervisor.run([tasks[i] for i in todo], finished, give_up)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]

@@ -46,6 +46,7 @@ class Reason(str, Enum):
     PIXEL_DECODE_FAILED = "pixel_decode_failed"
     NON_FINITE_VALUES = "non_finite_values"
     BUILD_FAILED = "build_failed"
+    SERIES_TIMEOUT = "series_timeout"
 
     def __str__(self) -> str:  # so f-strings and JSON keys show the code, not the member name
         return self.value
@@ -93,4 +94,6 @@ DESCRIPTIONS: dict[Reason, str] = {
     "declared, corrupt, no decoder, the decoder raised, crashed or ran past `--decode-timeout`)",
     Reason.NON_FINITE_VALUES: "NaN or +/-Inf voxels after decoding (rejected, never silently cleaned)",
     Reason.BUILD_FAILED: "an unexpected error while building the series (bug guard; nothing crashes)",
+    Reason.SERIES_TIMEOUT: "building the series cost more than `--series-timeout` seconds of worker time over all "
+    "its attempts (slow files, or one hanging file after another); its files not already `pixel_decode_failed`",
 }

@@ -33,6 +33,7 @@ def archive(tmp_path: Path) -> Path:
         (["{archive}", "--out", "{tmp}/c", "--shard", "x"], "expected i/N"),
         (["{archive}", "--out", "{tmp}/c", "--workers", "0"], "positive integer"),
         (["{archive}", "--out", "{tmp}/c", "--val-fraction", "1.5"], "[0, 1)"),
+        (["{archive}", "--out", "{tmp}/c", "--series-timeout", "0"], "positive number of seconds"),
         (["{archive}", "--out", "{archive}/s/IM00000"], "not a directory"),
         (["{archive}"], "--out"),
         (["merge", "{tmp}"], "no shard results"),

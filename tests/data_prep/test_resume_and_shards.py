@@ -100,25 +100,36 @@ def test_sigkill_mid_build_then_rerun_gives_identical_outputs(reference, tmp_pat
     assert built_series_ids(out) == built_series_ids(ref)
 
 
-def test_external_sigkill_after_first_sidecar(tmp_path: Path) -> None:
-    """A real kill from outside, at whatever point the build has reached."""
-    archive = make_archive(tmp_path / "archive", n_series=24, n_slices=10, size=64)
-    salt = tmp_path / "prep.salt"
-    ref = tmp_path / "ref"
-    prep_archive([archive], ref, salt_file=salt, progress=False)
+def test_external_sigkill_after_first_sidecar(reference, tmp_path: Path) -> None:
+    """A real kill from outside the process group, mid-build: the run is held after its first series
+    (tests/data_prep/held_prep.py), so the kill lands between series on any machine."""
+    archive, salt, ref = reference
     out = tmp_path / "cache"
-    proc = subprocess.Popen(_cmd(archive, out, salt), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not list((out / "series").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if (out / MANIFEST_NAME).exists():
-        pytest.skip("the run finished before the kill landed (machine too fast for this archive)")
-    prep_archive([archive], out, salt_file=salt, progress=False)
+    cmd = [sys.executable, "-m", "tests.data_prep.held_prep", *_cmd(archive, out, salt)[3:]]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not built_series_ids(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert proc.poll() is None, f"prep ended (status {proc.returncode}) before the kill"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # the kill landed mid-build: one series written of the reference's, nothing final
+    assert len(built_series_ids(out)) == 1 < len(built_series_ids(ref))
+    assert not (out / MANIFEST_NAME).exists() and not (out / REJECT_REPORT_NAME).exists()
+    summary = prep_archive([archive], out, salt_file=salt, progress=False)
+    assert summary.series_skipped == 1
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert _series_bytes(out) == _series_bytes(ref)
+
+
+def _series_bytes(cache: Path) -> dict[str, bytes]:
+    """Every array and sidecar of a cache, by name."""
+    return {p.name: p.read_bytes() for p in sorted((cache / "series").iterdir())}
 
 
 def test_rerun_skips_built_series(reference, tmp_path: Path) -> None:
