@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,17 @@ MAE = MaskedAutoencoder | MaskedAutoencoder3D
 
 #: timm arguments a caller may not pass: weights come from the export folder and nowhere else.
 FORBIDDEN_OVERRIDES = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "features_only")
+
+
+#: how many key names an error message spells out before it only counts the rest
+SHOWN_KEYS = 5
+
+
+def name_keys(keys: Sequence[str]) -> str:
+    """The first :data:`SHOWN_KEYS` of ``keys`` and how many there are: one readable error line even when
+    every block of a deep encoder contributes a key."""
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return f"[{shown}, ... ({len(keys)} in all)]" if len(keys) > SHOWN_KEYS else f"[{shown}]"
 
 
 class CheckpointError(ValueError):
@@ -243,7 +255,7 @@ def timm_from_encoder(
     if unexpected or not_fresh:
         raise ValueError(
             f"exported encoder does not match {spec.arch} with {overrides}: "
-            f"missing {not_fresh}, unexpected {unexpected}"
+            f"missing {name_keys(not_fresh)}, unexpected {name_keys(unexpected)}"
         )
     return vit
 

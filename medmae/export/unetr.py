@@ -20,11 +20,16 @@ token is kept: MONAI's ViT prepends a ``cls_token`` when it has one, and :class:
 ``UNETR`` subclass) drops it before reshaping tokens into feature maps. Then every hidden state MONAI
 returns equals timm's block output (tested within 1e-5). ``cls_token=False`` gives a plain UNETR that
 never sees the token.
+
+No encoder tensor is dropped silently: every tensor of the source ``state_dict`` must be consumed by
+the map above or be listed in :data:`UNUSED_ENCODER_KEYS` (with the reason); anything else (e.g. a
+LayerScale ``blocks.i.ls1.gamma``, register tokens, q/k norms, extra blocks) is a ``ValueError`` naming
+the keys, because MONAI's blocks have no place for it and the network would compute another function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -34,12 +39,18 @@ from torch import nn
 
 from medmae.export.adapt import adapt_state_dict
 from medmae.export.card import CARD_NAME, EncoderSpec, EncoderSpec3D, check_encoder_2d, load_card, refuse_3d
-from medmae.export.encoder import read_encoder_weights
+from medmae.export.encoder import name_keys, read_encoder_weights
 from medmae.models import as_hw
 
 #: MONAI's UNETR reads these hidden states (0-based block outputs) and always uses 16-pixel patches.
 UNETR_HIDDEN_STATES = (3, 6, 9)
 UNETR_PATCH = 16
+
+#: Source encoder tensors the key map may leave unused; every other one must be consumed.
+#: ``cls_token``: read when the ViT keeps the class token (the default). ``cls_token=False`` builds a
+#: stock UNETR that never sees the token, so the token and its position slot (``pos_embed[:, :1]``)
+#: are deliberately left out. (The final ``norm`` is not here: UNETR decodes the normed output.)
+UNUSED_ENCODER_KEYS: frozenset[str] = frozenset({"cls_token"})
 
 
 class EncoderUNETR(UNETR):
@@ -51,8 +62,14 @@ class EncoderUNETR(UNETR):
         return super().proj_feat(x)
 
 
-def timm_to_monai_vit(state: dict[str, torch.Tensor], depth: int, cls_token: bool) -> dict[str, torch.Tensor]:
-    """Rename a timm ViT ``state_dict`` to MONAI ``ViT`` names (see the module docstring)."""
+def timm_to_monai_vit(
+    state: Mapping[str, torch.Tensor], depth: int, cls_token: bool, where: str = "encoder"
+) -> dict[str, torch.Tensor]:
+    """Rename a timm ViT ``state_dict`` to MONAI ``ViT`` names (see the module docstring).
+
+    ``KeyError`` when a tensor the map needs is missing; ``ValueError`` (naming ``where`` and the keys)
+    when a source tensor is neither consumed nor in :data:`UNUSED_ENCODER_KEYS`.
+    """
     pos = state["pos_embed"]
     out = {
         "patch_embedding.patch_embeddings.weight": state["patch_embed.proj.weight"],
@@ -61,8 +78,10 @@ def timm_to_monai_vit(state: dict[str, torch.Tensor], depth: int, cls_token: boo
         "norm.weight": state["norm.weight"],
         "norm.bias": state["norm.bias"],
     }
+    used = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
     if cls_token:
         out["cls_token"] = state["cls_token"] + pos[:, :1]
+        used.add("cls_token")
     names = {
         "norm1": "norm1",
         "norm2": "norm2",
@@ -75,7 +94,20 @@ def timm_to_monai_vit(state: dict[str, torch.Tensor], depth: int, cls_token: boo
         for timm_name, monai_name in names.items():
             for p in ("weight", "bias"):
                 out[f"blocks.{i}.{monai_name}.{p}"] = state[f"blocks.{i}.{timm_name}.{p}"]
+                used.add(f"blocks.{i}.{timm_name}.{p}")
+    check_consumed(state, used, where)
     return out
+
+
+def check_consumed(state: Mapping[str, torch.Tensor], used: Collection[str], where: str) -> None:
+    """``ValueError`` naming the source tensors the key map left unused, unless listed in
+    :data:`UNUSED_ENCODER_KEYS`: dropping any other one would change the function the encoder computes."""
+    left = sorted(set(state) - set(used) - UNUSED_ENCODER_KEYS)
+    if left:
+        raise ValueError(
+            f"{where}: encoder weights hold {len(left)} tensor(s) MONAI's ViT has no place for: {name_keys(left)}; "
+            "MONAI's ViT takes plain pre-norm blocks (no LayerScale, registers or q/k norms)"
+        )
 
 
 def _check_spec(spec: EncoderSpec, img_size: tuple[int, int], depth: int, where: str) -> None:
@@ -231,7 +263,7 @@ def unetr_from_encoder(
         new_grid = (size[0] // UNETR_PATCH, size[1] // UNETR_PATCH)
         state = adapt_state_dict(state, old_grid=grid, new_grid=new_grid, in_chans=chans)
         try:
-            mapped = timm_to_monai_vit(state, depth, cls_token)
+            mapped = timm_to_monai_vit(state, depth, cls_token, where)
         except KeyError as e:
             raise ValueError(f"{where}: encoder weights lack {e} for a {depth}-block ViT") from None
         load_mapped_vit(vit, mapped, where)
@@ -248,7 +280,8 @@ def load_mapped_vit(vit: nn.Module, mapped: dict[str, torch.Tensor], where: str)
     missing = [k for k in missing if ".norm_cross_attn." not in k]
     if missing or unexpected:
         raise ValueError(
-            f"{where}: encoder weights do not map onto MONAI ViT: missing {missing}, unexpected {unexpected}"
+            f"{where}: encoder weights do not map onto MONAI ViT: missing {name_keys(missing)}, "
+            f"unexpected {name_keys(unexpected)}"
         )
 
 

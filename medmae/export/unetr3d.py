@@ -10,6 +10,10 @@ What differs from 2D, and why:
 - No LayerNorm patching: the 3D encoder uses ``eps=1e-5``, MONAI's default.
 - Positions are fixed sin-cos in MONAI's own layout, so for a fine-tuning size other than the
   pretraining crop they are *recomputed* for the new grid (exact) instead of interpolated.
+- Unused tensors: as in 2D, every encoder tensor must be consumed by the map or be in
+  :data:`~medmae.export.unetr.UNUSED_ENCODER_KEYS` (a ``ValueError`` names any other, e.g. LayerScale
+  ``blocks.i.ls1.gamma``). ``pos_embed`` is the fixed sin-cos function, recomputed rather than read;
+  :func:`check_weights3d` refuses an export whose positions are anything else.
 - Class token: an encoder pretrained with one (the default) goes into :class:`EncoderUNETR` / a ViT
   given a ``cls_token`` attribute (MONAI's forward prepends it when present; ``pos_embed[:, 0]`` is
   zero, so the token is copied as is); one pretrained with ``cls_token=False`` loads into a stock
@@ -41,8 +45,9 @@ from medmae.models.pos_embed3d import sincos_pos_embed_3d
 EncoderLike = MaskedAutoencoder3D | ViTEncoder3D | Mapping[str, torch.Tensor]
 
 
-def monai_vit3d_state(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a :class:`ViTEncoder3D` ``state_dict`` to MONAI ``ViT`` names (see the module docstring).
+def monai_vit3d_state(encoder_state: Mapping[str, torch.Tensor], where: str = "encoder") -> dict[str, torch.Tensor]:
+    """Rename a :class:`ViTEncoder3D` ``state_dict`` to MONAI ``ViT`` names (see the module docstring);
+    ``ValueError`` naming ``where`` when a tensor has no MONAI counterpart.
 
     Load the result with ``strict=False`` or through :func:`load_monai_vit3d`: MONAI's blocks hold an
     unused ``norm_cross_attn`` that no encoder has.
@@ -52,13 +57,13 @@ def monai_vit3d_state(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, to
     if not has_cls:  # the 2D map reads positions after a class slot: give it an empty one
         pos = state["pos_embed"]
         state["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[2]), pos], dim=1)
-    return timm_to_monai_vit(state, _depth(state), cls_token=has_cls)
+    return timm_to_monai_vit(state, _depth(state), cls_token=has_cls, where=where)
 
 
 def load_monai_vit3d(vit: ViT, encoder_state: Mapping[str, torch.Tensor], where: str = "encoder") -> None:
     """Copy encoder weights into ``vit``; ValueError on any key or shape that does not fit."""
     try:
-        mapped = monai_vit3d_state(encoder_state)
+        mapped = monai_vit3d_state(encoder_state, where)
     except KeyError as e:
         raise ValueError(f"{where}: encoder weights are missing {e}") from None
     load_mapped_vit(vit, mapped, where)
@@ -70,6 +75,7 @@ def build_vit3d(
     *,
     num_heads: int | None = None,
     dropout_rate: float = 0.0,
+    where: str = "encoder",
 ) -> ViT:
     """A MONAI ``ViT(spatial_dims=3, classification=False)`` carrying the encoder (any patch size).
 
@@ -92,7 +98,7 @@ def build_vit3d(
         spatial_dims=3,
         qkv_bias=True,
     )
-    _fill(vit, state, grid_shape3d(size, shape["patch_size"]))
+    _fill(vit, state, grid_shape3d(size, shape["patch_size"]), where)
     return vit
 
 
@@ -116,6 +122,7 @@ def build_unetr3d(
     norm_name: str | tuple = "instance",
     res_block: bool = True,
     dropout_rate: float = 0.0,
+    where: str = "encoder",
 ) -> UNETR:
     """A MONAI ``UNETR(spatial_dims=3)`` whose ViT carries the pretrained encoder.
 
@@ -125,6 +132,7 @@ def build_unetr3d(
         out_channels: segmentation classes, background included.
         feature_size, norm_name, res_block, dropout_rate: MONAI UNETR decoder settings.
         num_heads: encoder heads; required only for a bare ``state_dict``.
+        where: what errors name (the card's file when called from an export folder).
 
     The encoder must use 16-voxel patches and have at least 10 blocks (UNETR reads block outputs 3, 6, 9);
     its depth replaces MONAI's fixed 12 blocks.
@@ -149,7 +157,7 @@ def build_unetr3d(
         res_block=res_block,
         dropout_rate=dropout_rate,
     )
-    _fill(model.vit, state, grid)
+    _fill(model.vit, state, grid, where)
     return model
 
 
@@ -195,14 +203,14 @@ def _shape(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
-def _fill(vit: ViT, state: dict[str, torch.Tensor], grid: tuple[int, int, int]) -> None:
+def _fill(vit: ViT, state: dict[str, torch.Tensor], grid: tuple[int, int, int], where: str) -> None:
     """Give ``vit`` a class token if the encoder had one, positions for ``grid``, then the weights."""
     embed_dim = int(state["patch_embed.proj.weight"].shape[0])
     has_cls = "cls_token" in state
     if has_cls:
         vit.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
     state = {**state, "pos_embed": sincos_pos_embed_3d(embed_dim, grid, cls_token=has_cls)}
-    load_monai_vit3d(vit, state)
+    load_monai_vit3d(vit, state, where)
 
 
 # ----------------------------------------------------------------------------- from an export folder
@@ -248,6 +256,14 @@ def check_weights3d(spec: EncoderSpec3D, state: Mapping[str, torch.Tensor], wher
         )
     if ("cls_token" in state) != spec.cls_token:
         raise CardError(f"{where}: field 'encoder.cls_token' is {spec.cls_token} but the weights disagree")
+    # the loaders recompute positions rather than read them: that drops nothing only if they are the fixed ones
+    expected = sincos_pos_embed_3d(spec.embed_dim, grid_shape3d(spec.img_size, spec.patch_size), spec.cls_token)
+    pos = state.get("pos_embed")
+    if pos is None or pos.shape != expected.shape or not torch.allclose(pos.float(), expected, atol=1e-5, rtol=0):
+        raise CardError(
+            f"{where}: weights 'pos_embed' are not the fixed 3D sin-cos positions of the card's "
+            f"{list(spec.img_size)} crop; the MONAI loaders recompute positions and would drop them"
+        )
 
 
 def _set_eps(model: nn.Module, eps: float) -> None:
@@ -287,6 +303,7 @@ def unetr3d_from_spec(
             norm_name=norm_name,
             res_block=res_block,
             dropout_rate=dropout_rate,
+            where=where,
         )
     else:
         model = monai_unetr(
@@ -353,7 +370,11 @@ def load_vit3d(
     spec, state = read_export3d(export_dir)
     assert state is not None
     vit = build_vit3d(
-        state, spec.img_size if img_size is None else img_size, num_heads=spec.num_heads, dropout_rate=dropout_rate
+        state,
+        spec.img_size if img_size is None else img_size,
+        num_heads=spec.num_heads,
+        dropout_rate=dropout_rate,
+        where=str(Path(export_dir) / CARD_NAME),
     )
     _set_eps(vit, spec.layer_norm_eps)
     return vit

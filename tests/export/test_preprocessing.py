@@ -30,11 +30,26 @@ def test_coronal_planes_pad_to_square_and_restore_exactly(tmp_path) -> None:
     np.testing.assert_array_equal(stack[3], volume[::-1, 3, :])
     box = pre.pad_box(stack.shape[1:])
     assert box.padded == (12, 12) and box.top == 3
-    onehot = torch.nn.functional.one_hot(torch.from_numpy(stack[3].astype(np.int64)) % 2, 2).permute(2, 0, 1).float()
-    grid = torch.nn.functional.pad(onehot, (0, 0, box.top, 12 - 6 - box.top))
-    grid = torch.nn.functional.interpolate(grid[None], size=(16, 16), mode="nearest")
-    back = pre.restore(grid, stack.shape[1:])
-    assert back.shape == (1, 2, 6, 12)
+
+    # a label map: pad + nearest resize -> one-hot "logits" -> restore -> argmax gives every pixel back
+    labels = np.random.default_rng(1).integers(0, 4, size=(6, 10, 12)).astype(np.uint8)
+    on_grid = pre.labels(labels, indices=[3])
+    assert on_grid.shape == (1, 16, 16)
+    assert not on_grid[0, :4].any() and not on_grid[0, 12:].any()  # 3 of 12 padded rows = 4 of 16: background
+    onehot = torch.nn.functional.one_hot(on_grid, 4).permute(0, 3, 1, 2).float()
+    back = pre.restore(onehot, stack.shape[1:])
+    assert back.shape == (1, 4, 6, 12)
+    np.testing.assert_array_equal(back.argmax(1)[0].numpy(), pre.stack(labels)[3])
+
+    # image values: a linear field survives planes -> restore (bilinear both ways) exactly inside the plane;
+    # the first and last columns see the resampler's edge clamping, the first and last rows the padding fill
+    z, y, x = np.meshgrid(np.arange(6), np.arange(10), np.arange(12), indexing="ij")
+    ramp = (100 + 10 * z + y + 3 * x).astype(np.int16)
+    stats = {"min": 0.0, "p0.5": 0.0, "p99.5": 200.0}  # stored value v -> v / 200, never clamped
+    restored = pre.restore(pre.planes(ramp, "raw", stats, indices=[3]), stack.shape[1:])[0, 0].numpy() * 200.0
+    plane = pre.stack(ramp)[3].astype(np.float32)
+    np.testing.assert_allclose(restored[1:-1, 1:-1], plane[1:-1, 1:-1], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(restored[1:-1], plane[1:-1], atol=0.5, rtol=0)
 
 
 def test_ct_uses_the_first_window_at_inference_and_all_in_channel_mode(tmp_path) -> None:

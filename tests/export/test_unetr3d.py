@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.nets import UNETR, ViT
 
 from medmae.export.unetr import EncoderUNETR
@@ -66,11 +68,36 @@ def test_unetr3d_carries_encoder_hidden_states(cls_token: bool) -> None:
         assert unetr(vols).shape == (1, 3, 32, 32, 16)
 
 
+def monai_sincos(embed_dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """MONAI's own 3D sin-cos positions: tokens row-major over ``grid`` (``meshgrid`` ``ij``, as a
+    ``Conv3d`` flattens), channels ``[sin|cos](i1), [sin|cos](i0), [sin|cos](i2)`` (its "w, h, d")."""
+    return build_sincos_position_embedding(list(grid), embed_dim, spatial_dims=3).detach()
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")  # MONAI calls meshgrid without `indexing` (ij)
+def test_sincos_positions_equal_monais_independent_builder() -> None:
+    """medmae's 3D positions are MONAI's ``build_sincos_position_embedding`` (and what a MONAI ViT with
+    ``pos_embed_type="sincos"`` holds for the same input), on a grid whose three sizes all differ."""
+    grid = (2, 3, 4)
+    ours = sincos_pos_embed_3d(48, grid)
+    torch.testing.assert_close(ours, monai_sincos(48, grid), atol=1e-6, rtol=0)
+    vit = ViT(1, (32, 48, 64), 16, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=2, pos_embed_type="sincos")
+    torch.testing.assert_close(ours, vit.patch_embedding.position_embeddings.detach(), atol=1e-6, rtol=0)
+    # spelled out: token (i0, i1, i2) = (1, 2, 3) is (1 * 3 + 2) * 4 + 3; each axis has 8 sin and 8 cos
+    # channels, frequency 1 first, so every 8th channel is sin/cos of i1, i0, i2 themselves
+    i0, i1, i2 = 1.0, 2.0, 3.0
+    by_hand = [math.sin(i1), math.cos(i1), math.sin(i0), math.cos(i0), math.sin(i2), math.cos(i2)]
+    torch.testing.assert_close(ours[0, (1 * 3 + 2) * 4 + 3, ::8], torch.tensor(by_hand))
+    with_cls = sincos_pos_embed_3d(48, grid, cls_token=True)
+    assert torch.equal(with_cls[:, 0], torch.zeros(1, 48)) and torch.equal(with_cls[:, 1:], ours)
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")
 def test_unetr3d_new_size_recomputes_positions_exactly() -> None:
     model = pretrained(True, patch_size=16, embed_dim=24, depth=10, num_heads=2)
     unetr = build_unetr3d(model.encoder.state_dict(), (48, 32, 32), out_channels=2, num_heads=2).eval()
-    expected = sincos_pos_embed_3d(24, (3, 2, 2))
-    torch.testing.assert_close(unetr.vit.patch_embedding.position_embeddings.data, expected)
+    expected = monai_sincos(24, (3, 2, 2))  # 48 / 16, 32 / 16, 32 / 16 patches
+    torch.testing.assert_close(unetr.vit.patch_embedding.position_embeddings.data, expected, atol=1e-6, rtol=0)
     resized = pretrained(True, img_size=(48, 32, 32), patch_size=16, embed_dim=24, depth=10, num_heads=2)
     state = {k: v for k, v in model.encoder.state_dict().items() if k != "pos_embed"}
     missing, unexpected = resized.encoder.load_state_dict(state, strict=False)  # positions of the new grid

@@ -101,19 +101,36 @@ def test_restore_brings_outputs_back_onto_the_series_grid() -> None:
 
 
 def test_inference_intensity_is_shared_with_2d() -> None:
-    """Same intensity rule -> same ranges in the 2D and the 3D preprocessor (one function, IntensityRule's)."""
+    """Same intensity rule -> the documented ranges in both the 2D and the 3D preprocessor.
+
+    Expectations from the rule itself, not from the code: a CT window (level, width) maps
+    [level - width / 2, level + width / 2] to [0, 1]: (40, 400) -> [-160, 240], (-600, 1500) -> [-1350, 150];
+    ``random`` mode uses window ``ct_inference_window`` (here 1), ``channels`` mode every window. Other
+    series map the stored (0.5, 99.5) percentiles, here of 0..999 with linear interpolation:
+    0.005 * 999 = 4.995 and 0.995 * 999 = 994.005, once per channel.
+    """
     stats = compute_stats(np.arange(1000, dtype=np.float32).reshape(10, 10, 10))
+    ct = {"channels": [(-160.0, 240.0), (-1350.0, 150.0)], "random": [(-1350.0, 150.0)]}
     for mode in ("random", "channels"):
         rule = IntensityRule.checked(ct_windows=[(40, 400), (-600, 1500)], ct_window_mode=mode, ct_inference_window=1)
         vol = preprocessing_from_card(card_of(VolumeTransform(VolumeOptions(size=16), rule)))
+        assert isinstance(vol, VolumePreprocessor)
         plane = PlanePreprocessor(
-            "axial", (16, 16), (0,), "bilinear", True, vol.ct_windows, mode, vol.inference_window, vol.percentiles
+            axis="axial",
+            image_size=(16, 16),
+            slice_offsets=(0,),
+            interpolation="bilinear",
+            antialias=True,
+            ct_windows=((40.0, 400.0), (-600.0, 1500.0)),
+            ct_window_mode=mode,
+            inference_window=1,
+            percentiles=(0.5, 99.5),
         )
-        for unit in ("HU", "raw"):
-            assert vol.intensity_ranges(unit, stats) == plane.intensity_ranges(unit, stats)
-        hu = vol.intensity_ranges("HU", stats)
-        assert hu == ([(-160.0, 240.0), (-1350.0, 150.0)] if mode == "channels" else [(-1350.0, 150.0)])
-        assert vol.intensity_ranges("raw", stats) == [(stats["p0.5"], stats["p99.5"])] * vol.channels
+        for pre in (vol, plane):
+            assert pre.intensity_ranges("HU", stats) == ct[mode]
+            raw = pre.intensity_ranges("raw", stats)
+            assert len(raw) == len(ct[mode]) == pre.channels
+            assert raw == [(pytest.approx(4.995, abs=1e-4), pytest.approx(994.005, abs=1e-4))] * pre.channels
 
 
 def test_bad_spacing_is_named() -> None:
