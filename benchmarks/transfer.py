@@ -44,8 +44,9 @@ import torch
 from data_prep import prep_archive
 from medmae.data import CacheDataModule
 from medmae.export import export_encoder
-from medmae.finetune.seg_data import SegCase, SegmentationDataModule, prepare_case
-from medmae.finetune.segment import SegmentationModule, dice_per_class, predict_planes
+from medmae.finetune.cases import Case
+from medmae.finetune.seg_data import SegmentationDataModule, prepare_case
+from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dice, predict_planes
 from medmae.train import MAEPretrainModule
 
 MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -251,7 +252,12 @@ def finetune(
     cases_csv: Path,
     test: list[tuple[Path, Path]] | None,
 ) -> dict[str, float]:
-    """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs."""
+    """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs.
+
+    Dice is ``val/dice``'s (:func:`~medmae.finetune.segment.mean_dice`, MONAI semantics): per class the
+    mean over the slabs whose truth holds it, then the mean over grey and white matter. Every validation
+    and test slab holds both (docs/transfer.md, "Score"), so no slab is ever left out.
+    """
     pl.seed_everything(seed, verbose=False)
     data = SegmentationDataModule(
         f"{init}:{export}",
@@ -280,9 +286,9 @@ def finetune(
     roles = [("val", data.val_cases)] + ([("test", None)] if test is not None else [])
     for role, cases in roles:
         if cases is None:
-            cases = [prepare_case(SegCase(0, str(i), str(lab), "", "test"), pre, 3, "OT", None) for i, lab in test]
+            cases = [prepare_case(Case(0, str(i), str(lab), "", "test"), pre, 3, None, None) for i, lab in test]
         per_case = [dice_per_class(predict_planes(net, c.images, pre, c.plane_shape), c.label_stack, 3) for c in cases]
-        scores[role] = float(np.mean(per_case))
+        scores[role] = mean_dice(per_case)[1]
     return scores
 
 

@@ -7,6 +7,7 @@
     medmae finetune-seg --config configs/finetune/seg_*.yaml --model.init medmae:encoder/
     medmae predict-seg CKPT IMAGE... --out DIR   # NIfTI masks with the input's affine
     medmae finetune-cls --config configs/finetune/cls_*.yaml --model.init medmae:encoder/
+    medmae predict-cls CKPT IMAGE... --out probs.csv  # class probabilities per series (and per plane)
     medmae demo                                  # prep + pretrain + export on bundled sample scans
 
 Each subcommand owns its own argument parser; this module only dispatches, importing lazily so
@@ -32,6 +33,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "write NIfTI masks with a fine-tuned segmentation checkpoint",
     ),
     "finetune-cls": ("medmae.finetune.cls_cli:finetune_main", "fine-tune a timm classifier from an exported encoder"),
+    "predict-cls": (
+        "medmae.finetune.cls_predict:predict_main",
+        "write class probabilities per series (CSV) with a fine-tuned classification checkpoint",
+    ),
     "demo": ("medmae.demo:main", "run prep -> pretrain on the sample scans bundled with pydicom/nibabel"),
 }
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmae.data.cache import PERCENTILES
+from medmae.data.cache import KINDS, PERCENTILES
 from medmae.data.index import AXES
 from medmae.data.intensity import IntensityRule
 from medmae.data.neighbours import SLICE_INTERPOLATIONS, SliceNeighbours, fits_slice_spacing
@@ -131,9 +131,17 @@ class PlanePreprocessor:
 
     # ------------------------------------------------------------------ geometry
 
-    def stack(self, volume: np.ndarray) -> np.ndarray:
-        """View a canonical (Z, Y, X) volume as its planes along the card's axis (no copy)."""
-        return plane_view(np.asarray(volume), "volume", self.axis)
+    def stack(self, volume: np.ndarray, kind: str = "volume") -> np.ndarray:
+        """View a canonical (Z, Y, X) array as its planes along the card's axis (no copy).
+
+        ``kind`` is the cache's: an ``image`` (one 2D picture, Z == 1) is its one (Y, X) plane under
+        every axis, as pretraining read it (:func:`medmae.data.reader.plane_view`).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "image" and np.shape(volume)[0] != 1:
+            raise ValueError(f"an image (kind 'image') has one plane, got shape {tuple(np.shape(volume))}")
+        return plane_view(np.asarray(volume), kind, self.axis)
 
     def pad_box(self, plane_shape: tuple[int, int]) -> PadBox:
         """Symmetric padding that gives a plane the output aspect (width / height)."""
@@ -178,18 +186,23 @@ class PlanePreprocessor:
         indices: Sequence[int] | None = None,
         *,
         spacing: Sequence[float] | None = None,
+        kind: str = "volume",
     ) -> torch.Tensor:
         """Encoder input for planes ``indices`` (default all) of a canonical volume: ``(N, C, H, W)``.
 
         ``spacing``: the volume's (Z, Y, X) voxel spacing in mm; required when the card has
-        ``slice_spacing_mm`` (channels placed in millimetres), unused otherwise.
+        ``slice_spacing_mm`` (channels placed in millimetres), unused otherwise and for images.
+        ``kind``: ``image`` for one 2D picture (one plane whatever the axis; 2.5D channels repeat it).
         """
-        stack = self.stack(volume)
+        stack = self.stack(volume, kind)
         n = stack.shape[0]
         indices = range(n) if indices is None else indices
         ranges = self.intensity_ranges(intensity, stats)
         fill = float(stats["min"])
-        rule, d = self.neighbours, self.axis_spacing(spacing)
+        if kind == "image":  # no through-plane geometry: every channel is the one plane
+            rule, d = SliceNeighbours(self.slice_offsets), None
+        else:
+            rule, d = self.neighbours, self.axis_spacing(spacing)
         out = []
         for centre in indices:
             pick = rule.pick(int(centre), n, d)
@@ -207,9 +220,11 @@ class PlanePreprocessor:
             return scale_intensity(t, *ranges[0])
         return torch.cat([scale_intensity(t.clone(), lo, hi) for lo, hi in ranges], dim=0)
 
-    def labels(self, label_volume: np.ndarray, indices: Sequence[int] | None = None) -> torch.Tensor:
+    def labels(
+        self, label_volume: np.ndarray, indices: Sequence[int] | None = None, kind: str = "volume"
+    ) -> torch.Tensor:
         """Label planes on the encoder grid (pad with 0 = background, nearest resize): ``(N, H, W)`` int64."""
-        stack = self.stack(label_volume)
+        stack = self.stack(label_volume, kind)
         indices = range(stack.shape[0]) if indices is None else indices
         out = []
         for i in indices:

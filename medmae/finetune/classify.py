@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -29,9 +28,12 @@ from torch import nn
 from medmae.export.card import refuse_3d
 from medmae.export.encoder import timm_from_encoder
 from medmae.finetune.cls_data import LEVELS, check_target, num_outputs
-from medmae.finetune.encoders import InputNorm, parse_init, resolve_encoder
+from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
+from medmae.finetune.gather import Key, gather_unique, val_case_key
 from medmae.finetune.layer_decay import layer_decay_groups
+from medmae.finetune.samples import EpochHook
 from medmae.finetune.schedule import adamw_warmup_cosine
+from medmae.finetune.volumes import inputs_record
 
 #: key under which a checkpoint keeps what inference needs besides weights (no paths, no header data)
 CKPT_KEY = "medmae_classification"
@@ -77,17 +79,58 @@ class Classifier(nn.Module):
         return self.vit.head(f)
 
 
+def build_classifier(
+    source: EncoderSource, outputs: int, global_pool: str = "avg", drop_path_rate: float = 0.0,
+    linear_probe: bool = False,
+) -> Classifier:
+    """The classifier of an encoder source (weights loaded when it has them): fine-tuning and ``predict-cls``."""
+    pre = source.preprocessing
+    vit = timm_from_encoder(
+        source.spec, source.state, source.init.card, global_pool=global_pool, num_classes=outputs,
+        drop_path_rate=0.0 if linear_probe else drop_path_rate, img_size=pre.image_size, in_chans=pre.channels,
+    )
+    return Classifier(vit, source.input_norm, linear_probe)
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Softmax for multiclass, a sigmoid per logit for binary / multilabel."""
+    return logits.softmax(-1) if task == "multiclass" else logits.sigmoid()
+
+
+@torch.no_grad()
+def series_probabilities(
+    net: Classifier, images: torch.Tensor, task: str, level: str, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(series (K,), planes (N, K))`` probabilities of one series ``(N, C, H, W)``.
+
+    Series level: the head on the mean of the planes' features (each plane's own row: the head on its
+    features alone); slice level: the mean of the planes' probabilities.
+    """
+    step = max(1, int(batch))
+    feats = torch.cat([net.features(images[i : i + step]) for i in range(0, len(images), step)])
+    planes = probabilities(net.vit.head(feats), task)
+    if level == "series":
+        return probabilities(net.vit.head(feats.mean(0, keepdim=True)), task)[0], planes
+    return planes.mean(0), planes
+
+
 def _metrics(task: str, k: int) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
+    """AUROC and accuracy for ``task``. They do not sync across ranks themselves: under DDP the module
+    feeds every rank the gathered series, each once (:mod:`medmae.finetune.gather`), so a sync would
+    count each series once per rank and the sampler's repeats twice."""
     from torchmetrics import classification as C
 
+    own = {"sync_on_compute": False}
     if task == "binary":
-        return C.BinaryAUROC(), C.BinaryAccuracy()
+        return C.BinaryAUROC(**own), C.BinaryAccuracy(**own)
     if task == "multiclass":
-        return C.MulticlassAUROC(num_classes=k, average="macro"), C.MulticlassAccuracy(num_classes=k, average="micro")
-    return C.MultilabelAUROC(num_labels=k, average="macro"), C.MultilabelAccuracy(num_labels=k, average="macro")
+        return (C.MulticlassAUROC(num_classes=k, average="macro", **own),
+                C.MulticlassAccuracy(num_classes=k, average="micro", **own))
+    return (C.MultilabelAUROC(num_labels=k, average="macro", **own),
+            C.MultilabelAccuracy(num_labels=k, average="macro", **own))
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(EpochHook):
     """Fine-tune (or linearly probe) a timm ViT classifier from ``init``.
 
     Args:
@@ -151,16 +194,10 @@ class ClassificationModule(pl.LightningModule):
             raise refuse_3d(f"model.init {source.init.describe()}", "finetune-cls (timm ViT classifiers)")
         self.source_record = source.record()
         self.spec, self.preprocessing = source.spec, source.preprocessing
-        vit = timm_from_encoder(
-            source.spec, source.state, source.init.card, global_pool=global_pool,
-            num_classes=num_outputs(task, classes),
-            drop_path_rate=0.0 if linear_probe else drop_path_rate,
-            img_size=source.preprocessing.image_size, in_chans=source.preprocessing.channels,
-        )
-        self.net = Classifier(vit, source.input_norm, linear_probe)
-        self.depth = len(vit.blocks)
+        self.net = build_classifier(source, num_outputs(task, classes), global_pool, drop_path_rate, linear_probe)
+        self.depth = len(self.net.vit.blocks)
         self.auroc, self.acc = _metrics(task, num_outputs(task, classes) if task != "binary" else 1)
-        self._val_loss: list[torch.Tensor] = []
+        self._val_series: list[tuple[Key, tuple[torch.Tensor, torch.Tensor]]] = []  # (key, (probs, target))
 
     # ------------------------------------------------------------------ targets and losses
 
@@ -172,7 +209,7 @@ class ClassificationModule(pl.LightningModule):
         return F.binary_cross_entropy_with_logits(logits, soft)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(-1) if self.hparams.task == "multiclass" else logits.sigmoid()
+        return probabilities(logits, self.hparams.task)
 
     def _prob_loss(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Log loss of series probabilities (no smoothing: the validation loss is the plain one)."""
@@ -186,11 +223,6 @@ class ClassificationModule(pl.LightningModule):
     def forward(self, x: torch.Tensor, series: torch.Tensor | None = None, num_series: int = 0) -> torch.Tensor:
         return self.net(x, series, num_series)
 
-    def on_train_epoch_start(self) -> None:
-        data = getattr(self.trainer.datamodule, "train_set", None)
-        if data is not None:
-            data.epoch = int(self.current_epoch)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         target = batch["target"]
         if self.hparams.level == "series":
@@ -201,43 +233,41 @@ class ClassificationModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=target.shape[0])
         return loss
 
-    @torch.no_grad()
     def series_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """``(K,)`` probabilities of one series ``(N, C, H, W)``: pooled features (series level) or
-        mean of plane probabilities (slice level)."""
-        step = max(1, int(self.hparams.infer_batch))
-        if self.hparams.level == "series":
-            feats = torch.cat([self.net.features(images[i : i + step]) for i in range(0, len(images), step)])
-            return self.probabilities(self.net.vit.head(feats.mean(0, keepdim=True)))[0]
-        probs = torch.cat([self.probabilities(self.net(images[i : i + step])) for i in range(0, len(images), step)])
-        return probs.mean(0)
+        """``(K,)`` probabilities of one series ``(N, C, H, W)`` (:func:`series_probabilities`)."""
+        hp = self.hparams
+        return series_probabilities(self.net, images, hp.task, hp.level, hp.infer_batch)[0]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = self.series_probabilities(batch["image"])[None].float()
-        target = batch["target"]
-        self._val_loss.append(self._prob_loss(probs, target).detach())
-        if self.hparams.task == "binary":
-            self.auroc.update(probs[:, 0], target[:, 0].long())
-            self.acc.update(probs[:, 0], target[:, 0].long())
-        elif self.hparams.task == "multiclass":
-            self.auroc.update(probs, target[:, 0].long())
-            self.acc.update(probs, target[:, 0].long())
-        else:
-            self.auroc.update(probs, target.long())
-            self.acc.update(probs, target.long())
+        # per series: (key, (probabilities, target)) on the CPU; the epoch end gathers every rank's
+        # series, drops the distributed sampler's repeats by key, and scores them all at once
+        key = val_case_key(self.trainer, batch_idx)
+        self._val_series.append((key, (probs.cpu(), batch["target"].float().cpu())))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_loss or self.trainer.sanity_checking:  # a few sanity series: metrics would mislead
-            self.auroc.reset()
-            self.acc.reset()
-            self._val_loss = []
-            return
-        self.log("val/loss", torch.stack(self._val_loss).mean(), prog_bar=True, sync_dist=True)
-        self.log("val/auroc", self.auroc.compute(), prog_bar=True)
-        self.log("val/acc", self.acc.compute(), prog_bar=True)
+        """``val/loss``, ``val/auroc``, ``val/acc`` over every validation series of every rank, each once."""
+        series = gather_unique(self._val_series)  # a collective under DDP: every rank runs it
+        self._val_series = []
         self.auroc.reset()
         self.acc.reset()
-        self._val_loss = []
+        if not series or self.trainer.sanity_checking:  # a few sanity series: metrics would mislead
+            return
+        probs = torch.cat([p for p, _ in series]).to(self.device)
+        target = torch.cat([t for _, t in series]).to(self.device)
+        self.log("val/loss", float(self._prob_loss(probs, target)), prog_bar=True)  # mean over series
+        if self.hparams.task == "binary":
+            probs, target = probs[:, 0], target[:, 0].long()
+        elif self.hparams.task == "multiclass":
+            target = target[:, 0].long()
+        else:
+            target = target.long()
+        self.auroc.update(probs, target)
+        self.acc.update(probs, target)
+        self.log("val/auroc", float(self.auroc.compute()), prog_bar=True)
+        self.log("val/acc", float(self.acc.compute()), prog_bar=True)
+        self.auroc.reset()
+        self.acc.reset()
 
     # ------------------------------------------------------------------ optimisation
 
@@ -260,4 +290,5 @@ class ClassificationModule(pl.LightningModule):
             "task": self.hparams.task,
             "classes": list(self.classes),
             "level": self.hparams.level,
+            "inputs": inputs_record(self.trainer.datamodule),
         }

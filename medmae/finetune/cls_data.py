@@ -1,19 +1,16 @@
 """Labelled series -> plane (slice-level) or series (series-level) batches for classification.
 
-The input is a CSV with one row per series::
+The input is the case table of :mod:`medmae.finetune.cases` with a class label per series::
 
-    image,label,patient,split
-    scans/a.nii.gz,1,P001,train
-    dicom/P002_ct/,0,P002,
-    cache:3f9c2a...,1,P003,val
+    image,label,patient,split,modality
+    scans/a.nii.gz,1,P001,train,CT
+    dicom/P002_ct/,0,P002,,
+    cache:3f9c2a...,1,P003,val,
 
-* ``image``: a NIfTI file, a DICOM series folder or ``cache:SERIES_ID`` (with ``data.cache_dir``);
-  relative paths resolve against the CSV's folder.
 * the label: column ``label_column`` (default ``label``) holding one of ``classes`` for ``binary``
-  and ``multiclass``; for ``multilabel`` one 0/1 column per entry of ``classes``.
-* ``patient`` (optional): the split is per patient, so no patient is on both sides.
-* ``split`` (optional, ``train``/``val``): wins over the hashed split of ``val_fraction``.
-* ``modality`` (optional): ``CT`` for NIfTI in HU (DICOM folders and the cache know theirs).
+  and ``multiclass``; for ``multilabel`` one 0/1 column per entry of ``classes``;
+* ``image``, ``patient``, ``split`` and ``modality`` as for segmentation (one reader, one keyed-hash
+  split independent of the fine-tuning seed, a patient on one side only).
 
 Every plane goes through the export card's :class:`~medmae.export.preprocessing.PlanePreprocessor`
 once at setup; nothing else resizes or rescales intensities. Training may add a random flip and a
@@ -22,7 +19,6 @@ random-resized crop on the preprocessed tensors. Errors name the CSV, the row an
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,19 +28,18 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from medmae.data.transforms import random_resized_crop_box
 from medmae.export.preprocessing import PlanePreprocessor
-from medmae.finetune.encoders import parse_init, patient_split, resolve_preprocessing
-from medmae.finetune.volumes import VolumeError, read_image
+from medmae.finetune.cases import Case, LabelParser, check_modality, read_case_csv, split_cases
+from medmae.finetune.encoders import parse_init, resolve_preprocessing
+from medmae.finetune.samples import EpochDataset, PlaneDataset, augment, train_sampler
+from medmae.finetune.volumes import Volume, VolumeError, read_image
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("binary", "multiclass", "multilabel")
 LEVELS = ("slice", "series")
-SPLITS = ("train", "val")
 
 
 def check_target(task: str, classes: Sequence[str | int] | None, where: str = "model") -> list[str]:
@@ -80,16 +75,31 @@ def _same(value: str, name: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class ClsRow:
-    """One labelled series of the CSV: its reference as resolved, target, patient key and split."""
+def target_parser(task: str, classes: Sequence[str], label_column: str = "label") -> tuple[list[str], LabelParser]:
+    """Classification labels: the class index (binary / multiclass) or the 0/1 vector (multilabel)."""
+    columns = list(classes) if task == "multilabel" else [label_column]
 
-    row: int
-    image: str
-    target: tuple[float, ...]
-    patient: str
-    split: str
-    modality: str
+    def parse(row: dict[str, str], where: str, base: Path) -> tuple[float, ...]:
+        if task == "multilabel":
+            target = []
+            for c in columns:
+                v = row.get(c, "")
+                if not (_same(v, "0") or _same(v, "1")):
+                    raise VolumeError(
+                        f"{where}: column {c!r} value {v!r} is not 0 or 1 (multilabel: one 0/1 column per class)"
+                    )
+                target.append(float(float(v)))
+            return tuple(target)
+        v = row.get(label_column, "")
+        hits = [k for k, name in enumerate(classes) if _same(v, name)]
+        if not hits:
+            raise VolumeError(
+                f"{where}: column {label_column!r} value {v!r} is outside the declared classes "
+                f"{list(classes)} (data.classes)"
+            )
+        return (float(hits[0]),)
+
+    return columns, parse
 
 
 def read_label_csv(
@@ -98,84 +108,12 @@ def read_label_csv(
     classes: Sequence[str],
     label_column: str = "label",
     val_fraction: float = 0.2,
-    seed: int = 0,
-    modality: str = "OT",
-) -> list[ClsRow]:
-    """Parse and check a label CSV; every error is one line naming the CSV, row and column.
-
-    Targets: the class index for binary / multiclass (one value), the 0/1 vector for multilabel.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-    except FileNotFoundError:
-        raise VolumeError(f"{path}: label CSV not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise VolumeError(f"{path}: unreadable label CSV ({e.__class__.__name__}: {e})") from None
-    if not rows:
-        raise VolumeError(f"{path}: no rows (the CSV is empty)")
-    rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()} for r in rows]
-    if "image" not in columns:
-        raise VolumeError(f"{path}: missing column 'image' (columns: {columns})")
-    label_columns = list(classes) if task == "multilabel" else [label_column]
-    missing = [c for c in label_columns if c not in columns]
-    if missing:
-        field = "data.classes" if task == "multilabel" else "data.label_column"
-        raise VolumeError(f"{path}: missing label column {missing[0]!r} ({field}; columns: {columns})")
-    base = path.parent
-    out = []
-    for i, r in enumerate(rows, start=2):  # row 1 is the header
-        where = f"{path}: row {i}"
-        image = r.get("image", "")
-        if not image:
-            raise VolumeError(f"{where}: column 'image' is empty")
-        if image.startswith("cache:"):
-            resolved = image
-        else:
-            p = Path(image) if Path(image).is_absolute() else base / image
-            if not p.exists():
-                raise VolumeError(f"{where}: image {image!r} points at nothing")
-            resolved = str(p)
-        if task == "multilabel":
-            target = []
-            for c in label_columns:
-                v = r.get(c, "")
-                if _same(v, "0") or _same(v, "1"):
-                    target.append(float(float(v)))
-                else:
-                    raise VolumeError(
-                        f"{where}: column {c!r} value {v!r} is not 0 or 1 (multilabel: one 0/1 column per class)"
-                    )
-        else:
-            v = r.get(label_column, "")
-            hits = [k for k, name in enumerate(classes) if _same(v, name)]
-            if not hits:
-                raise VolumeError(
-                    f"{where}: column {label_column!r} value {v!r} is outside the declared classes "
-                    f"{list(classes)} (data.classes)"
-                )
-            target = [float(hits[0])]
-        patient = r.get("patient", "") or image
-        split = r.get("split", "").lower() or patient_split(patient, val_fraction, seed)
-        if split not in SPLITS:
-            raise VolumeError(f"{where}: column 'split' must be train or val, got {split!r}")
-        out.append(ClsRow(i, resolved, tuple(target), patient, split, r.get("modality", "") or modality))
-    _check_patients(path, out)
-    return out
-
-
-def _check_patients(path: Path, rows: list[ClsRow]) -> None:
-    seen: dict[str, tuple[str, int]] = {}
-    for r in rows:
-        first = seen.setdefault(r.patient, (r.split, r.row))
-        if first[0] != r.split:
-            raise VolumeError(
-                f"{path}: row {r.row}: patient is in split {r.split!r} but row {first[1]} puts it in {first[0]!r} "
-                "(a patient must be on one side only)"
-            )
+    split_seed: int = 0,
+) -> list[Case]:
+    """Parse and check a classification CSV (the shared case table); ``Case.label`` is the target."""
+    columns, parse = target_parser(task, classes, label_column)
+    hint = "data.classes" if task == "multilabel" else "data.label_column"
+    return read_case_csv(Path(path), columns, parse, val_fraction, split_seed, missing_label_hint=hint)
 
 
 @dataclass
@@ -193,70 +131,35 @@ def plane_indices(n: int, max_planes: int | None) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, max_planes)})
 
 
-def prepare_series(row: ClsRow, pre: PlanePreprocessor, csv_path: Path, cache_dir: str | None,
+def prepare_series(case: Case, pre: PlanePreprocessor, csv_path: Path, modality: str | None, cache_dir: str | None,
                    max_planes: int | None) -> PreparedSeries:
+    """Read one row's series (its ``modality``, else ``modality``, else prep's sidecar rule) onto the encoder grid."""
     try:
-        volume = read_image(row.image, modality=row.modality, cache_dir=cache_dir)
+        volume = read_image(case.image, modality=case.modality or modality, cache_dir=cache_dir)
     except VolumeError as e:
-        raise VolumeError(f"{csv_path}: row {row.row}: {e}") from None
-    n = pre.stack(volume.array).shape[0]
-    images = pre.planes(
-        volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes), spacing=volume.spacing
-    )
-    return PreparedSeries(images.float().contiguous(), torch.tensor(row.target, dtype=torch.float32))
+        raise VolumeError(f"{csv_path}: {case.where}: {e}") from None
+    return PreparedSeries(series_planes(volume, pre, max_planes), torch.tensor(case.label, dtype=torch.float32))
 
 
-def augment(images: torch.Tensor, rng: np.random.Generator, hflip_prob: float,
-            crop_scale: tuple[float, float]) -> torch.Tensor:
-    """Random-resized crop (back to the encoder grid) and left-right flip of ``(..., C, H, W)`` planes."""
-    h, w = images.shape[-2:]
-    if crop_scale[0] < 1.0:
-        box = random_resized_crop_box(rng, (h, w), crop_scale)
-        crop = images[..., box.top : box.top + box.height, box.left : box.left + box.width]
-        flat = crop.reshape(-1, *crop.shape[-3:])
-        images = F.interpolate(flat, size=(h, w), mode="bilinear", align_corners=False).reshape(images.shape)
-    if hflip_prob > 0 and rng.random() < hflip_prob:
-        images = images.flip(-1)
-    return images.contiguous()
+def series_planes(volume: Volume, pre: PlanePreprocessor, max_planes: int | None) -> torch.Tensor:
+    """``(N, C, H, W)`` encoder input of a series: all planes, or ``max_planes`` evenly spaced ones
+    (the same for fine-tuning validation and ``predict-cls``)."""
+    n = pre.stack(volume.array, volume.kind).shape[0]
+    images = pre.planes(volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes),
+                        spacing=volume.spacing, kind=volume.kind)
+    return images.float().contiguous()
 
 
-class _Augmented(Dataset):
-    def __init__(self, series: list[PreparedSeries], hflip_prob: float, crop_scale: tuple[float, float],
-                 seed: int) -> None:
-        self.series = series
-        self.hflip_prob = hflip_prob
-        self.crop_scale = crop_scale
-        self.seed = seed
-        self.epoch = 0  # set by the module at each epoch start: a sample is f(seed, epoch, index)
-
-    def rng(self, i: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, i])
-
-
-class PlaneDataset(_Augmented):
-    """Slice level: every plane is a sample labelled with its series' target."""
-
-    def __init__(self, series: list[PreparedSeries], hflip_prob: float, crop_scale: tuple[float, float],
-                 seed: int) -> None:
-        super().__init__(series, hflip_prob, crop_scale, seed)
-        self.items = [(s, z) for s, item in enumerate(series) for z in range(item.images.shape[0])]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s, z = self.items[i]
-        image = augment(self.series[s].images[z], self.rng(i), self.hflip_prob, self.crop_scale)
-        return {"image": image, "target": self.series[s].target}
-
-
-class SeriesDataset(_Augmented):
+class SeriesDataset(EpochDataset):
     """Series level: ``planes`` random planes of a series (all when it has fewer), one augmentation for all."""
 
     def __init__(self, series: list[PreparedSeries], planes: int | None, hflip_prob: float = 0.0,
                  crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0) -> None:
-        super().__init__(series, hflip_prob, crop_scale, seed)
+        super().__init__(seed)
+        self.series = series
         self.planes = planes
+        self.hflip_prob = hflip_prob
+        self.crop_scale = crop_scale
 
     def __len__(self) -> int:
         return len(self.series)
@@ -266,7 +169,8 @@ class SeriesDataset(_Augmented):
         images = item.images
         if self.planes is not None and images.shape[0] > self.planes:
             images = images[np.sort(rng.choice(images.shape[0], self.planes, replace=False))]
-        return {"images": augment(images, rng, self.hflip_prob, self.crop_scale), "target": item.target}
+        images, _ = augment(images, rng, self.hflip_prob, self.crop_scale)
+        return {"images": images, "target": item.target}
 
 
 def collate_series(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -292,7 +196,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         level: ``slice`` (each plane is a sample) or ``series`` (planes pooled per series).
         card: export folder giving the preprocessing when ``init`` is plain ``random``.
         label_column: the label column for binary / multiclass.
-        modality: modality of NIfTI images without a ``modality`` column (``CT`` -> HU windows).
+        modality: modality of every NIfTI image without a ``modality`` column, as ``medmae prep
+            --nifti-modality MOD`` (``CT`` -> HU windows); None: each file's JSON sidecar / BIDS name
+            decides, as in prep. Recorded in the checkpoint, so ``predict-cls`` reads inputs the same way.
         cache_dir: the medmae cache holding ``cache:SERIES_ID`` images.
         val_fraction: share of patients in validation when a row has no ``split``.
         max_planes: keep at most this many evenly spaced planes per series (memory bound); None = all.
@@ -302,7 +208,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         samples_per_epoch: training samples per epoch, drawn with replacement; None = each once.
         hflip_prob: left-right flip probability in training (keep 0 for laterality labels).
         crop_scale: random-resized-crop area range in training; ``[1, 1]`` disables it.
-        seed: seed of the hashed split and of augmentation.
+        split_seed: key of the hashed patient split (not the seed: runs that differ only in ``seed``
+            validate on the same patients).
+        seed: seed of augmentation and sampling.
     """
 
     def __init__(
@@ -315,7 +223,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         *,
         card: str | None = None,
         label_column: str = "label",
-        modality: str = "OT",
+        modality: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         max_planes: int | None = None,
@@ -325,6 +233,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         samples_per_epoch: int | None = None,
         hflip_prob: float = 0.0,
         crop_scale: tuple[float, float] = (1.0, 1.0),
+        split_seed: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -345,38 +254,42 @@ class ClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size must be an int >= 1, got {batch_size!r}")
         self.init, self.card, self.csv = init, card, csv
         self.task, self.level = task, level
-        self.label_column, self.modality, self.cache_dir = label_column, modality, cache_dir
+        self.label_column, self.cache_dir = label_column, cache_dir
+        self.modality = check_modality(modality, "data.modality")
         self.val_fraction, self.max_planes, self.planes_per_series = val_fraction, max_planes, planes_per_series
         self.batch_size, self.num_workers, self.samples_per_epoch = batch_size, num_workers, samples_per_epoch
         self.hflip_prob = float(hflip_prob)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.seed = seed
+        self.split_seed, self.seed = split_seed, seed
         self.preprocessing: PlanePreprocessor | None = None
         self.train_series: list[PreparedSeries] = []
         self.val_series: list[PreparedSeries] = []
-        self.train_set: _Augmented | None = None
+        self.train_set: PlaneDataset | SeriesDataset | None = None
 
-    def rows(self) -> list[ClsRow]:
+    def rows(self) -> list[Case]:
         return read_label_csv(Path(self.csv), self.task, self.classes, self.label_column, self.val_fraction,
-                              self.seed, self.modality)
+                              self.split_seed)
+
+    def input_record(self) -> dict[str, Any]:
+        """How inputs were read, for the checkpoint (rules, no per-file value): ``predict-cls`` applies it."""
+        return {"nifti_modality": self.modality, "max_planes": self.max_planes}
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is not None:
             return
         pre = resolve_preprocessing(parse_init(self.init, self.card))
-        rows = self.rows()  # every row is checked before any volume is read
-        train = [r for r in rows if r.split == "train"]
-        val = [r for r in rows if r.split == "val"]
-        if not train:
-            raise VolumeError(f"{self.csv}: no training row: every patient fell into validation (lower val_fraction)")
+        train, val = split_cases(self.rows(), str(self.csv))  # every row is checked before any volume is read
         csv_path = Path(self.csv)
-        self.train_series = [prepare_series(r, pre, csv_path, self.cache_dir, self.max_planes) for r in train]
-        self.val_series = [prepare_series(r, pre, csv_path, self.cache_dir, self.max_planes) for r in val]
+        self.train_series = [self._prepare(r, pre, csv_path) for r in train]
+        self.val_series = [self._prepare(r, pre, csv_path) for r in val]
         self.preprocessing = pre
         self._warn_uncovered("training", self.train_series)
         if self.val_series:
             self._warn_uncovered("validation", self.val_series)
         logger.info("classification data: %s", self.describe())
+
+    def _prepare(self, case: Case, pre: PlanePreprocessor, csv_path: Path) -> PreparedSeries:
+        return prepare_series(case, pre, csv_path, self.modality, self.cache_dir, self.max_planes)
 
     def _warn_uncovered(self, name: str, series: list[PreparedSeries]) -> None:
         """Say when a split lacks a class (AUROC is then undefined for it)."""
@@ -392,14 +305,14 @@ class ClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             if self.level == "slice":
-                self.train_set = PlaneDataset(self.train_series, self.hflip_prob, self.crop_scale, self.seed)
+                self.train_set = PlaneDataset([s.images for s in self.train_series], self.crop_scale, self.hflip_prob,
+                                              self.seed, targets=[s.target for s in self.train_series])
             else:
                 self.train_set = SeriesDataset(self.train_series, self.planes_per_series, self.hflip_prob,
                                                self.crop_scale, self.seed)
         data = self.train_set
         n = self.samples_per_epoch or max(len(data), self.batch_size)
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = torch.utils.data.RandomSampler(data, replacement=n != len(data), num_samples=n, generator=g)
+        sampler = train_sampler(data, n, self.seed, self.trainer)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=n >= self.batch_size, collate_fn=collate_series if self.level == "series" else None)
 

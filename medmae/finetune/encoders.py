@@ -19,7 +19,6 @@ segmentation fine-tuning then builds MONAI ``UNETR(spatial_dims=3)`` (:mod:`medm
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,12 +74,6 @@ def parse_init(init: str, card: str | Path | None = None) -> EncoderInit:
         raise ValueError(f"init {init!r} needs an export folder: write {kind}:DIR, or set card: DIR")
     export_dir = Path(source)
     return EncoderInit(kind, export_dir=export_dir, card=load_card(export_dir))
-
-
-def patient_split(patient: str, val_fraction: float, seed: int) -> str:
-    """``train`` or ``val`` for a patient key: a keyed hash, so a patient never lands on both sides."""
-    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def default_preprocessing(image_size: tuple[int, int], in_chans: int = 1) -> PlanePreprocessor:

@@ -8,6 +8,11 @@ Launch::
         --model.init random:encoder/ --data.csv cases.csv          # the baseline: same model, no weights
     medmae predict-seg runs/seg/version_0/checkpoints/last.ckpt scan1.nii.gz scan2/ --out masks/
 
+``predict-seg`` reads every input as fine-tuning did: the checkpoint keeps the preprocessing and the
+NIfTI modality rule (``data.modality``, else each file's JSON sidecar, as in prep). It never writes
+over an input or an existing mask (``--overwrite`` replaces masks); inputs that share a name get masks
+that mirror their sub-folders (:mod:`medmae.finetune.outputs`).
+
 ``model.init``, ``model.num_classes`` and ``model.card`` are linked to the data module, so both read
 the same card. Configuration and input mistakes stop with one line naming the field or file.
 
@@ -24,16 +29,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from medmae.export.card import CardError
-from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.volume_preprocessing import VolumePreprocessor
+from medmae.finetune.cases import check_modality
 from medmae.finetune.encoders import Preprocessor
+from medmae.finetune.outputs import plan_outputs, write_atomically
 from medmae.finetune.seg_data import SegmentationDataModule
-from medmae.finetune.segment import SegmentationModule, Segmenter, load_segmenter, predict_planes
+from medmae.finetune.seg_data3d import check_volume_kind
+from medmae.finetune.segment import LoadedSegmenter, SegmentationModule, load_segmenter, predict_planes
 from medmae.finetune.segment3d import predict_volume3d
-from medmae.finetune.volumes import Volume, VolumeError, read_image
+from medmae.finetune.volumes import (
+    Volume,
+    VolumeError,
+    add_modality_option,
+    prediction_modality,
+    read_image,
+)
+
+#: the mask written for input NAME(.nii.gz): NAME_seg.nii.gz
+MASK_SUFFIX = "_seg.nii.gz"
 
 
 class SegmentationCLI(LightningCLI):
@@ -80,7 +97,8 @@ def predict_main(argv: Sequence[str]) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoint written by `medmae finetune-seg`")
     parser.add_argument("images", nargs="+", help="NIfTI files or DICOM series folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for the <name>_seg.nii.gz masks")
-    parser.add_argument("--modality", default="OT", help="modality of NIfTI inputs (CT -> HU windows)")
+    add_modality_option(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     parser.add_argument("--batch", type=int, default=16, help="planes (2D) or sliding windows (3D) per forward pass")
     parser.add_argument("--overlap", type=float, default=0.25, help="3D: overlap of neighbouring sliding windows")
     args = parser.parse_args(list(argv))
@@ -91,48 +109,52 @@ def predict_main(argv: Sequence[str]) -> int:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; give a folder")
     try:
-        net, pre, _ = load_segmenter(args.checkpoint)
-    except ValueError as e:
+        requested = check_modality(args.modality, "--modality")
+        plan = plan_outputs(args.images, args.out, MASK_SUFFIX, args.overwrite)
+        model = load_segmenter(args.checkpoint)
+        modalities = {ref: prediction_modality(ref, model.nifti_modality, requested) for ref in args.images}
+    except ValueError as e:  # OutputError, VolumeError, checkpoint errors: one line each
         parser.error(str(e))
-    args.out.mkdir(parents=True, exist_ok=True)
     for ref in args.images:
         try:
-            written = predict_volume(net, pre, ref, args.out, args.modality, args.batch, args.overlap)
+            canonical, volume = predict_volume(model, ref, modalities[ref], args.batch, args.overlap)
+            write_mask(volume, canonical, plan[ref])
         except VolumeError as e:
             parser.error(str(e))
-        print(f"{ref} -> {written}")
+        print(f"{ref} -> {plan[ref]}")
     return 0
 
 
+def encoder_input(pre: Preprocessor, volume: Volume) -> torch.Tensor:
+    """What the encoder sees of a whole volume: its planes ``(N, C, H, W)`` (2D) or the resampled
+    volume ``(C, z, y, x)`` (3D), by the checkpoint's preprocessing (the card's, as in pretraining)."""
+    try:
+        if isinstance(pre, VolumePreprocessor):
+            check_volume_kind(volume)
+            return pre.image(volume.array, volume.intensity, volume.stats, volume.spacing)
+        return pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing, kind=volume.kind)
+    except ValueError as e:
+        raise VolumeError(f"{volume.name}: {e}") from None
+
+
 def predict_volume(
-    net: Segmenter,
-    pre: Preprocessor,
-    reference: str,
-    out_dir: Path,
-    modality: str = "OT",
-    batch: int = 16,
-    overlap: float = 0.25,
-) -> Path:
-    """Segment one volume; the mask keeps the input NIfTI's voxel order and affine (DICOM: canonical, RAS)."""
+    model: LoadedSegmenter, reference: str, modality: str | None = None, batch: int = 16, overlap: float = 0.25
+) -> tuple[np.ndarray, Volume]:
+    """The canonical (Z, Y, X) class map of one input, and the volume it was read as."""
     volume = read_image(reference, modality=modality)
+    pre, image = model.preprocessing, encoder_input(model.preprocessing, volume)
     if isinstance(pre, VolumePreprocessor):
-        try:
-            image = pre.image(volume.array, volume.intensity, volume.stats, volume.spacing)
-        except ValueError as e:
-            raise VolumeError(f"{reference}: {e}") from None
-        canonical = predict_volume3d(net, image, pre, volume.shape, volume.spacing, overlap, batch)
-    else:
-        assert isinstance(pre, PlanePreprocessor)
-        planes = pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing)
-        stack_shape = pre.stack(volume.array).shape
-        pred = predict_planes(net, planes, pre, tuple(stack_shape[1:]), batch)
-        canonical = np.zeros(volume.shape, dtype=np.uint8)
-        pre.stack(canonical)[...] = pred  # the plane view writes through to the (Z, Y, X) array
-    return write_mask(volume, canonical, out_dir)
+        return predict_volume3d(model.net, image, pre, volume.shape, volume.spacing, overlap, batch), volume
+    stack_shape = pre.stack(volume.array, volume.kind).shape
+    pred = predict_planes(model.net, image, pre, tuple(stack_shape[1:]), batch)
+    canonical = np.zeros(volume.shape, dtype=np.uint8)
+    pre.stack(canonical, volume.kind)[...] = pred  # the plane view writes through to the (Z, Y, X) array
+    return canonical, volume
 
 
-def write_mask(volume: Volume, canonical: np.ndarray, out_dir: Path) -> Path:
-    """Write a canonical (Z, Y, X) class map as ``<name>_seg.nii.gz`` in the input's voxel order and affine."""
+def write_mask(volume: Volume, canonical: np.ndarray, path: Path) -> Path:
+    """Write a canonical (Z, Y, X) class map to ``path`` in the input's voxel order and affine
+    (NIfTI inputs: their own; DICOM: canonical, RAS)."""
     import nibabel as nib
 
     from data_prep.build import RAS_TO_LPS
@@ -141,12 +163,7 @@ def write_mask(volume: Volume, canonical: np.ndarray, out_dir: Path) -> Path:
         data, affine = volume.to_source(canonical), volume.source_affine
     else:
         data, affine = canonical.transpose(2, 1, 0), RAS_TO_LPS @ volume.affine
-    name = volume.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    path = out_dir / f"{name}_seg.nii.gz"
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.set_data_dtype(np.uint8)
-    nib.save(img, str(path))
+    write_atomically(path, lambda tmp: nib.save(img, str(tmp)))
     return path

@@ -1,12 +1,11 @@
 """Labelled volumes -> 2D / 2.5D plane batches for segmentation fine-tuning.
 
-Cases come from a CSV (``image,label[,patient][,split]``; relative paths resolve against the CSV's
-folder) or a folder convention (``DIR/images/NAME.nii.gz`` + ``DIR/labels/NAME.nii.gz``). Images may be
-NIfTI files, DICOM series folders or ``cache:SERIES_ID``; labels are NIfTI on the image's grid.
-
-Splits are per patient: an explicit ``split`` column (``train``/``val``) wins; otherwise a keyed hash
-of the ``patient`` column (or of the case, when there is none) puts ``val_fraction`` of patients in
-validation, so no patient is on both sides.
+Cases come from the case table of :mod:`medmae.finetune.cases` (a CSV ``image,label[,patient][,split]
+[,modality]``, or the folder convention ``DIR/images/NAME.nii.gz`` + ``DIR/labels/NAME.nii.gz``), the
+same reader, checks and per-patient keyed-hash split as classification. Images may be NIfTI files,
+DICOM series folders or ``cache:SERIES_ID``; labels are NIfTI on the image's grid. NIfTI modality is
+decided by prep's rule: the row's ``modality``, else ``data.modality``, else the JSON sidecar, else a BIDS
+suffix, else ``OT`` (:func:`medmae.finetune.volumes.read_nifti_image`).
 
 Every plane goes through the export card's :class:`~medmae.export.preprocessing.PlanePreprocessor`
 once at setup (the same code inference uses). Training samples are planes with labelled foreground,
@@ -18,7 +17,6 @@ into the volume. With a 3D export the same module trains on random 3D patches in
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,83 +24,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from medmae.data.transforms import random_resized_crop_box
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.volume_preprocessing import VolumePreprocessor
-from medmae.finetune.encoders import Preprocessor, parse_init, patient_split, resolve_preprocessing
+from medmae.finetune.cases import Case, check_modality, label_map_parser, read_case_csv, read_case_folder, split_cases
+from medmae.finetune.encoders import Preprocessor, parse_init, resolve_preprocessing
+from medmae.finetune.samples import PlaneDataset, train_sampler
 from medmae.finetune.seg_data3d import PatchDataset, PreparedVolume, prepare_volume_case
-from medmae.finetune.volumes import NIFTI_SUFFIXES, VolumeError, read_image, read_label
+from medmae.finetune.volumes import VolumeError, read_image, read_label
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SegCase:
-    """One labelled volume: references as written by the user, its patient key and split."""
-
-    row: int
-    image: str
-    label: str
-    patient: str
-    split: str
-
-
-def read_cases_csv(path: Path, val_fraction: float, seed: int) -> list[SegCase]:
-    """Parse a case CSV; errors name the file, row and column."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise VolumeError(f"{path}: case CSV not found") from None
-    if not rows:
-        raise VolumeError(f"{path}: no cases (an empty CSV)")
-    for column in ("image", "label"):
-        if column not in rows[0]:
-            raise VolumeError(f"{path}: missing column '{column}' (columns: {list(rows[0])})")
-    base = path.parent
-    cases = []
-    for i, r in enumerate(rows, start=2):  # row 1 is the header
-        image, label = (r.get("image") or "").strip(), (r.get("label") or "").strip()
-        if not image or not label:
-            raise VolumeError(f"{path}: row {i}: empty 'image' or 'label'")
-        label_path = Path(label) if Path(label).is_absolute() else base / label
-        if not label_path.is_file():
-            raise VolumeError(f"{path}: row {i}: label {label!r} points at nothing")
-        if not image.startswith("cache:"):
-            image_path = Path(image) if Path(image).is_absolute() else base / image
-            if not image_path.exists():
-                raise VolumeError(f"{path}: row {i}: image {image!r} points at nothing")
-            image = str(image_path)
-        patient = (r.get("patient") or "").strip() or image
-        split = (r.get("split") or "").strip().lower() or patient_split(patient, val_fraction, seed)
-        if split not in ("train", "val"):
-            raise VolumeError(f"{path}: row {i}: split must be train or val, got {split!r}")
-        cases.append(SegCase(i, image, str(label_path), patient, split))
-    return cases
-
-
-def read_cases_folder(folder: Path, val_fraction: float, seed: int) -> list[SegCase]:
-    """``folder/images/NAME.nii[.gz]`` paired with ``folder/labels/NAME.nii[.gz]``."""
-    images, labels = folder / "images", folder / "labels"
-    if not images.is_dir() or not labels.is_dir():
-        raise VolumeError(f"{folder}: expected sub-folders images/ and labels/")
-
-    def stem(p: Path) -> str:
-        return next(p.name[: -len(s)] for s in NIFTI_SUFFIXES if p.name.lower().endswith(s))
-
-    label_of = {stem(p): p for p in labels.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES)}
-    cases = []
-    for i, p in enumerate(sorted(q for q in images.iterdir() if q.name.lower().endswith(NIFTI_SUFFIXES)), start=1):
-        name = stem(p)
-        if name not in label_of:
-            raise VolumeError(f"{folder}: image {p.name} has no label labels/{name}.nii[.gz]")
-        cases.append(SegCase(i, str(p), str(label_of[name]), name, patient_split(name, val_fraction, seed)))
-    if not cases:
-        raise VolumeError(f"{folder}: no NIfTI images in images/")
-    return cases
 
 
 @dataclass
@@ -116,65 +48,17 @@ class PreparedCase:
 
 
 def prepare_case(
-    case: SegCase, pre: PlanePreprocessor, num_classes: int, modality: str, cache_dir: str | None
+    case: Case, pre: PlanePreprocessor, num_classes: int, modality: str | None, cache_dir: str | None
 ) -> PreparedCase:
-    image = read_image(case.image, modality=modality, cache_dir=cache_dir)
-    label = read_label(case.label, image, num_classes)
-    stack = np.ascontiguousarray(pre.stack(label))
+    image = read_image(case.image, modality=case.modality or modality, cache_dir=cache_dir)
+    label = read_label(str(case.label), image, num_classes)
+    stack = np.ascontiguousarray(pre.stack(label, image.kind))
     return PreparedCase(
-        images=pre.planes(image.array, image.intensity, image.stats, spacing=image.spacing),
-        labels=pre.labels(label),
+        images=pre.planes(image.array, image.intensity, image.stats, spacing=image.spacing, kind=image.kind),
+        labels=pre.labels(label, kind=image.kind),
         label_stack=stack,
         plane_shape=tuple(stack.shape[1:]),  # type: ignore[arg-type]
     )
-
-
-class PlaneDataset(Dataset):
-    """Training planes with foreground, augmented jointly (random-resized crop, flip) per (epoch, index).
-
-    ``epoch`` is set by the fine-tuning module at each epoch start, so augmentations differ per epoch
-    and a sample is a pure function of (seed, epoch, index).
-    """
-
-    def __init__(
-        self,
-        cases: list[PreparedCase],
-        crop_scale: tuple[float, float],
-        hflip_prob: float,
-        seed: int,
-        include_empty: bool = False,
-    ) -> None:
-        self.cases = cases
-        self.items = [
-            (c, z)
-            for c, case in enumerate(cases)
-            for z in range(case.labels.shape[0])
-            if include_empty or bool(case.labels[z].any())
-        ]
-        if not self.items:
-            raise VolumeError("no training plane holds a labelled structure (all labels are background)")
-        self.crop_scale = crop_scale
-        self.hflip_prob = hflip_prob
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        c, z = self.items[i]
-        image, label = self.cases[c].images[z], self.cases[c].labels[z]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        h, w = label.shape
-        if self.crop_scale[0] < 1.0:
-            box = random_resized_crop_box(rng, (h, w), self.crop_scale)
-            image = image[:, box.top : box.top + box.height, box.left : box.left + box.width]
-            label = label[box.top : box.top + box.height, box.left : box.left + box.width]
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].long()
-        if rng.random() < self.hflip_prob:
-            image, label = image.flip(-1), label.flip(-1)
-        return {"image": image.contiguous(), "label": label[None].contiguous()}
 
 
 class VolumeDataset(Dataset):
@@ -205,7 +89,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         csv: case CSV (``image,label[,patient][,split]``); or
         folder: ``images/`` + ``labels/`` folder of NIfTI pairs.
         card: export folder giving the preprocessing when ``init`` is plain ``random``.
-        modality: modality of NIfTI images (``CT`` -> HU windows; anything else -> percentiles).
+        modality: modality of every NIfTI image, as ``medmae prep --nifti-modality MOD`` (``CT`` -> HU
+            windows; anything else -> percentiles); None: each file's JSON sidecar / BIDS name decides,
+            as in prep. A CSV ``modality`` column sets it per row. Recorded in the checkpoint, so
+            ``predict-seg`` reads its inputs the same way.
         cache_dir: cache holding ``cache:SERIES_ID`` images.
         val_fraction: share of patients in validation when the CSV has no ``split`` column.
         max_train_cases: use only the first N training cases (few-label experiments); None = all.
@@ -218,7 +105,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         include_empty_planes: also train on planes without any labelled structure (2D).
         foreground_prob: 3D: probability that a training patch holds a labelled voxel (the rest are
             placed uniformly).
-        seed: seed of splits and augmentation.
+        split_seed: key of the hashed patient split (not the seed: runs that differ only in ``seed``
+            validate on the same patients).
+        seed: seed of augmentation and sampling.
     """
 
     def __init__(
@@ -229,7 +118,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         folder: str | None = None,
         *,
         card: str | None = None,
-        modality: str = "OT",
+        modality: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         max_train_cases: int | None = None,
@@ -240,6 +129,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         hflip_prob: float = 0.0,
         include_empty_planes: bool = False,
         foreground_prob: float = 0.5,
+        split_seed: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -259,7 +149,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.card = card
         self.num_classes = num_classes
         self.csv, self.folder = csv, folder
-        self.modality = modality
+        self.modality = check_modality(modality, "data.modality")
         self.cache_dir = cache_dir
         self.val_fraction = val_fraction
         self.max_train_cases = max_train_cases
@@ -270,54 +160,58 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.hflip_prob = float(hflip_prob)
         self.include_empty_planes = include_empty_planes
         self.foreground_prob = float(foreground_prob)
+        self.split_seed = split_seed
         self.seed = seed
         self.preprocessing: Preprocessor | None = None
         self.train_cases: list = []
         self.train_set: PlaneDataset | PatchDataset | None = None
         self.val_cases: list = []
 
-    def cases(self) -> list[SegCase]:
+    def cases(self) -> list[Case]:
         if self.csv is not None:
-            return read_cases_csv(Path(self.csv), self.val_fraction, self.seed)
-        return read_cases_folder(Path(self.folder), self.val_fraction, self.seed)  # type: ignore[arg-type]
+            columns, parse = label_map_parser()
+            return read_case_csv(Path(self.csv), columns, parse, self.val_fraction, self.split_seed)
+        return read_case_folder(Path(self.folder), self.val_fraction, self.split_seed)  # type: ignore[arg-type]
+
+    def input_record(self) -> dict[str, str | None]:
+        """How inputs were read, for the checkpoint (a rule, no per-file value): ``predict-seg`` applies it."""
+        return {"nifti_modality": self.modality}
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is not None:
             return
         self.preprocessing = resolve_preprocessing(parse_init(self.init, self.card))
-        cases = self.cases()
-        train = [c for c in cases if c.split == "train"]
-        val = [c for c in cases if c.split == "val"]
-        if not train:
-            raise VolumeError("no training case: every case fell into validation (lower val_fraction)")
-        if self.max_train_cases is not None:
-            train = train[: self.max_train_cases]
+        train, val = split_cases(self.cases(), str(self.csv or self.folder), self.max_train_cases)
         self.train_cases = [self._prepare(c) for c in train]
         self.val_cases = [self._prepare(c) for c in val]
         logger.info("segmentation data: %d training and %d validation volumes", len(train), len(val))
 
-    def _prepare(self, case: SegCase) -> PreparedCase | PreparedVolume:
+    def _prepare(self, case: Case) -> PreparedCase | PreparedVolume:
         pre = self.preprocessing
-        if isinstance(pre, VolumePreprocessor):
-            return prepare_volume_case(case.image, case.label, pre, self.num_classes, self.modality, self.cache_dir)
-        assert isinstance(pre, PlanePreprocessor)
-        return prepare_case(case, pre, self.num_classes, self.modality, self.cache_dir)
+        try:
+            if isinstance(pre, VolumePreprocessor):
+                modality = case.modality or self.modality
+                return prepare_volume_case(case.image, str(case.label), pre, self.num_classes, modality, self.cache_dir)
+            assert isinstance(pre, PlanePreprocessor)
+            return prepare_case(case, pre, self.num_classes, self.modality, self.cache_dir)
+        except VolumeError as e:
+            source = self.csv if self.csv is not None else self.folder
+            raise VolumeError(f"{source}: {case.where}: {e}") from None
 
     def train_dataloader(self) -> DataLoader:
         if isinstance(self.preprocessing, VolumePreprocessor):
             return self._patch_dataloader(self.preprocessing)
         if self.train_set is None:
             self.train_set = PlaneDataset(
-                self.train_cases, self.crop_scale, self.hflip_prob, self.seed, self.include_empty_planes
-            )
+                [c.images for c in self.train_cases], self.crop_scale, self.hflip_prob, self.seed,
+                labels=[c.labels for c in self.train_cases], only_labelled=not self.include_empty_planes,
+            )  # fmt: skip
         data = self.train_set
         n = self.samples_per_epoch or max(len(data), self.batch_size)
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = torch.utils.data.RandomSampler(data, replacement=n != len(data), num_samples=n, generator=g)
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=train_sampler(data, n, self.seed, self.trainer),
             num_workers=self.num_workers,
             drop_last=n >= self.batch_size,
             persistent_workers=False,
@@ -330,12 +224,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.train_set = PatchDataset(
                 self.train_cases, n, pre.size, self.crop_scale, self.hflip_prob, self.foreground_prob, self.seed
             )
-        g = torch.Generator().manual_seed(self.seed)
         data = self.train_set
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=torch.utils.data.RandomSampler(data, generator=g),
+            sampler=train_sampler(data, len(data), self.seed, self.trainer),
             num_workers=self.num_workers,
             drop_last=len(data) >= self.batch_size,
             persistent_workers=False,

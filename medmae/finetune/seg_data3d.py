@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from medmae.export.volume_preprocessing import VolumePreprocessor
-from medmae.finetune.volumes import VolumeError, read_image, read_label
+from medmae.finetune.samples import EpochDataset
+from medmae.finetune.volumes import Volume, VolumeError, read_image, read_label
 
 #: most labelled voxels kept per case to place foreground patches (a regular subsample)
 MAX_FOREGROUND_POINTS = 200_000
@@ -46,10 +46,23 @@ class PreparedVolume:
     spacing: tuple[float, float, float]
 
 
+def check_volume_kind(image: Volume) -> None:
+    """A 3D encoder needs a volume: a single 2D picture (kind ``image``, e.g. a radiograph) is refused,
+    as 3D pretraining dropped it (reason ``image``)."""
+    if image.kind != "volume":
+        raise VolumeError(f"{image.name}: a single 2D image (kind {image.kind}) cannot feed a 3D encoder")
+
+
 def prepare_volume_case(
-    image_ref: str, label_ref: str, pre: VolumePreprocessor, num_classes: int, modality: str, cache_dir: str | None
+    image_ref: str,
+    label_ref: str,
+    pre: VolumePreprocessor,
+    num_classes: int,
+    modality: str | None,
+    cache_dir: str | None,
 ) -> PreparedVolume:
     image = read_image(image_ref, modality=modality, cache_dir=cache_dir)
+    check_volume_kind(image)
     label = read_label(label_ref, image, num_classes)
     try:
         grid = pre.image(image.array, image.intensity, image.stats, image.spacing)
@@ -73,10 +86,11 @@ def _pad_to(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]), value=0)
 
 
-class PatchDataset(Dataset):
+class PatchDataset(EpochDataset):
     """``length`` random training patches per epoch over the prepared volumes (item ``i``: volume ``i % n``).
 
-    ``epoch`` is set by the fine-tuning module at each epoch start, so patches differ per epoch.
+    ``epoch`` is set by the fine-tuning module at each epoch start (:class:`~medmae.finetune.samples.EpochHook`),
+    so patches differ per epoch.
     """
 
     def __init__(
@@ -89,6 +103,7 @@ class PatchDataset(Dataset):
         foreground_prob: float,
         seed: int,
     ) -> None:
+        super().__init__(seed)
         if not cases:
             raise VolumeError("no training volume")
         if not any(bool(c.grid_labels.any()) for c in cases):
@@ -105,8 +120,6 @@ class PatchDataset(Dataset):
         self.crop_scale = crop_scale
         self.hflip_prob = hflip_prob
         self.foreground_prob = foreground_prob
-        self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
@@ -114,7 +127,7 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         c = i % len(self.images)
         image, label, points = self.images[c], self.labels[c], self.foreground[c]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = self.rng(i)
         f = float(rng.uniform(*self.crop_scale)) ** (1 / 3)
         extent = [max(1, min(n, int(round(s * f)))) for s, n in zip(self.size, label.shape, strict=True)]
         use_fg = rng.random() < self.foreground_prob and len(points) > 0

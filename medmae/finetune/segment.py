@@ -18,25 +18,32 @@ random 3D patches and sliding-window validation over whole volumes (:mod:`medmae
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.losses import DiceCELoss
 from torch import nn
 
 from medmae.export.encoder import timm_from_encoder
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.unetr import unetr_from_encoder
+from medmae.finetune.checkpoints import read_finetune_checkpoint
 from medmae.finetune.encoders import EncoderSource, InputNorm, Preprocessor, parse_init, resolve_encoder
+from medmae.finetune.gather import Key, gather_unique, val_case_key
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.light_decoder import LightSegmenter
+from medmae.finetune.samples import EpochHook
 from medmae.finetune.schedule import adamw_warmup_cosine
 from medmae.finetune.seg_data import PreparedCase
 from medmae.finetune.seg_data3d import PreparedVolume
 from medmae.finetune.segment3d import build_segmenter3d, predict_volume3d
+from medmae.finetune.volumes import inputs_record, recorded_modality
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +108,60 @@ def build_segmenter(
     return Segmenter(net, source.input_norm)
 
 
-def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of classes 1..K-1 on whole volumes; a class absent from both counts as 1."""
+def _class_counts(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list[tuple[int, int, int]]:
+    """Per foreground class: ``(voxels predicted and truly that class, voxels predicted, voxels in the truth)``."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {target.shape}")
     out = []
     for k in range(1, num_classes):
         p, t = pred == k, target == k
-        denom = int(p.sum()) + int(t.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom)
+        out.append((int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))))
     return out
+
+
+def _dice(counts: list[tuple[int, int, int]], ignore_empty: bool) -> list[float]:
+    out = []
+    for both, n_pred, n_truth in counts:
+        if n_truth > 0:
+            out.append(2.0 * both / (n_pred + n_truth))
+        elif ignore_empty:
+            out.append(math.nan)
+        else:
+            out.append(1.0 if n_pred == 0 else 0.0)
+    return out
+
+
+def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_empty: bool = True) -> list[float]:
+    """Dice of classes ``1..K-1`` on one whole volume, with MONAI ``DiceMetric`` semantics.
+
+    ``2 |P & T| / (|P| + |T|)`` per class (``include_background=False``). A class absent from the
+    truth is NaN (``ignore_empty=True``, MONAI's default: left out of every mean) whatever was
+    predicted; a class in the truth but not predicted is 0. ``ignore_empty=False`` is MONAI's other
+    mode: a class absent from the truth scores 1 when also absent from the prediction, else 0.
+    Equal to ``monai.metrics.compute_dice`` on the one-hot volumes (tested), in float64.
+    """
+    return _dice(_class_counts(pred, target, num_classes), ignore_empty)
+
+
+def mean_dice(rows: Sequence[Sequence[float]]) -> tuple[list[float], float]:
+    """``(per-class Dice, mean Dice)`` of per-volume rows from :func:`dice_per_class`.
+
+    A class's Dice is its mean over the volumes whose truth holds it (NaN entries skipped: MONAI
+    ``DiceMetric(reduction="mean_batch")``); a class no volume holds is NaN and left out of the mean
+    over classes. If no volume holds any foreground class the mean is 0.0 (as MONAI's reductions give
+    for all-NaN input), never NaN.
+    """
+    if not rows:
+        return [], 0.0
+    a = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    present = ~np.isnan(a)
+    counts = present.sum(axis=0)
+    sums = np.where(present, a, 0.0).sum(axis=0)
+    per_class = np.full(a.shape[1], np.nan)
+    np.divide(sums, counts, out=per_class, where=counts > 0)
+    defined = per_class[counts > 0]
+    return per_class.tolist(), float(defined.mean()) if defined.size else 0.0
 
 
 @torch.no_grad()
@@ -135,7 +188,7 @@ def predict_case(
     return predict_planes(net, case.images, pre, case.plane_shape, batch), case.label_stack
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(EpochHook):
     """Fine-tune a UNETR from ``init`` (``medmae:DIR`` | ``random:DIR`` | ``timm:NAME``).
 
     Args:
@@ -195,15 +248,10 @@ class SegmentationModule(pl.LightningModule):
         self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
         self.depth = len(self.net.get_submodule(ENCODER_PREFIX[decoder] + "blocks"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
-        self._val_dice: list[list[float]] = []
+        self._val_dice: list[tuple[Key, tuple[list[float], list[float]]]] = []  # (key, (MONAI, empty=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def on_train_epoch_start(self) -> None:
-        data = getattr(self.trainer.datamodule, "train_set", None)
-        if data is not None:
-            data.epoch = int(self.current_epoch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.net(batch["image"]), batch["label"])
@@ -213,16 +261,33 @@ class SegmentationModule(pl.LightningModule):
     def validation_step(self, case: PreparedCase | PreparedVolume, batch_idx: int) -> None:
         hp = self.hparams
         pred, truth = predict_case(self.net, case, self.preprocessing, hp.infer_batch, hp.sw_overlap)
-        self._val_dice.append(dice_per_class(pred, truth, hp.num_classes))
+        counts = _class_counts(pred, truth, hp.num_classes)
+        # (case key, MONAI Dice, empty-inclusive Dice): the key lets the epoch end drop DDP repeats
+        self._val_dice.append((val_case_key(self.trainer, batch_idx), (_dice(counts, True), _dice(counts, False))))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_dice:
-            return
-        per_class = np.mean(np.asarray(self._val_dice), axis=0)
-        for k, d in enumerate(per_class, start=1):
-            self.log(f"val/dice_class{k}", float(d))
-        self.log("val/dice", float(per_class.mean()), prog_bar=True)
+        """``val/dice`` (MONAI semantics, see :func:`mean_dice`) over every rank's cases, each once.
+
+        Also ``val/dice_class{k}`` (classes some volume holds) and ``val/dice_empty1``, the mean with a
+        class absent from truth and prediction counted 1 (what ``val/dice`` was before MONAI semantics).
+        """
+        rows = gather_unique(self._val_dice)  # a collective under DDP: every rank runs it
         self._val_dice = []
+        if not rows:
+            return
+        per_class, mean = mean_dice([r for r, _ in rows])
+        for k, d in enumerate(per_class, start=1):
+            if not math.isnan(d):
+                self.log(f"val/dice_class{k}", d)
+        missing = [k for k, d in enumerate(per_class, start=1) if math.isnan(d)]
+        if missing:
+            none_left = "; val/dice is 0: no class to score" if len(missing) == len(per_class) else ""
+            rank_zero_warn(
+                f"validation: class(es) {missing} have no voxel in any of the {len(rows)} validation volumes; "
+                f"they are left out of val/dice{none_left}"
+            )
+        self.log("val/dice", mean, prog_bar=True)
+        self.log("val/dice_empty1", mean_dice([e for _, e in rows])[1])
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -238,21 +303,24 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything inference needs without the export folder: encoder spec, preprocessing, norm."""
-        checkpoint[CKPT_KEY] = self.source_record
+        checkpoint[CKPT_KEY] = {**self.source_record, "inputs": inputs_record(self.trainer.datamodule)}
 
 
-def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, Preprocessor, int]:
+@dataclass(frozen=True)
+class LoadedSegmenter:
+    """A fine-tuned segmenter ready for prediction, with the input rule its fine-tuning used."""
+
+    net: Segmenter
+    preprocessing: Preprocessor
+    num_classes: int
+    nifti_modality: str | None
+
+
+def load_segmenter(ckpt_path: str | Path) -> LoadedSegmenter:
     """A fine-tuned segmenter for inference from its checkpoint alone (read safely, ``weights_only``)."""
-    ckpt_path = Path(ckpt_path)
-    try:
-        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling / zip / truncation errors differ by torch version
-        raise ValueError(f"{ckpt_path}: not a loadable checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a medmae segmentation checkpoint (written by `medmae finetune-seg`)")
-    meta, hp = ckpt[CKPT_KEY], ckpt["hyper_parameters"]
-    source = EncoderSource.from_record(meta)
-    pre = source.preprocessing
+    ckpt = read_finetune_checkpoint(ckpt_path, CKPT_KEY, "finetune-seg")
+    hp = ckpt.hparams
+    source = EncoderSource.from_record(ckpt.record)
     net = build_segmenter(
         source,
         int(hp["num_classes"]),
@@ -261,6 +329,6 @@ def load_segmenter(ckpt_path: str | Path) -> tuple[Segmenter, Preprocessor, int]
         decoder=str(hp.get("decoder", "unetr")),
         tap_norm=bool(hp.get("tap_norm", True)),
     )
-    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state, strict=True)
-    return net.eval(), pre, int(hp["num_classes"])
+    net.load_state_dict(ckpt.net_state, strict=True)
+    modality = recorded_modality(ckpt.inputs, str(ckpt.path))
+    return LoadedSegmenter(net.eval(), source.preprocessing, int(hp["num_classes"]), modality)

@@ -3,26 +3,33 @@
 An image reference is one of
 
 * a NIfTI file (``.nii`` / ``.nii.gz``): read with data_prep's ``read_nifti`` (scl_slope applied, 4D ->
-  first volume), stored in data_prep's dtype policy and reoriented with its ``to_canonical``;
+  first volume), its modality decided by prep's own rule (:func:`data_prep.nifti_meta.nifti_modality`:
+  the ``modality`` option > the JSON sidecar's ``Modality`` > a BIDS MR suffix > ``OT``), stored in
+  data_prep's dtype policy (HU exactly when prep would store HU) and reoriented with its ``to_canonical``;
 * a DICOM series folder: run through ``data_prep.prep_archive`` into a private temporary cache, so
   series assembly, HU rescale, MONOCHROME1 and every rejection rule are exactly prep's; the folder
   must hold exactly one usable series;
 * ``cache:SERIES_ID``: a series of an existing medmae cache (``cache_dir`` given separately).
 
 Every volume ends as a canonical (Z, Y, X) array (the cache's orientation) with its LPS affine, its
-intensity unit (``HU`` for CT, else ``raw``) and the cache's statistics, which is what
-:class:`~medmae.export.preprocessing.PlanePreprocessor` consumes. Errors name the file and the field.
+intensity unit (``HU`` for CT, else ``raw``), its ``kind`` (``image``: one 2D picture such as a CR/DX/MG
+radiograph, one plane under every slicing axis, as in pretraining) and the cache's statistics, which is
+what :class:`~medmae.export.preprocessing.PlanePreprocessor` consumes. Errors name the file and the field.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medmae.data.cache import compute_stats, load_manifest, open_series_array
+from medmae.data.cache import ManifestRow, compute_stats, load_manifest, open_series_array
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: largest difference between image and label affines (mm) still taken as the same grid
@@ -45,6 +52,9 @@ class Volume:
     source_affine: np.ndarray | None = None
     source_ornt: np.ndarray | None = None
     source_shape: tuple[int, ...] | None = None
+    kind: str = "volume"
+    modality: str = "OT"
+    modality_source: str = "default"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -94,18 +104,48 @@ def _read_nifti_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.ascontiguousarray(array), affine, affine_ras, io_orientation(RAS_TO_LPS @ affine_ras), data.shape
 
 
-def read_nifti_image(path: str | Path, modality: str = "OT") -> Volume:
-    """A NIfTI image in the cache's orientation, dtype policy and statistics (``modality`` CT -> HU)."""
+def nifti_modality_of(path: str | Path, modality: str | None = None) -> tuple[str, str, str | None]:
+    """``(modality, source, sidecar's modality)`` of a NIfTI file, decided as ``medmae prep`` decides it.
+
+    ``modality`` plays prep's ``--nifti-modality MOD`` (it wins over the sidecar); ``source`` is one of
+    ``medmae.data.cache.MODALITY_SOURCES``. The sidecar is read with prep's reader (only Modality,
+    ImageType and BurnedInAnnotation, in memory).
+    """
+    from data_prep.nifti_meta import ModalityRule, nifti_modality, read_sidecar, sidecar_of_nifti
+
+    path = str(path)
+    sidecar_path = sidecar_of_nifti(path)
+    sidecar = read_sidecar(sidecar_path) if sidecar_path is not None else None
+    rules = (ModalityRule(None, modality.strip().upper()),) if modality else ()
+    decision = nifti_modality(Path(path).name, path, sidecar, rules)
+    said = sidecar.modality if sidecar is not None else None
+    return decision.modality, decision.source, said
+
+
+def read_nifti_image(path: str | Path, modality: str | None = None) -> Volume:
+    """A NIfTI image in the cache's orientation, dtype policy and statistics.
+
+    Its modality is prep's decision (:func:`nifti_modality_of`): ``modality`` (an option, like prep's
+    ``--nifti-modality``), else the JSON sidecar, else a BIDS MR suffix, else ``OT``. CT is stored and
+    windowed in HU, everything else percentile-scaled, exactly as in the pretraining cache.
+    """
     from data_prep.decode import NonFiniteValues, store_values
+    from data_prep.series import stores_hu
 
     path = Path(path)
+    decided, source, said = nifti_modality_of(path, modality)
+    if source == "option" and said not in (None, decided):
+        logger.warning("%s: modality %s is used; its JSON sidecar says %s", path.name, decided, said)
     array, affine, affine_ras, ornt, shape = _read_nifti_canonical(path)
+    hu = stores_hu(decided, secondary_capture=False)
     try:
-        stored = store_values(array, modality.upper())
+        stored = store_values(array, hu=hu)
     except NonFiniteValues:
         raise VolumeError(f"{path}: holds NaN or Inf voxels") from None
-    intensity = "HU" if modality.upper() == "CT" else "raw"
-    return Volume(path.name, stored, affine, intensity, compute_stats(stored), affine_ras, ornt, shape)
+    return Volume(
+        path.name, stored, affine, "HU" if hu else "raw", compute_stats(stored), affine_ras, ornt, shape,
+        modality=decided, modality_source=source,
+    )  # fmt: skip
 
 
 def read_dicom_series(folder: str | Path) -> Volume:
@@ -130,7 +170,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
             )
         row = volumes[0]
         array = np.array(open_series_array(cache, row, mmap=False))
-    return Volume(folder.name, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats))
+    return _from_row(folder.name, array, row)
 
 
 def read_cache_series(cache_dir: str | Path, series_id: str) -> Volume:
@@ -140,13 +180,25 @@ def read_cache_series(cache_dir: str | Path, series_id: str) -> Volume:
         raise VolumeError(f"cache:{series_id}: no such series in the cache {cache_dir}")
     row = rows[series_id]
     array = np.asarray(open_series_array(Path(cache_dir), row, mmap=True))
-    return Volume(series_id, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats))
+    return _from_row(series_id, array, row)
+
+
+def _from_row(name: str, array: np.ndarray, row: ManifestRow) -> Volume:
+    """A volume with the geometry, intensity, kind and modality prep recorded for it."""
+    return Volume(
+        name, array, np.asarray(row.affine, dtype=float), row.intensity, dict(row.stats),
+        kind=row.kind, modality=row.modality, modality_source=row.modality_source,
+    )  # fmt: skip
 
 
 def read_image(
-    reference: str, *, base: Path | None = None, modality: str = "OT", cache_dir: str | None = None
+    reference: str, *, base: Path | None = None, modality: str | None = None, cache_dir: str | None = None
 ) -> Volume:
-    """Resolve an image reference (NIfTI file, DICOM folder, ``cache:SERIES_ID``) to a :class:`Volume`."""
+    """Resolve an image reference (NIfTI file, DICOM folder, ``cache:SERIES_ID``) to a :class:`Volume`.
+
+    ``modality`` applies to NIfTI files only (as prep's ``--nifti-modality``): DICOM series and cache
+    entries carry their own.
+    """
     if reference.startswith("cache:"):
         if not cache_dir:
             raise VolumeError(f"{reference}: a cache reference needs cache_dir to be set")
@@ -187,3 +239,59 @@ def read_label(path: str | Path, image: Volume, num_classes: int) -> np.ndarray:
         )
     return array.astype(np.uint8)
 
+
+
+# ----------------------------------------------------------------------------- the rule, carried to prediction
+
+
+def inputs_record(datamodule: object) -> dict[str, object]:
+    """What a fine-tuning checkpoint keeps of how inputs were read (rules, never per-file values):
+    the datamodule's ``input_record()``, or prep's own defaults when there is none."""
+    record = getattr(datamodule, "input_record", None)
+    return dict(record()) if callable(record) else {"nifti_modality": None}
+
+
+def recorded_modality(inputs: object, where: str) -> str | None:
+    """The ``nifti_modality`` rule of a checkpoint's ``inputs`` record (absent in older checkpoints: None)."""
+    from data_prep.nifti_meta import is_modality_code
+
+    if inputs is None:
+        return None
+    if not isinstance(inputs, dict):
+        raise ValueError(f"{where}: field 'inputs' must be a mapping, got {type(inputs).__name__}")
+    value = inputs.get("nifti_modality")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_modality_code(value):
+        raise ValueError(f"{where}: field 'inputs.nifti_modality' must be a modality code or null, got {value!r}")
+    return value
+
+
+def add_modality_option(parser: argparse.ArgumentParser) -> None:
+    """``--modality`` of the prediction commands (checked by :func:`prediction_modality`)."""
+    parser.add_argument(
+        "--modality",
+        default=None,
+        help="modality of NIfTI inputs (CT -> HU windows); default: the rule fine-tuning used (recorded in "
+        "the checkpoint), else each file's JSON sidecar, as in prep. One that contradicts either stops.",
+    )
+
+
+def prediction_modality(reference: str, recorded: str | None, requested: str | None) -> str | None:
+    """The NIfTI modality option for predicting ``reference``: the checkpoint's rule by default.
+
+    A ``--modality`` that contradicts the checkpoint's rule, or the file's own JSON sidecar, is a
+    :class:`VolumeError`: the model would see other intensities than it was fine-tuned on.
+    """
+    if requested is None:
+        return recorded
+    if recorded is not None and requested != recorded:
+        raise VolumeError(
+            f"--modality {requested} contradicts the checkpoint: fine-tuning read every NIfTI as {recorded} "
+            f"(leave --modality out to use it)"
+        )
+    if is_nifti(reference):
+        said = nifti_modality_of(reference)[2]
+        if said is not None and said != requested:
+            raise VolumeError(f"{reference}: --modality {requested} contradicts its JSON sidecar (Modality {said})")
+    return requested

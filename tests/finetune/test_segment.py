@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medmae.data import CacheDataModule
-from medmae.export import export_encoder, load_card, preprocessing_from_card
+from medmae.export import export_encoder, preprocessing_from_card
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.seg_cli import finetune_main, predict_main
 from medmae.finetune.segment import SegmentationModule, dice_per_class
@@ -178,23 +178,31 @@ def test_random_init_is_the_same_model_without_the_weights(seg_encoder: Path) ->
     assert not torch.equal(pre.net.model.vit.blocks[3].attn.qkv.weight, rnd.net.model.vit.blocks[3].attn.qkv.weight)
 
 
-def test_card_preprocessing_matches_pretraining_on_square_planes(seg_encoder: Path, tmp_path: Path) -> None:
-    pre = preprocessing_from_card(load_card(seg_encoder))
-    vol = read_nifti_image(NIB_DATA / "anatomical.nii")
-    x = pre.planes(vol.array, vol.intensity, vol.stats, indices=[10])
-    assert x.shape == (1, 1, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
-    # the same numbers as the pretraining transform's resize + percentile scaling of that plane
-    from medmae.data.transforms import resize, scale_intensity
+@pytest.mark.parametrize(("crop", "size"), [((32, 32), (16, 16)), ((30, 40), (20, 15)), ((30, 40), (40, 30))])
+def test_card_preprocessing_matches_pretraining(tmp_path: Path, crop: tuple[int, int], size: tuple[int, int]) -> None:
+    """The card-rebuilt input equals pretraining's validation view (``CacheSliceDataset``) plane by plane, on real
+    square and non-square planes whose aspect the output keeps (there pretraining's centre crop and fine-tuning's
+    pad are both the identity; for other aspects they differ by design, see medmae.export.preprocessing)."""
+    from data_prep import prep_archive
+    from medmae.data.dataset import CacheSliceDataset
 
-    plane = torch.from_numpy(vol.array[10].astype(np.float32))[None]
-    box = pre.pad_box(plane.shape[-2:])
-    padded = torch.nn.functional.pad(
-        plane,
-        (box.left, box.padded[1] - box.width - box.left, box.top, box.padded[0] - box.height - box.top),
-        value=vol.stats["min"],
-    )
-    ref = scale_intensity(resize(padded, (32, 32)), vol.stats["p0.5"], vol.stats["p99.5"])
-    torch.testing.assert_close(x[0], ref)
+    src = nib.load(str(NIB_DATA / "anatomical.nii"))
+    data = np.asarray(src.dataobj, dtype=np.float32)[: crop[0], : crop[1], :]
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    nib.save(nib.Nifti1Image(data, src.affine), str(archive / "anat.nii.gz"))
+    cache = tmp_path / "cache"
+    prep_archive([archive], cache, workers=1, val_fraction=0.0, progress=False)
+    dm = CacheDataModule(str(cache), img_size=size, slices=3, min_size=8, num_workers=0, max_anisotropy=10.0)
+    dm.setup("fit")
+    pretraining = CacheSliceDataset(cache, dm.train_dataset.index, dm.transform, random_crop=False)
+    pre = preprocessing_from_card({"preprocessing": dm.preprocessing()})
+    vol = read_nifti_image(archive / "anat.nii.gz")
+    x = pre.planes(vol.array, vol.intensity, vol.stats, spacing=vol.spacing)
+    assert x.shape == (vol.shape[0], 3, *size) and len(pretraining) == vol.shape[0]
+    for k in range(len(pretraining)):
+        item = pretraining[k]
+        torch.testing.assert_close(x[item["slice"]], item["image"], atol=1e-6, rtol=0)
 
 
 def test_bad_inputs_name_the_file(tmp_path: Path, seg_encoder: Path, cases_csv: Path, capsys) -> None:

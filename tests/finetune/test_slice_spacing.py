@@ -13,9 +13,10 @@ import torch
 
 from medmae.data import CacheDataModule
 from medmae.export import preprocessing_from_card
-from medmae.finetune.cls_data import ClsRow, prepare_series
+from medmae.finetune.cases import Case
+from medmae.finetune.cls_data import prepare_series
 from medmae.finetune.encoders import EncoderSource
-from medmae.finetune.seg_data import SegCase, prepare_case
+from medmae.finetune.seg_data import prepare_case
 from medmae.finetune.volumes import read_nifti_image
 
 HU_PER_MM = 8.0
@@ -42,12 +43,12 @@ def test_classification_and_segmentation_planes_sit_at_the_cards_millimetres(tmp
     assert read_nifti_image(image, "CT").spacing == pytest.approx((slice_mm, 0.7, 0.7))
     centre = int(round(20 / slice_mm))
 
-    series = prepare_series(ClsRow(2, str(image), (1.0,), "p", "train", "CT"), pre, tmp_path / "x.csv", None, None)
+    series = prepare_series(Case(2, str(image), (1.0,), "p", "train", "CT"), pre, tmp_path / "x.csv", None, None, None)
     np.testing.assert_allclose(offsets_mm(series.images[centre]), [-2.5, 0.0, 2.5], atol=1e-3)
 
     label = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16, centre * 2 + 1), np.uint8), nib.load(str(image)).affine), str(label))
-    case = prepare_case(SegCase(2, str(image), str(label), "p", "train"), pre, 2, "CT", None)
+    case = prepare_case(Case(2, str(image), str(label), "p", "train"), pre, 2, "CT", None)
     np.testing.assert_allclose(offsets_mm(case.images[centre]), [-2.5, 0.0, 2.5], atol=1e-3)
 
 
