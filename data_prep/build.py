@@ -22,7 +22,10 @@ import numpy as np
 from data_prep.decode import (
     DeclaredSizeError,
     NonFiniteValues,
+    SizeMismatch,
     StackAssembler,
+    StreamTooLarge,
+    compact,
     modality_values,
     read_dicom_frames,
     read_nifti,
@@ -78,9 +81,20 @@ _NOT_A_FILE_PROBLEM = (KeyboardInterrupt, SystemExit)
 def cause_of(e: BaseException) -> str:
     """A loggable cause: our size checks say what they found; anything else only its class name
     (library messages may quote header values or paths)."""
-    if isinstance(e, DeclaredSizeError):
+    if isinstance(e, DeclaredSizeError):  # StreamTooLarge and SizeMismatch too: sizes only
         return str(e)
     return e.__class__.__name__
+
+
+def reason_of(e: BaseException) -> Reason:
+    """The reason a file whose pixels could not be read is counted under: ``too_large`` (a deflated
+    dataset inflating past its budget), ``size_mismatch`` (a codestream declaring another size),
+    else ``pixel_decode_failed``."""
+    if isinstance(e, StreamTooLarge):
+        return Reason.TOO_LARGE
+    if isinstance(e, SizeMismatch):
+        return Reason.SIZE_MISMATCH
+    return Reason.PIXEL_DECODE_FAILED
 
 
 class _Rejected(Exception):
@@ -151,6 +165,9 @@ def build_series(
             array, affine, spacing, dropped = _decode(task.plan, dict(excluded or {}), on_file, causes)
         array = np.ascontiguousarray(array)
         record = _record(task, array, affine, spacing)
+        if not _finite_json(record.to_json()):  # guard: the strict writers would refuse it and stop the run
+            raise _Rejected({rel: Reason.NON_FINITE_VALUES for rel in task.plan.rels if rel not in dropped}
+                            | dropped)
     except _Rejected as r:
         return BuildResult(
             task.series_id,
@@ -176,6 +193,15 @@ def build_series(
         state.unlink(missing_ok=True)
     write_series(Path(task.cache_dir), record, array)
     return BuildResult(task.series_id, record, rejects, causes={fid[rel]: c for rel, c in causes.items()})
+
+
+def _finite_json(doc: object) -> bool:
+    """Whether ``doc`` is strict JSON (no NaN/Infinity): what the cache's writers require."""
+    try:
+        json.dumps(doc, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _record(task: BuildTask, array: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...]) -> SeriesRecord:
@@ -237,7 +263,7 @@ def _decode_nifti(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
         raise
     except BaseException as e:
         causes[rel] = cause_of(e)
-        raise rejected(Reason.PIXEL_DECODE_FAILED) from e
+        raise rejected(reason_of(e)) from e
     if on_file is not None:
         on_file(None)
     if data.dtype.kind not in "iuf" or data.dtype.names is not None:
@@ -261,7 +287,7 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
         path_of[s.rel] = s.path
 
     dropped: dict[str, Reason] = {}
-    values: dict[tuple[str, int], np.ndarray] = {}
+    values: dict[tuple[str, int], tuple[np.ndarray, bool, float, float]] = {}  # compacted slices
     monochrome1 = plan.photometric == "MONOCHROME1"
     slices_of = defaultdict(list)
     for s in plan.slices:
@@ -278,7 +304,7 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
         except _NOT_A_FILE_PROBLEM:
             raise
         except BaseException as e:  # pyo3 PanicException is a BaseException
-            dropped[rel] = Reason.PIXEL_DECODE_FAILED
+            dropped[rel] = reason_of(e)
             causes[rel] = cause_of(e)
             continue
         lut = ds if plan.has_modality_lut else None
@@ -292,10 +318,14 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
                 bits_stored=plan.bits_stored,
                 pixel_representation=plan.pixel_representation,
             )
-            if v.dtype.kind == "f" and not np.isfinite(v).all():
+            try:  # finite as stored: after the rescale (NaN/Inf slope or intercept) and the float32 cast
+                values[(rel, s.frame)] = compact(v)
+            except NonFiniteValues:
                 dropped[rel] = Reason.NON_FINITE_VALUES
                 break
-            values[(rel, s.frame)] = v
+        if dropped.get(rel) is Reason.NON_FINITE_VALUES:
+            for s in slices_of[rel]:
+                values.pop((rel, s.frame), None)
     if on_file is not None:
         on_file(None)
 
@@ -313,7 +343,7 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
 
     assembler = StackAssembler()
     for s in keep:
-        assembler.add(values.pop((s.rel, s.frame)))
+        assembler.add_compact(values.pop((s.rel, s.frame)))
     native = assembler.finish(plan.hu)  # (k, row j, column i)
 
     if plan.kind == "image":

@@ -10,7 +10,12 @@ Policy (docs/data_prep.md, "Intensities and dtypes"):
 * HU is stored as ``int16`` when every value is an integer in int16 range, else ``float32``;
 * everything else uses the smallest of ``uint8``, ``int16``, ``uint16`` holding every value exactly
   (that order), else ``float32``;
-* NaN/Inf anywhere rejects the file (``non_finite_values``); nothing is silently cleaned.
+* NaN/Inf anywhere rejects the file (``non_finite_values``); nothing is silently cleaned. Values are
+  checked as stored: after the rescale and after the cast to ``float32`` (1e39 is finite in float64,
+  ``inf`` in float32).
+
+Sizes come from the stream that is decoded (:mod:`data_prep.streams`): deflated files are inflated
+under a budget, JPEG / JPEG-LS / JPEG 2000 frames are checked against the header before decoding.
 
 Each file is decoded exactly once: a multi-frame file hands out all the frames a plan needs.
 """
@@ -24,19 +29,21 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.streams import (  # noqa: F401 (DeclaredSizeError, StreamTooLarge, SizeMismatch: re-exported)
+    DeclaredSizeError,
+    SizeMismatch,
+    StreamTooLarge,
+    check_codestreams,
+    read_dicom,
+    read_nifti_header,
+)
+
 _INT_CANDIDATES_CT = (np.int16,)
 _INT_CANDIDATES = (np.uint8, np.int16, np.uint16)
 
 
 class NonFiniteValues(ValueError):
-    """The decoded values contain NaN or +/-Inf."""
-
-
-class DeclaredSizeError(ValueError):
-    """The header declares more pixel data than the file holds: refused before anything is allocated.
-
-    The message carries byte counts only (no header values, no paths), so it may be logged.
-    """
+    """The decoded values contain NaN or +/-Inf (or would, once stored as float32)."""
 
 
 #: PackBits (RLE Lossless) turns at most 128 output bytes out of 2 input bytes.
@@ -45,12 +52,13 @@ _RLE_MAX_EXPANSION = 64
 _DEFLATE_MAX_EXPANSION = 1032
 
 
-def check_dicom_pixel_bytes(ds: Any, path: str, rows: int, columns: int, n_frames: int) -> None:
+def check_dicom_pixel_bytes(ds: Any, size: int, rows: int, columns: int, n_frames: int) -> None:
     """Compare the size the header declares with the pixel bytes present, before any decoding.
 
-    Native (uncompressed) data must hold Rows x Columns x frames x bytes per sample; RLE data cannot
-    expand more than 64-fold. Other compressions have no such bound: the scan's ``--max-voxels``
-    check bounds what their decoders allocate.
+    ``size`` is the length of the stream the dataset was read from (the file; the inflated dataset
+    of a deflated file). Native (uncompressed or deflated) data must hold Rows x Columns x frames x
+    bytes per sample; RLE data cannot expand more than 64-fold. JPEG, JPEG-LS and JPEG 2000 frames
+    are checked against their codestream headers (:func:`data_prep.streams.check_codestreams`).
 
     Raises:
         DeclaredSizeError: the file cannot hold what the header declares.
@@ -59,15 +67,13 @@ def check_dicom_pixel_bytes(ds: Any, path: str, rows: int, columns: int, n_frame
     if elem is None:
         return  # float pixel data or none at all: pydicom says what is wrong
     syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_deflated:
-        return  # offsets refer to the inflated stream
     bits = int(ds.get("BitsAllocated") or 16)
     declared = rows * columns * n_frames * max(1, (bits + 7) // 8)
     value = getattr(elem, "value", None)
     if value is not None:
         present = len(value)
     else:
-        present = max(0, os.path.getsize(path) - int(elem.value_tell))
+        present = max(0, size - int(elem.value_tell))
         if elem.length != 0xFFFFFFFF:
             present = min(present, int(elem.length))
     if not syntax.is_compressed:
@@ -85,14 +91,18 @@ def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int)
     """Decode the requested frames of one DICOM file (pydicom + pylibjpeg decoders).
 
     Returns ``({frame: stored values}, dataset)``; the dataset is kept for a Modality LUT Sequence.
-    Raises on truncated/corrupt pixel data or a matrix that disagrees with the header
-    (:class:`DeclaredSizeError` before decoding when the file is too short for the header).
+    Raises on truncated/corrupt pixel data or a matrix that disagrees with the header; before
+    decoding: :class:`DeclaredSizeError` when the file is too short for the header or a frame has
+    no readable codestream header, :class:`SizeMismatch` when a codestream declares another size,
+    :class:`StreamTooLarge` when a deflated dataset inflates past its budget.
     """
     import pydicom
 
     # force: scan already recognised it (bare datasets too); defer: vendor blobs are never read,
-    # the pixel data is read once, straight into the decoder
-    ds = pydicom.dcmread(path, force=True, defer_size="4 KB")
+    # the pixel data is read once, straight into the decoder. Deflated data is inflated under a budget.
+    with open(path, "rb") as f:
+        read = read_dicom(f, force=True, header_only=False, defer_size="4 KB")
+    ds = read.ds
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare dataset: its encoding is the syntax
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (
@@ -101,7 +111,8 @@ def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int)
             else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
         )
     n_frames = int(ds.get("NumberOfFrames") or 1)
-    check_dicom_pixel_bytes(ds, path, rows, columns, n_frames)
+    check_dicom_pixel_bytes(ds, read.size, rows, columns, n_frames)
+    check_codestreams(ds, rows, columns, n_frames)
     arr = ds.pixel_array
     if n_frames == 1 and arr.ndim == 2:
         arr = arr[None]
@@ -146,7 +157,10 @@ def modality_values(
         smin, smax = stored_range(bits_stored, pixel_representation)
         ends = (smin * slope + intercept, smax * slope + intercept)
         lo, hi = min(ends), max(ends)
-        if float(slope).is_integer() and float(intercept).is_integer():
+        info = np.iinfo(raw.dtype)
+        reach = max(-int(info.min), int(info.max)) * abs(float(slope)) + abs(float(intercept))
+        # integer arithmetic only where no stored value can overflow int64 (a slope of 1e38 is "integral")
+        if float(slope).is_integer() and float(intercept).is_integer() and reach < 2**62:
             wide = np.int32 if raw.itemsize <= 2 and abs(slope) < 2**14 and abs(intercept) < 2**30 else np.int64
             values = raw.astype(wide, copy=raw.dtype != wide)
             if slope != 1:
@@ -181,7 +195,9 @@ def compact(values: np.ndarray) -> tuple[np.ndarray, bool, float, float]:
     """One slice/volume's values in a compact exact form: ``(array, integral, min, max)``.
 
     Integer-valued floats become integers; non-integral floats become float32 (the final dtype
-    then has to be float32 anyway). Raises :class:`NonFiniteValues` on NaN/Inf.
+    then has to be float32 anyway). Raises :class:`NonFiniteValues` on NaN/Inf, and on values
+    beyond float32's range (finite in float64, infinite once stored): finiteness is checked on the
+    values as they will be stored.
     """
     if values.size == 0:
         raise ValueError("empty pixel array")
@@ -192,7 +208,10 @@ def compact(values: np.ndarray) -> tuple[np.ndarray, bool, float, float]:
         if np.array_equal(values, np.round(values)) and -(2**62) < lo and hi < 2**62:
             values = values.astype(np.int64)
         else:
-            return values.astype(np.float32, copy=values.dtype != np.float32), False, lo, hi
+            stored = values.astype(np.float32, copy=values.dtype != np.float32)
+            if not np.isfinite(stored).all():
+                raise NonFiniteValues("values beyond the float32 range")
+            return stored, False, float(stored.min()), float(stored.max())
     lo, hi = int(values.min()), int(values.max())
     for cand in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64):
         info = np.iinfo(cand)
@@ -214,7 +233,11 @@ class StackAssembler:
         self._hi = float("-inf")
 
     def add(self, values: np.ndarray) -> None:
-        arr, integral, lo, hi = compact(values)
+        self.add_compact(compact(values))
+
+    def add_compact(self, compacted: tuple[np.ndarray, bool, float, float]) -> None:
+        """Add a slice already :func:`compact`-ed (so a caller can refuse a non-finite one first)."""
+        arr, integral, lo, hi = compacted
         self._slices.append(arr)
         self._integral &= integral
         self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
@@ -245,15 +268,15 @@ def store_values(values: np.ndarray, modality: str = "OT", *, hu: bool | None = 
 # ----------------------------------------------------------------------------- NIfTI
 
 
-def check_nifti_bytes(img: Any, path: str) -> None:
+def check_nifti_bytes(header: Any, path: str) -> None:
     """The first volume's bytes must fit in the file (``.nii``) or in what its gzip data can inflate to.
 
     Raises:
         DeclaredSizeError: the file cannot hold what the header declares.
     """
-    shape = img.shape
-    first = math.prod(int(n) for n in shape[:3]) * img.get_data_dtype().itemsize
-    needed = int(img.header.get_data_offset()) + first
+    shape = header.get_data_shape()
+    first = math.prod(int(n) for n in shape[:3]) * header.get_data_dtype().itemsize
+    needed = int(header.get_data_offset()) + first
     size = os.path.getsize(path)
     if path.lower().endswith(".gz"):
         if needed > _DEFLATE_MAX_EXPANSION * size:
@@ -265,19 +288,23 @@ def check_nifti_bytes(img: Any, path: str) -> None:
 def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Voxel values (x, y, z) with scl_slope/inter applied, and the RAS+ affine; 4D -> first volume.
 
-    Truncated ``.nii.gz`` files load lazily and raise (EOFError, zlib.error, ...) only here.
+    Only the fixed-size header is read (:func:`data_prep.streams.read_nifti_header`), then the data
+    from ``vox_offset``: header extensions are never read (``nib.load`` would read them whole).
+    Values are those of ``nib.load(path).dataobj`` (nibabel's ArrayProxy, same scaling). Truncated
+    ``.nii.gz`` files raise (EOFError, zlib.error, ...) only here.
     """
-    import nibabel as nib
+    from nibabel.arrayproxy import ArrayProxy
 
-    img = nib.load(path)
-    shape = img.shape
-    check_nifti_bytes(img, path)
+    header = read_nifti_header(path)
+    shape = header.get_data_shape()
+    check_nifti_bytes(header, path)
+    proxy = ArrayProxy(path, header)
     if len(shape) > 3:
-        data = np.asarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
+        data = np.asarray(proxy[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
     else:
-        data = np.asarray(img.dataobj)
+        data = np.asarray(proxy)
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != 3:
         raise ValueError(f"unsupported NIfTI shape {shape}")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, np.asarray(header.get_best_affine(), dtype=np.float64)

@@ -559,7 +559,7 @@ def _write_path_map(
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:  # strict: never an invalid UTF-8 byte
-            json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False)
+            json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

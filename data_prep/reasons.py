@@ -76,9 +76,12 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.MULTIFRAME_WITHOUT_GEOMETRY: "a multi-frame file without per-frame geometry (cine loops, NM frames)",
     Reason.MOSAIC: "a Siemens MOSAIC image (ImageType MOSAIC: many slices tiled in one picture); not demosaiced",
     Reason.TOO_LARGE: "declares more voxels than `--max-voxels` allows (Rows x Columns x frames of a file, the "
-    "first volume of a NIfTI, or a whole series); rejected before anything is decoded",
-    Reason.SIZE_MISMATCH: "the header contradicts itself about the image size (NumberOfFrames larger than its "
-    "per-frame entries); rejected before anything is decoded",
+    "first volume of a NIfTI, or a whole series), or holds more than its image needs: a deflated DICOM whose "
+    "data inflates past its declared pixel bytes + 64 MiB, a NIfTI whose voxels start more than 64 MiB in; "
+    "rejected before anything is decoded",
+    Reason.SIZE_MISMATCH: "the file contradicts itself about the image size (NumberOfFrames larger than its "
+    "per-frame entries; a JPEG, JPEG-LS or JPEG 2000 codestream whose width, height or components differ from "
+    "Columns, Rows, SamplesPerPixel); rejected before anything is decoded",
     Reason.NIFTI_UNREADABLE: "a `.nii`/`.nii.gz` whose header nibabel cannot read",
     Reason.UNSUPPORTED_NIFTI: "a NIfTI that is not a 2D/3D/4D scalar image (CIFTI matrices, > 4 non-trivial "
     "dims, complex values, singular affine)",
@@ -92,7 +95,9 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.GANTRY_TILT: "slice positions drift in-plane by more than half a pixel (tilted or sheared stack)",
     Reason.PIXEL_DECODE_FAILED: "header reads but the pixel data does not decode (truncated or shorter than "
     "declared, corrupt, no decoder, the decoder raised, crashed or ran past `--decode-timeout`)",
-    Reason.NON_FINITE_VALUES: "NaN or +/-Inf voxels after decoding (rejected, never silently cleaned)",
+    Reason.NON_FINITE_VALUES: "NaN or +/-Inf values as stored: after the rescale (a NaN or infinite "
+    "RescaleSlope/RescaleIntercept included) and the cast to float32 (1e39 is infinite there); rejected, never "
+    "silently cleaned",
     Reason.BUILD_FAILED: "an unexpected error while building the series (bug guard; nothing crashes)",
     Reason.SERIES_TIMEOUT: "building the series cost more than `--series-timeout` seconds of worker time over all "
     "its attempts (slow files, or one hanging file after another); its files not already `pixel_decode_failed`",

@@ -3,7 +3,10 @@
 DICOM is recognised by content (preamble ``DICM`` or a plausible first data element), not by
 extension; NIfTI by ``.nii`` / ``.nii.gz``, and ``<stem>.json`` beside one as its sidecar (read with
 the NIfTI, :mod:`data_prep.nifti_meta`). Headers are read with ``stop_before_pixels`` in a process
-pool, in chunks, and every failure becomes a reject record with a reason code. Records keep raw
+pool, in chunks, and every failure becomes a reject record with a reason code. What the decoded
+stream itself says about the size is read too (:mod:`data_prep.streams`): a deflated file is
+inflated under a budget, the first JPEG / JPEG-LS / JPEG 2000 codestream header is compared with
+Rows x Columns, and of a NIfTI only the fixed header is read (never its extensions). Records keep raw
 identifiers (UIDs, PatientID) in memory only, for grouping and for keyed pseudonyms; nothing here
 is ever written out.
 """
@@ -22,6 +25,18 @@ from typing import Any
 from data_prep.deid import quiet_libraries
 from data_prep.nifti_meta import NiftiSidecar, nifti_of_sidecar, read_sidecar, sidecar_of_nifti
 from data_prep.reasons import Reason
+from data_prep.streams import (
+    NON_PIXEL_ALLOWANCE,
+    DicomRead,
+    SizeMismatch,
+    StreamTooLarge,
+    check_codestream,
+    codestream_kind,
+    first_codestream_size,
+    is_cifti,
+    read_dicom,
+    read_nifti_header,
+)
 from data_prep.workers import worker_pool
 
 #: Files per task sent to a scan worker: large enough to amortise pickling, small enough to balance.
@@ -205,29 +220,42 @@ def scan_file(
         return ScanRecord(rel, path, "reject", Reason.EMPTY_FILE)
     try:  # O_NONBLOCK + fstat: a file swapped for a FIFO after the stat still cannot block us
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
+        f = os.fdopen(fd, "rb")
+    except OSError:
+        return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+    with f:  # the DICOM header is read from this very file object
+        try:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return ScanRecord(rel, path, "reject", Reason.NOT_A_REGULAR_FILE)
             head = f.read(132)
-    except OSError:
-        return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
-    lower = os.path.basename(path).lower()
-    if lower.endswith((".nii", ".nii.gz")):
-        return _scan_nifti(path, rel, max_voxels, allow_secondary)
-    if lower == "dicomdir":
-        return ScanRecord(rel, path, "reject", Reason.DICOMDIR)
-    nifti = nifti_of_sidecar(path)
-    if nifti is not None:
-        name = os.path.basename(path)
-        return ScanRecord(rel, path, "sidecar", nifti_rel=rel[: len(rel) - len(name)] + os.path.basename(nifti))
-    kind = sniff_dicom(head)
-    if kind is None:
-        return ScanRecord(rel, path, "reject", Reason.NOT_RECOGNISED)
-    try:
-        import pydicom
+        except OSError:
+            return ScanRecord(rel, path, "reject", Reason.UNREADABLE_FILE)
+        lower = os.path.basename(path).lower()
+        if lower.endswith((".nii", ".nii.gz")):
+            return _scan_nifti(path, rel, max_voxels, allow_secondary)
+        if lower == "dicomdir":
+            return ScanRecord(rel, path, "reject", Reason.DICOMDIR)
+        nifti = nifti_of_sidecar(path)
+        if nifti is not None:
+            name = os.path.basename(path)
+            return ScanRecord(rel, path, "sidecar", nifti_rel=rel[: len(rel) - len(name)] + os.path.basename(nifti))
+        kind = sniff_dicom(head)
+        if kind is None:
+            return ScanRecord(rel, path, "reject", Reason.NOT_RECOGNISED)
+        return _scan_dicom(f, rel, path, kind, max_voxels, allow_secondary)
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=kind == "raw")
-        header_or_reason = dicom_header(ds, max_voxels, allow_secondary=allow_secondary)
+
+def _scan_dicom(f: Any, rel: str, path: str, kind: str, max_voxels: int, allow_secondary: bool) -> ScanRecord:
+    """Header (and, for deflated files, inflated size; for JPEG/JPEG-LS/JPEG 2000, the first frame's
+    codestream size) of a file recognised as DICOM, or why it is rejected."""
+    try:
+        f.seek(0)
+        read = read_dicom(f, force=kind == "raw", header_only=True, max_voxels=max_voxels)
+        header_or_reason = dicom_header(read.ds, max_voxels, allow_secondary=allow_secondary)
+        if isinstance(header_or_reason, DicomHeader):
+            header_or_reason = _codestream_reason(read, header_or_reason) or header_or_reason
+    except StreamTooLarge:  # a deflated dataset inflating past its budget: nothing more was inflated
+        return ScanRecord(rel, path, "reject", Reason.TOO_LARGE)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # a broken header must not stop the scan (BaseException: pyo3 panics too)
@@ -237,6 +265,27 @@ def scan_file(
             header_or_reason = Reason.NOT_RECOGNISED  # a lucky first tag, not DICOM after all
         return ScanRecord(rel, path, "reject", header_or_reason)
     return ScanRecord(rel, path, "dicom", dicom=header_or_reason)
+
+
+def _codestream_reason(read: DicomRead, header: DicomHeader) -> Reason | None:
+    """``size_mismatch`` when the first frame's JPEG / JPEG-LS / JPEG 2000 codestream declares another
+    width, height or number of components than the header (a 3.5 KB file can claim 60000 x 60000
+    there). A layout the scan cannot follow is left to the build, which checks every frame before
+    decoding and never decodes a frame without a readable codestream header."""
+    kind = codestream_kind(read.ds.file_meta.get("TransferSyntaxUID", ""))
+    if kind is None or read.pixel_tell is None:
+        return None
+    try:
+        size = first_codestream_size(read.stream, read.pixel_tell)
+    except OSError:
+        return None
+    if size is None:
+        return None
+    try:
+        check_codestream(kind, size, header.rows, header.columns, 1)  # colour is refused before
+    except SizeMismatch:
+        return Reason.SIZE_MISMATCH
+    return None
 
 
 def sniff_dicom(head: bytes) -> str | None:
@@ -261,27 +310,32 @@ def sniff_dicom(head: bytes) -> str | None:
 
 
 def _scan_nifti(path: str, rel: str, max_voxels: int, allow_secondary: bool) -> ScanRecord:
-    import nibabel as nib
+    """Only the fixed-size header is read (never ``nib.load``, which reads every header extension:
+    a ``.nii.gz`` can claim gigabytes of them)."""
     import numpy as np
 
     try:
         with quiet_libraries():
-            img = nib.load(path)
+            header = read_nifti_header(path)
+            dtype = header.get_data_dtype()
+            shape = header.get_data_shape()
+            affine = header.get_best_affine()
+            offset = int(header.get_data_offset())
     except Exception:
         return ScanRecord(rel, path, "reject", Reason.NIFTI_UNREADABLE)
-    if type(img) not in (nib.Nifti1Image, nib.Nifti2Image):  # CIFTI-2 and friends are matrices
+    if is_cifti(header):  # CIFTI-2 and friends are matrices
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
-    dtype = img.get_data_dtype()
     if dtype.names is not None or dtype.kind == "V":
         return ScanRecord(rel, path, "reject", Reason.COLOR_IMAGE)  # RGB24 / RGBA32
     if dtype.kind == "c":
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
-    shape = img.shape
     if len(shape) < 2 or any(s < 1 for s in shape) or any(s != 1 for s in shape[4:]):
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
-    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         return ScanRecord(rel, path, "reject", Reason.UNSUPPORTED_NIFTI)
     if math.prod(int(s) for s in shape[:3]) > max_voxels:  # only the first volume is ever read
+        return ScanRecord(rel, path, "reject", Reason.TOO_LARGE)
+    if offset > NON_PIXEL_ALLOWANCE:  # header extensions larger than any image's: never inflated
         return ScanRecord(rel, path, "reject", Reason.TOO_LARGE)
     sidecar_path = sidecar_of_nifti(path)
     sidecar = read_sidecar(sidecar_path) if sidecar_path is not None else None
@@ -403,8 +457,8 @@ def _classic_frame(ds: Any) -> FrameInfo:
         pixel_spacing=spacing,
         slice_thickness=_float(ds.get("SliceThickness")),
         spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
-        slope=_float(ds.get("RescaleSlope"), 1.0),
-        intercept=_float(ds.get("RescaleIntercept"), 0.0),
+        slope=_rescale(ds.get("RescaleSlope"), 1.0),
+        intercept=_rescale(ds.get("RescaleIntercept"), 0.0),
         split=(
             _num_key(ds.get("EchoNumbers")),
             _num_key(ds.get("EchoTime")),
@@ -421,7 +475,7 @@ def _enhanced_frames(ds: Any, n_frames: int) -> tuple[FrameInfo, ...]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     per = ds.PerFrameFunctionalGroupsSequence
-    top_slope, top_intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+    top_slope, top_intercept = _rescale(ds.get("RescaleSlope"), 1.0), _rescale(ds.get("RescaleIntercept"), 0.0)
 
     def get(item: Any, seq: str, attr: str) -> Any:
         for group in (item, shared):
@@ -444,8 +498,8 @@ def _enhanced_frames(ds: Any, n_frames: int) -> tuple[FrameInfo, ...]:
                 pixel_spacing=_floats(get(item, "PixelMeasuresSequence", "PixelSpacing"), 2),
                 slice_thickness=_float(get(item, "PixelMeasuresSequence", "SliceThickness")),
                 spacing_between_slices=_float(get(item, "PixelMeasuresSequence", "SpacingBetweenSlices")),
-                slope=_float(get(item, "PixelValueTransformationSequence", "RescaleSlope"), top_slope),
-                intercept=_float(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), top_intercept),
+                slope=_rescale(get(item, "PixelValueTransformationSequence", "RescaleSlope"), top_slope),
+                intercept=_rescale(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), top_intercept),
                 split=(
                     "",
                     _num_key(get(item, "MREchoSequence", "EffectiveEchoTime")),
@@ -522,6 +576,27 @@ def _float(v: Any, default: float | None = None) -> Any:
     except (TypeError, ValueError, IndexError):
         return default
     return x if x == x and abs(x) != float("inf") else default
+
+
+def _rescale(v: Any, default: float) -> float:
+    """RescaleSlope / RescaleIntercept: ``default`` when absent or empty, else its (first) value as a
+    float, NaN and +/-Inf included; a value that is not a number is NaN. Decoding then refuses the
+    file (``non_finite_values``) instead of silently storing raw values under a slope of 1 and an
+    intercept of 0 (a CT whose intercept is -1024 would come out 1024 HU too bright)."""
+    if v is None:
+        return default
+    if hasattr(v, "value") and not isinstance(v, str | bytes):  # a DataElement
+        v = v.value
+    if v is None or (isinstance(v, str | bytes) and not v.strip()):
+        return default
+    try:
+        if not isinstance(v, str | bytes | int | float):
+            if not len(v):
+                return default
+            v = v[0]  # a multi-valued DS: take the first
+        return float(v)
+    except (TypeError, ValueError, IndexError):
+        return float("nan")
 
 
 def _int(v: Any) -> int | None:

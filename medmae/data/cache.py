@@ -233,8 +233,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented UTF-8 JSON (sorted keys, so reruns are byte-identical)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    """Atomically write ``obj`` as indented UTF-8 JSON (sorted keys, so reruns are byte-identical).
+
+    Strict JSON: a NaN or +/-Inf anywhere raises ``ValueError`` before anything is written (Python's
+    ``Infinity``/``NaN`` tokens are not JSON; other readers refuse them).
+    """
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def write_array_atomic(path: Path, array: np.ndarray) -> None:

@@ -18,7 +18,14 @@ import data_prep.build
 from data_prep import Reason, prep_archive
 from tests.data_prep.conftest import PrepRun
 from tests.data_prep.factory import volume_series
-from tests.data_prep.hostile import COMPRESSED_GRAYSCALE, pixel_mutants
+from tests.data_prep.hostile import (
+    COMPRESSED_GRAYSCALE,
+    deflated_mutants,
+    j2k_siz_mutants,
+    nifti_extension_mutants,
+    pixel_mutants,
+)
+from tests.data_prep.limited_prep import prep_limited
 
 
 class FakePanic(BaseException):
@@ -119,9 +126,36 @@ def test_fuzz_200_pixel_mutants_across_compressed_syntaxes(tmp_path: Path, prep,
     assert len(mutants) == 200
     _assert_all_accounted(run, a)
     counts = run.report["counts"]
-    assert set(counts) <= {"pixel_decode_failed", "non_finite_values", "build_failed"}, counts
+    # size_mismatch: a mutated SIZ / SOF marker now disagrees with Rows x Columns (refused before decoding)
+    assert set(counts) <= {"pixel_decode_failed", "non_finite_values", "build_failed", "size_mismatch"}, counts
     assert counts.get("pixel_decode_failed", 0) >= 10 and run.report["series_in_manifest"] >= 10
     print(json.dumps(counts), sum(1 for p in mutants if run.reason(p) is None), "built")
+
+
+@pytest.mark.slow
+def test_fuzz_deflated_j2k_codestream_and_nifti_extension_mutants(tmp_path: Path) -> None:
+    """Issue 18: deflate streams (junk past the budget, corrupt, cut), JPEG 2000 SIZ markers and NIfTI
+    header extensions (claims, vox_offset), mutated at random. Prep runs under an address-space limit:
+    every file is accounted for, nothing is build_failed, and memory stays flat."""
+    a = tmp_path / "archive"
+    source = volume_series(tmp_path / "src", n=1, rows=64, cols=48).paths[0]
+    deflated = deflated_mutants(a / "deflated", source, n=30, seed=18)
+    j2k = j2k_siz_mutants(a / "j2k", n=40, seed=19)
+    nifti = nifti_extension_mutants(a / "nifti", n=40, seed=20)
+    run = prep_limited(a, tmp_path / "cache", "--allow-secondary", "--decode-timeout", "20")
+    assert run.rc == 0
+    r = run.report
+    assert r["files_seen"] == len(deflated) + len(j2k) + len(nifti)
+    assert r["files_in_built_series"] + r["files_rejected"] == r["files_seen"]
+    assert not {"build_failed", "series_timeout"} & set(r["counts"]), r["counts"]
+    reasons = {name: [run.reason(p) for p in paths] for name, paths in
+               (("deflated", deflated), ("j2k", j2k), ("nifti", nifti))}
+    assert Reason.TOO_LARGE in reasons["deflated"] and None in reasons["deflated"], reasons["deflated"]
+    assert Reason.SIZE_MISMATCH in reasons["j2k"] and None in reasons["j2k"], reasons["j2k"]
+    assert None in reasons["nifti"], reasons["nifti"]
+    print(json.dumps(r["counts"]), {k: sum(v is None for v in vs) for k, vs in reasons.items()}, "built",
+          f"peak {run.peak_mib:.0f} MiB")
+    assert run.peak_mib < 600, run.peak_mib
 
 
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
