@@ -18,11 +18,13 @@ never called, each new iteration advances the epoch by one by itself.
 Exact resume: :meth:`EpochWeightedSampler.resume_at` makes the next iteration continue an epoch after
 the draws already trained (``state_dict`` / ``load_state_dict`` carry the same position). The position
 is rank-independent (draws over all ranks), so a run may even resume on another number of devices.
+This machinery lives in :class:`EpochStreamSampler`, which fine-tuning's training stream
+(:class:`medmae.finetune.samples.TrainDraws`) subclasses too: only ``epoch_positions`` differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import NamedTuple
 
 import numpy as np
@@ -43,7 +45,7 @@ class SampleKey(NamedTuple):
 
     epoch: int
     draw: int  # number of the draw within the epoch, over all ranks
-    position: int  # flat position in the SliceIndex
+    position: int  # flat position in the SliceIndex (fine-tuning: the dataset item)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -53,46 +55,26 @@ def distributed_context() -> tuple[int, int]:
     return 1, 0
 
 
-class EpochWeightedSampler(DistributedSampler):
-    """Weighted sampling with replacement, reproducible per ``(seed, epoch)``, sharded by rank.
+class EpochStreamSampler(DistributedSampler):
+    """Base of the resumable training streams: numbered draws per ``(seed, epoch)``, sharded by rank.
 
-    Args:
-        index: the slice index to draw from (its weights define the policy).
-        samples_per_epoch: draws per epoch over all ranks; default ``len(index)``.
-        seed: base seed (>= 0).
-        num_replicas: number of ranks; default from ``torch.distributed`` (1 without a process group).
-        rank: this rank; default from ``torch.distributed`` (0 without a process group).
-
-    Examples::
-
-        sampler = EpochWeightedSampler(dataset.index, seed=0)
-        loader = DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=8)
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            for batch in loader: ...
+    A subclass gives :meth:`epoch_positions` (what draw ``d`` of an epoch takes, a pure function of
+    ``(seed, epoch)``, over all ranks); this class yields :class:`SampleKey` ``(epoch, draw, position)``
+    for this rank's draws ``rank, rank + R, ...`` below ``total_size = num_samples * R`` and holds the
+    resume machinery (:meth:`resume_at`, :meth:`follow`, ``state_dict``) shared by pretraining
+    (:class:`EpochWeightedSampler`) and fine-tuning (:class:`medmae.finetune.samples.TrainDraws`).
     """
 
-    def __init__(
-        self,
-        index: SliceIndex,
-        samples_per_epoch: int | None = None,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ) -> None:
-        if len(index) == 0:
-            raise ValueError("cannot sample from an empty slice index")
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed!r}")
-        world, this_rank = distributed_context()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = this_rank if rank is None else rank
-        super().__init__(index, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.index = index
-        self.samples_per_epoch = int(samples_per_epoch or len(index))
-        self.num_samples = self.samples_per_epoch // self.num_replicas
+    def __init__(self, dataset: Sized, num_samples: int, seed: int, num_replicas: int, rank: int) -> None:
+        super().__init__(
+            dataset,  # type: ignore[arg-type]
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.num_samples = int(num_samples)
         self.total_size = self.num_samples * self.num_replicas
         self._explicit_epoch = False
         self._resume: tuple[int, int] | None = None
@@ -137,11 +119,6 @@ class EpochWeightedSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at(int(state["epoch"]), int(state["draws_done"]))
 
-    def epoch_positions(self, epoch: int) -> np.ndarray:
-        """All ``total_size`` positions drawn in ``epoch`` (every rank's, in draw order)."""
-        rng = np.random.default_rng([self.seed, STREAM_SAMPLER, epoch])
-        return np.asarray(self.index.draw(rng, self.total_size))
-
     def __iter__(self) -> Iterator[SampleKey]:
         start = self.rank
         position = self._position_fn() if self._position_fn is not None else None
@@ -163,3 +140,54 @@ class EpochWeightedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def epoch_positions(self, epoch: int) -> Sequence[int]:
+        """What each draw ``0 .. total_size - 1`` of ``epoch`` takes (every rank's, in draw order)."""
+        raise NotImplementedError
+
+
+class EpochWeightedSampler(EpochStreamSampler):
+    """Weighted sampling with replacement, reproducible per ``(seed, epoch)``, sharded by rank.
+
+    Args:
+        index: the slice index to draw from (its weights define the policy).
+        samples_per_epoch: draws per epoch over all ranks; default ``len(index)``.
+        seed: base seed (>= 0).
+        num_replicas: number of ranks; default from ``torch.distributed`` (1 without a process group).
+        rank: this rank; default from ``torch.distributed`` (0 without a process group).
+
+    Examples::
+
+        sampler = EpochWeightedSampler(dataset.index, seed=0)
+        loader = DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=8)
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader: ...
+    """
+
+    def __init__(
+        self,
+        index: SliceIndex,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if len(index) == 0:
+            raise ValueError("cannot sample from an empty slice index")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        world, this_rank = distributed_context()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+        samples = int(samples_per_epoch or len(index))
+        super().__init__(index, samples // num_replicas, seed, num_replicas, rank)
+        self.index = index
+        self.samples_per_epoch = samples
+
+    def epoch_positions(self, epoch: int) -> np.ndarray:
+        """All ``total_size`` positions drawn in ``epoch`` (every rank's, in draw order)."""
+        rng = np.random.default_rng([self.seed, STREAM_SAMPLER, epoch])
+        return np.asarray(self.index.draw(rng, self.total_size))

@@ -26,7 +26,7 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -40,7 +40,11 @@ from medmae.export.card import (
     CardError,
     EncoderSpec,
     EncoderSpec3D,
+    check_depth,
     check_encoder_2d,
+    check_encoder_section,
+    check_state_shapes,
+    check_weight_shapes,
     load_card,
     refuse_3d,
     weights_path,
@@ -138,25 +142,65 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path) -> Path:
     from medmae.train.module import MAEPretrainModule
 
     ckpt = read_checkpoint(ckpt_path)
+    # LightningCLI adds private entries (e.g. ``_instantiator``) that are not module arguments
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not str(k).startswith("_")}
+    try:  # shapes first, on the meta device: hostile hyper-parameters never allocate the model they describe
+        check_state_shapes(
+            lambda: MAEPretrainModule(**hparams), ckpt["state_dict"], str(ckpt_path), "the checkpoint's MAE"
+        )
+    except CardError as e:
+        raise CheckpointError(str(e)) from None
     try:
-        # LightningCLI adds private entries (e.g. ``_instantiator``) that are not module arguments
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not str(k).startswith("_")}
         module = MAEPretrainModule(**hparams)
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         detail = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
         raise CheckpointError(f"{ckpt_path}: checkpoint does not rebuild its MAE ({detail})") from None
     extra = ckpt.get("medmae", {}) if isinstance(ckpt.get("medmae"), dict) else {}
-    training = {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
-    return export_encoder(module.model, out_dir, extra.get("preprocessing"), training)
+    preprocessing = extra.get("preprocessing")
+    training = {}
+    for key in ("global_step", "epoch"):
+        value = ckpt.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise CheckpointError(f"{ckpt_path}: field '{key}' must be a non-negative int, got {str(value)[:40]!r}")
+        training[key] = value
+    if preprocessing:  # the card must be one every loader accepts: the same checks as reading it back
+        from medmae.export.preprocessing import preprocessing_from_card
+
+        where = f"{ckpt_path}: medmae record"
+        try:
+            check_depth(preprocessing, where, "preprocessing")
+            if not isinstance(preprocessing, dict):
+                raise CardError(f"{where}: field 'preprocessing' must be a mapping")
+            pre = preprocessing_from_card({"preprocessing": preprocessing}, where)
+            want = 3 if isinstance(module.model, MaskedAutoencoder3D) else 2
+            if pre.spatial_dims != want:
+                raise CardError(
+                    f"{where}: field 'preprocessing.spatial_dims' is {pre.spatial_dims}; the MAE is {want}D"
+                )
+        except CardError as e:
+            raise CheckpointError(str(e)) from None
+    return export_encoder(module.model, out_dir, preprocessing, training)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def read_encoder_weights(export_dir: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The exported ``state_dict`` (safetensors: no code runs), checked finite; errors name the file."""
-    path = weights_path(Path(export_dir), card, str(Path(export_dir) / CARD_NAME))
+    """The exported ``state_dict`` (safetensors: no code runs), checked finite; errors name the file.
+
+    The tensor shapes are read from the safetensors header first and compared with the encoder the
+    card describes (:func:`~medmae.export.card.check_weight_shapes`, 2D), before anything is loaded
+    or any model is built."""
+    where = str(Path(export_dir) / CARD_NAME)
+    path = weights_path(Path(export_dir), card, where)
+    spec = check_encoder_section(card.get("encoder"), where)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CardError(f"{path}: unreadable safetensors file ({e})") from None
+    check_weight_shapes(spec, shapes, where)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

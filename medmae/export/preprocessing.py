@@ -41,13 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmae.data.cache import KINDS, PERCENTILES
+from medmae.data.cache import KINDS
 from medmae.data.index import AXES
 from medmae.data.intensity import IntensityRule
-from medmae.data.neighbours import SLICE_INTERPOLATIONS, SliceNeighbours, fits_slice_spacing
+from medmae.data.neighbours import SliceNeighbours, fits_slice_spacing
 from medmae.data.reader import plane_view
-from medmae.data.transforms import INTERPOLATIONS, resize, scale_intensity
-from medmae.export.card import CardError
+from medmae.data.transforms import resize, scale_intensity
+from medmae.export.card import CARD_FIELDS, CardError, check_intensity_values, check_plane_values
 
 if TYPE_CHECKING:
     from medmae.export.volume_preprocessing import VolumePreprocessor
@@ -253,37 +253,16 @@ def _field(d: Mapping[str, Any], path: str, where: str) -> Any:
 
 
 def intensity_from_card(pre: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The checked ``intensity`` section (2D and 3D cards share it): the fields of both preprocessors."""
-    windows = _field(pre, "intensity.ct.windows_level_width", where)
-    try:
-        ct_windows = tuple((float(lv), float(wd)) for lv, wd in windows)
-    except (TypeError, ValueError):
-        raise CardError(
-            f"{where}: field 'preprocessing.intensity.ct.windows_level_width' is malformed: {windows!r}"
-        ) from None
-    if not ct_windows or any(not (math.isfinite(lv) and math.isfinite(wd) and wd > 0) for lv, wd in ct_windows):
-        raise CardError(f"{where}: field 'preprocessing.intensity.ct.windows_level_width' needs windows of width > 0")
-    mode = _field(pre, "intensity.ct.mode", where)
-    if mode not in ("random", "channels"):
-        raise CardError(f"{where}: field 'preprocessing.intensity.ct.mode' must be random or channels, got {mode!r}")
-    inference_window = pre["intensity"]["ct"].get("inference_window", 0)
-    if (
-        isinstance(inference_window, bool)
-        or not isinstance(inference_window, int)
-        or not 0 <= inference_window < len(ct_windows)
-    ):
-        raise CardError(
-            f"{where}: field 'preprocessing.intensity.ct.inference_window' is out of range: {inference_window!r}"
-        )
-    pcts = _field(pre, "intensity.other.percentiles", where)
-    if not isinstance(pcts, list) or len(pcts) != 2 or any(p not in PERCENTILES for p in pcts) or not pcts[0] < pcts[1]:
-        raise CardError(f"{where}: field 'preprocessing.intensity.other.percentiles' must be two of {PERCENTILES}")
-    return {
-        "ct_windows": ct_windows,
-        "ct_window_mode": mode,
-        "inference_window": inference_window,
-        "percentiles": (float(pcts[0]), float(pcts[1])),
+    """The checked ``intensity`` section (2D and 3D cards share it): the fields of both preprocessors
+    (checked and bounded by :func:`medmae.export.card.check_intensity_values`, the checks fine-tuning
+    checkpoint records get too)."""
+    values = {
+        "ct_windows": _field(pre, "intensity.ct.windows_level_width", where),
+        "ct_window_mode": _field(pre, "intensity.ct.mode", where),
+        "inference_window": pre["intensity"]["ct"].get("inference_window", 0),
+        "percentiles": _field(pre, "intensity.other.percentiles", where),
     }
+    return check_intensity_values(values, where, CARD_FIELDS)
 
 
 def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> PlanePreprocessor | VolumePreprocessor:
@@ -308,45 +287,18 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
 
 
 def plane_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") -> PlanePreprocessor:
-    """The 2D / 2.5D half of :func:`preprocessing_from_card` (``pre``: the card's ``preprocessing``)."""
-    axis = _field(pre, "axis", where)
-    if axis not in AXES:
-        raise CardError(f"{where}: field 'preprocessing.axis' must be one of {tuple(AXES)}, got {axis!r}")
-    size = _field(pre, "image_size", where)
-    if not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise CardError(f"{where}: field 'preprocessing.image_size' must be [height, width], got {size!r}")
-    offsets = _field(pre, "slice_offsets", where)
-    if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets):
-        raise CardError(f"{where}: field 'preprocessing.slice_offsets' must be a list of ints, got {offsets!r}")
-    interp = _field(pre, "resize.interpolation", where)
-    if interp not in INTERPOLATIONS:
-        raise CardError(f"{where}: field 'preprocessing.resize.interpolation' must be one of {INTERPOLATIONS}")
-    intensity = intensity_from_card(pre, where)
-    antialias = bool(pre["resize"].get("antialias", True))
-    spacing_mm = pre.get("slice_spacing_mm")  # absent (older cards) or null: index adjacency
-    if spacing_mm is not None and (
-        isinstance(spacing_mm, bool)
-        or not isinstance(spacing_mm, int | float)
-        or not math.isfinite(spacing_mm)
-        or not spacing_mm > 0
-    ):
-        raise CardError(
-            f"{where}: field 'preprocessing.slice_spacing_mm' must be null or a positive number of mm, "
-            f"got {spacing_mm!r}"
-        )
-    slice_interp = pre.get("slice_interpolation", "nearest")
-    if slice_interp not in SLICE_INTERPOLATIONS:
-        raise CardError(
-            f"{where}: field 'preprocessing.slice_interpolation' must be one of {SLICE_INTERPOLATIONS}, "
-            f"got {slice_interp!r}"
-        )
-    return PlanePreprocessor(
-        axis=axis,
-        image_size=(size[0], size[1]),
-        slice_offsets=tuple(offsets),
-        interpolation=interp,
-        antialias=antialias,
-        **intensity,
-        slice_spacing_mm=None if spacing_mm is None else float(spacing_mm),
-        slice_interpolation=slice_interp,
-    )
+    """The 2D / 2.5D half of :func:`preprocessing_from_card` (``pre``: the card's ``preprocessing``).
+
+    Every value is checked and bounded by :func:`medmae.export.card.check_plane_values` (the one
+    validator; fine-tuning checkpoint records go through it too)."""
+    values = {
+        "axis": _field(pre, "axis", where),
+        "image_size": _field(pre, "image_size", where),
+        "slice_offsets": _field(pre, "slice_offsets", where),
+        "interpolation": _field(pre, "resize.interpolation", where),
+        "antialias": pre["resize"].get("antialias", True),
+        "slice_spacing_mm": pre.get("slice_spacing_mm"),  # absent (older cards) or null: index adjacency
+        "slice_interpolation": pre.get("slice_interpolation", "nearest"),
+    }
+    values.update(intensity_from_card(pre, where))
+    return PlanePreprocessor(**check_plane_values(values, where, CARD_FIELDS))

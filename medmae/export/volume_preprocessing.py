@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from medmae.data.volume import resample_labels, resample_volume, restore_volume
-from medmae.export.card import LIMITS, CardError
+from medmae.export.card import CARD_FIELDS, CardError, check_volume_values
 from medmae.export.preprocessing import _field, inference_ranges, intensity_from_card
 
 Triple = tuple[float, float, float]
@@ -124,30 +124,13 @@ class VolumePreprocessor:
         return labels
 
 
-def _size(value: Any, where: str) -> tuple[int, int, int]:
-    if (
-        not isinstance(value, list)
-        or len(value) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= LIMITS["img_size"] for s in value)
-    ):
-        raise CardError(f"{where}: field 'preprocessing.volume.size' must be three ints [Z, Y, X], got {value!r}")
-    return value[0], value[1], value[2]
-
-
 def volume_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") -> VolumePreprocessor:
     """The 3D half of :func:`~medmae.export.preprocessing.preprocessing_from_card` (``pre``: the card's
-    ``preprocessing`` section, ``spatial_dims: 3``); :class:`CardError` names the field."""
-    size = _size(_field(pre, "volume.size", where), where)
-    spacing = _field(pre, "volume.spacing_mm", where)
-    if isinstance(spacing, bool) or not isinstance(spacing, list) or any(isinstance(s, bool) for s in spacing):
-        raise CardError(f"{where}: field 'preprocessing.volume.spacing_mm' must be three numbers, got {spacing!r}")
-    try:
-        spacing_mm = check_spacing(spacing)
-    except ValueError:
-        raise CardError(
-            f"{where}: field 'preprocessing.volume.spacing_mm' must be three finite numbers > 0 (mm), got {spacing!r}"
-        ) from None
-    out = VolumePreprocessor(size=size, spacing_mm=spacing_mm, **intensity_from_card(pre, where))
+    ``preprocessing`` section, ``spatial_dims: 3``); :class:`CardError` names the field. Values are
+    checked and bounded by :func:`medmae.export.card.check_volume_values` (the one validator)."""
+    values = {"size": _field(pre, "volume.size", where), "spacing_mm": _field(pre, "volume.spacing_mm", where)}
+    values.update(intensity_from_card(pre, where))
+    out = VolumePreprocessor(**check_volume_values(values, where, CARD_FIELDS))
     channels = pre.get("channels", out.channels)
     if channels != out.channels or isinstance(channels, bool):
         raise CardError(

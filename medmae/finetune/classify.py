@@ -28,7 +28,7 @@ from torch import nn
 from medmae.export.card import refuse_3d
 from medmae.export.encoder import timm_from_encoder
 from medmae.finetune.cls_data import LEVELS, check_target, num_outputs
-from medmae.finetune.encoders import EncoderSource, InputNorm, parse_init, resolve_encoder
+from medmae.finetune.encoders import EncoderSource, InputNorm, build_network, parse_init, resolve_encoder
 from medmae.finetune.gather import Key, gather_unique, val_case_key
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.samples import EpochHook
@@ -85,11 +85,14 @@ def build_classifier(
 ) -> Classifier:
     """The classifier of an encoder source (weights loaded when it has them): fine-tuning and ``predict-cls``."""
     pre = source.preprocessing
-    vit = timm_from_encoder(
-        source.spec, source.state, source.init.card, global_pool=global_pool, num_classes=outputs,
-        drop_path_rate=0.0 if linear_probe else drop_path_rate, img_size=pre.image_size, in_chans=pre.channels,
-    )
-    return Classifier(vit, source.input_norm, linear_probe)
+
+    def build(s: EncoderSource) -> nn.Module:
+        return timm_from_encoder(
+            s.spec, s.state, s.init.card, global_pool=global_pool, num_classes=outputs,
+            drop_path_rate=0.0 if linear_probe else drop_path_rate, img_size=pre.image_size, in_chans=pre.channels,
+        )
+
+    return Classifier(build_network(source, build), source.input_norm, linear_probe)
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from medmae.finetune.classify import ClassificationModule
 from medmae.finetune.cls_data import ClassificationDataModule
+from medmae.train.cli import lightning_command, resolve_last_checkpoint
 
 #: errors of configuration and input (the user's to fix), not bugs
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -44,6 +45,14 @@ class ClassificationCLI(LightningCLI):
         sys.stderr.write(f"medmae finetune-cls: error: {' '.join(str(message).split())}\n")
         raise SystemExit(2)
 
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hyper-parameters: a file
+        refused by safe unpickling is one line, exit 2."""
+        super().parse_arguments(parser, args)
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, "medmae finetune-cls")
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -58,18 +67,18 @@ class ClassificationCLI(LightningCLI):
             data.setup("fit")
         except INPUT_ERRORS as e:
             self.fail(f"invalid input: {e}")
+        resolve_last_checkpoint(self, "medmae finetune-cls")  # --ckpt_path last: as `medmae fit`
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, "medmae finetune-cls", resolved=True)
 
 
 def run_cli(argv: Sequence[str]) -> ClassificationCLI:
-    """``fit`` with medmae's classifier; LightningCLI reads ``sys.argv``, so it is set for the run."""
-    saved = sys.argv
-    # finetune-cls is always LightningCLI's `fit` (so --ckpt_path resumes); -h/--help shows fit's options
-    sys.argv = ["medmae finetune-cls", "fit", *argv]
-    try:
+    """``fit`` with medmae's classifier (always LightningCLI's ``fit``, so ``--ckpt_path`` resumes)."""
+    with lightning_command("finetune-cls", "fit", argv) as args:
         return ClassificationCLI(ClassificationModule, ClassificationDataModule, seed_everything_default=0,
-                                 save_config_kwargs={"overwrite": True})
-    finally:
-        sys.argv = saved
+                                 save_config_kwargs={"overwrite": True}, args=args,
+                                 parser_kwargs={"prog": "medmae finetune-cls"})
 
 
 def finetune_main(argv: Sequence[str]) -> int:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.finetune.cases import Case, LabelParser, check_modality, read_case_csv, split_cases
 from medmae.finetune.encoders import parse_init, resolve_preprocessing
-from medmae.finetune.samples import EpochDataset, PlaneDataset, augment, train_sampler
+from medmae.finetune.samples import EpochDataset, PlaneDataset, TrainStream, augment
 from medmae.finetune.volumes import Volume, VolumeError, read_image
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def collate_series(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     }
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(TrainStream, pl.LightningDataModule):
     """Labelled series from a CSV, preprocessed exactly as the encoder was pretrained.
 
     ``init``, ``card``, ``task``, ``classes`` and ``level`` are linked from the model by the CLI.
@@ -211,6 +211,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         split_seed: key of the hashed patient split (not the seed: runs that differ only in ``seed``
             validate on the same patients).
         seed: seed of augmentation and sampling.
+
+    Training batches come from :class:`~medmae.finetune.samples.TrainStream`: the position of the last
+    trained batch is saved in every checkpoint, so a resumed run continues the very stream.
     """
 
     def __init__(
@@ -312,9 +315,8 @@ class ClassificationDataModule(pl.LightningDataModule):
                                                self.crop_scale, self.seed)
         data = self.train_set
         n = self.samples_per_epoch or max(len(data), self.batch_size)
-        sampler = train_sampler(data, n, self.seed, self.trainer)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=n >= self.batch_size, collate_fn=collate_series if self.level == "series" else None)
+        collate = collate_series if self.level == "series" else None
+        return self.train_loader(data, n, self.batch_size, self.num_workers, self.seed, collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_series:

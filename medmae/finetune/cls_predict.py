@@ -72,27 +72,39 @@ class LoadedClassifier:
 
 def load_classifier(path: str | Path) -> LoadedClassifier:
     """A fine-tuned classifier from its checkpoint alone (read with ``weights_only``: no code runs)."""
+    from medmae.export.card import check_state_shapes, read_bool, read_choice, read_int
+    from medmae.finetune.classify import POOLS
+    from medmae.finetune.cls_data import LEVELS, TASKS
+
     ckpt = read_finetune_checkpoint(path, CKPT_KEY, "finetune-cls")
     record, hp = ckpt.record, ckpt.hparams
     where = str(ckpt.path)
-    try:
-        task = str(record["task"])
-        classes = check_target(task, record["classes"], "checkpoint")
-        source = EncoderSource.from_record(record)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: malformed classification record ({e.__class__.__name__}: {e})") from None
+    # untrusted: the card's validator for the encoder record, limits for the rest, shapes before building
+    source = EncoderSource.from_record(record, where)
     if not isinstance(source.preprocessing, PlanePreprocessor):
         raise ValueError(f"{where}: a classification checkpoint needs a 2D preprocessing record")
-    net = build_classifier(source, num_outputs(task, classes), str(hp.get("global_pool", "avg")),
-                           linear_probe=bool(hp.get("linear_probe", False)))
-    net.load_state_dict(ckpt.net_state, strict=True)
-    inputs = ckpt.inputs or {}
-    max_planes = inputs.get("max_planes")
+    task = read_choice(record, "task", where, TASKS, section="record")
+    try:
+        classes = check_target(task, record["classes"], "checkpoint")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed classification record ({e.__class__.__name__}: {e})") from None
+    level = read_choice(record, "level", where, LEVELS, section="record", default=hp.get("level", "slice"))
+    global_pool = read_choice(hp, "global_pool", where, POOLS, default="avg")
+    linear_probe = read_bool(hp, "linear_probe", where, default=False)
+    infer_batch = read_int(hp, "infer_batch", where, 1, 65536, default=64)
+    modality = recorded_modality(ckpt.inputs, where)
+    max_planes = (ckpt.inputs or {}).get("max_planes")
     if max_planes is not None and (isinstance(max_planes, bool) or not isinstance(max_planes, int) or max_planes < 1):
-        raise ValueError(f"{where}: field 'inputs.max_planes' must be an int >= 1 or null, got {max_planes!r}")
+        raise ValueError(f"{where}: field 'inputs.max_planes' must be an int >= 1 or null, got {max_planes!r:.40}")
+
+    def build() -> Classifier:
+        return build_classifier(source, num_outputs(task, classes), global_pool, linear_probe=linear_probe)
+
+    check_state_shapes(build, ckpt.net_state, where, "the recorded classifier")
+    net = build()
+    net.load_state_dict(ckpt.net_state, strict=True)
     return LoadedClassifier(
-        net.eval(), source.preprocessing, task, classes, str(record.get("level", hp.get("level", "slice"))),
-        recorded_modality(ckpt.inputs, where), max_planes, int(hp.get("infer_batch", 64)),
+        net.eval(), source.preprocessing, task, classes, level, modality, max_planes, infer_batch,
     )  # fmt: skip
 
 

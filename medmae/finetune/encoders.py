@@ -1,10 +1,13 @@
-"""Where a fine-tuning encoder comes from: ``--init medmae:DIR | random[:DIR] | timm:NAME``.
+"""Where a fine-tuning encoder comes from: ``--init medmae:DIR | random[:DIR] | random-sincos:DIR | timm:NAME``.
 
-The three starts build the *same* downstream model so a transfer comparison is one flag apart:
+The starts build the *same* downstream model so a transfer comparison is one flag apart:
 
 * ``medmae:DIR`` — an export folder: its card gives architecture and preprocessing, its weights load.
 * ``random:DIR`` (or ``random`` with ``card: DIR``) — the same architecture and preprocessing,
   weights left at their initialisation: the baseline at an identical budget.
+* ``random-sincos:DIR`` — ``random:DIR`` with one difference: the position embeddings are the
+  pretrained network's (the MAE's fixed 2D/3D sin-cos positions, as ``medmae:DIR`` loads them). The
+  fair baseline: a gain over it is not the sin-cos prior, which needs no pretraining.
 * ``timm:NAME`` — a timm ViT with timm's pretrained weights (from the local timm / Hugging Face
   cache: nothing is downloaded here; a missing cache is a clear error). Its preprocessing is the
   default 2D one (axial planes, percentiles / soft-tissue CT window) followed by the model's own
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,16 @@ from torch import nn
 
 from medmae.data.transforms import DEFAULT_CT_WINDOWS
 from medmae.export.adapt import adapt_patch_embed_channels
-from medmae.export.card import CARD_NAME, CardError, EncoderSpec, EncoderSpec3D, check_encoder_section, load_card
+from medmae.export.card import (
+    CARD_NAME,
+    CardError,
+    EncoderSpec,
+    EncoderSpec3D,
+    check_encoder_input,
+    check_encoder_section,
+    check_finetune_record,
+    load_card,
+)
 from medmae.export.encoder import read_encoder_weights
 from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
 from medmae.export.unetr3d import check_weights3d
@@ -39,7 +51,11 @@ from medmae.export.volume_preprocessing import VolumePreprocessor
 
 Preprocessor = PlanePreprocessor | VolumePreprocessor
 
-INIT_KINDS = ("medmae", "random", "timm")
+INIT_KINDS = ("medmae", "random", "random-sincos", "timm")
+#: the starts that read an export folder (its card; ``medmae`` and ``random-sincos`` also its weights)
+EXPORT_KINDS = ("medmae", "random", "random-sincos")
+#: names of the parameters holding position embeddings (timm ViT; MONAI ViT's patch embedding)
+POSITION_PARAMETERS = ("pos_embed", "position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,16 @@ class EncoderInit:
 
 
 def parse_init(init: str, card: str | Path | None = None) -> EncoderInit:
-    """Parse ``medmae:DIR``, ``random:DIR``, ``random`` (+ ``card``) or ``timm:NAME``; ValueError names the field."""
+    """Parse ``medmae:DIR``, ``random:DIR``, ``random-sincos:DIR``, ``random`` (+ ``card``) or ``timm:NAME``;
+    ValueError names the field."""
     if not isinstance(init, str) or not init:
-        raise ValueError(f"init must be medmae:DIR, random[:DIR] or timm:NAME, got {init!r}")
+        raise ValueError(f"init must be medmae:DIR, random[:DIR], random-sincos:DIR or timm:NAME, got {init!r}")
     kind, _, rest = init.partition(":")
     if kind not in INIT_KINDS:
-        raise ValueError(f"init must start with one of {INIT_KINDS} (medmae:DIR, random:DIR, timm:NAME), got {init!r}")
+        raise ValueError(
+            f"init must start with one of {INIT_KINDS} (medmae:DIR, random:DIR, random-sincos:DIR, timm:NAME), "
+            f"got {init!r}"
+        )
     if kind == "timm":
         if not rest:
             raise ValueError("init timm:NAME needs a timm model name, e.g. timm:vit_base_patch16_224")
@@ -115,6 +135,11 @@ class EncoderSource:
     input_norm: InputNorm | None = None
 
     @property
+    def positions_only(self) -> bool:
+        """``random-sincos``: of the weights in :attr:`state`, only the position embeddings are used."""
+        return self.init.kind == "random-sincos"
+
+    @property
     def spatial_dims(self) -> int:
         """3 for a volumetric (``medmae_vit3d``) encoder, else 2."""
         return 3 if isinstance(self.spec, EncoderSpec3D) else 2
@@ -131,35 +156,24 @@ class EncoderSource:
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> EncoderSource:
-        """The architecture and input pipeline of :meth:`record` (no weights: the checkpoint has them)."""
-        enc, p = dict(record["encoder"]), dict(record["preprocessing"])
-        if record.get("spatial_dims", 2) == 3:  # absent in checkpoints written before 3D: 2D
-            spec3d = EncoderSpec3D(**{**enc, "img_size": tuple(enc["img_size"])})
-            vol = VolumePreprocessor(
-                size=tuple(p["size"]), spacing_mm=tuple(p["spacing_mm"]),
-                ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
-                inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
-            )  # fmt: skip
-            return cls(EncoderInit("random"), spec3d, None, vol)
-        spec = EncoderSpec(enc["arch"], dict(enc["kwargs"]), int(enc["in_chans"]), tuple(enc["img_size"]),
-                           int(enc["patch_size"]), int(enc["embed_dim"]))
-        pre = PlanePreprocessor(
-            axis=p["axis"], image_size=tuple(p["image_size"]), slice_offsets=tuple(p["slice_offsets"]),
-            interpolation=p["interpolation"], antialias=bool(p["antialias"]),
-            ct_windows=tuple(tuple(w) for w in p["ct_windows"]), ct_window_mode=p["ct_window_mode"],
-            inference_window=int(p["inference_window"]), percentiles=tuple(p["percentiles"]),
-            # absent in checkpoints written before millimetre 2.5D neighbours: index adjacency
-            slice_spacing_mm=p.get("slice_spacing_mm"), slice_interpolation=p.get("slice_interpolation", "nearest"),
-        )
-        norm = record.get("input_norm")
-        input_norm = None if norm is None else InputNorm(tuple(norm[0]), tuple(norm[1]))
-        return cls(EncoderInit("random"), spec, None, pre, input_norm)
+    def from_record(cls, record: dict[str, Any], where: str = "checkpoint") -> EncoderSource:
+        """The architecture and input pipeline of :meth:`record` (no weights: the checkpoint has them).
+
+        The record is untrusted: every field goes through the card's validator
+        (:func:`~medmae.export.card.check_finetune_record`: types, limits, allowed timm kwargs, finite
+        percentiles, input normalisation with std > 0); a bad one is a :class:`CardError` line naming
+        ``where`` and the field. Fields absent in older checkpoints keep their old meaning.
+        """
+        checked = check_finetune_record(record, where)
+        if checked.spatial_dims == 3:
+            return cls(EncoderInit("random"), checked.spec, None, VolumePreprocessor(**checked.preprocessing))
+        norm = None if checked.input_norm is None else InputNorm(*checked.input_norm)
+        return cls(EncoderInit("random"), checked.spec, None, PlanePreprocessor(**checked.preprocessing), norm)
 
 
 def resolve_preprocessing(init: EncoderInit) -> Preprocessor:
     """Only the input pipeline of ``init`` (data modules need no weights): the card's, or the timm default."""
-    if init.kind in ("medmae", "random"):
+    if init.kind in EXPORT_KINDS:
         assert init.export_dir is not None and init.card is not None
         return preprocessing_from_card(init.card, where=str(init.export_dir / CARD_NAME))
     import timm
@@ -173,22 +187,48 @@ def resolve_preprocessing(init: EncoderInit) -> Preprocessor:
 
 def resolve_encoder(init: EncoderInit) -> EncoderSource:
     """Load (or not) the encoder named by ``init`` (timm models get one input channel)."""
-    if init.kind in ("medmae", "random"):
+    if init.kind in EXPORT_KINDS:
         assert init.export_dir is not None and init.card is not None
         where = str(init.export_dir / CARD_NAME)
         spec = check_encoder_section(init.card["encoder"], where)
         pre = preprocessing_from_card(init.card, where=where)
         if pre.spatial_dims != (3 if isinstance(spec, EncoderSpec3D) else 2):
             raise CardError(f"{where}: field 'preprocessing.spatial_dims' does not match encoder.arch {spec.arch!r}")
-        if pre.channels != spec.in_chans:
-            raise ValueError(
-                f"{where}: preprocessing yields {pre.channels} channel(s) but encoder.in_chans is {spec.in_chans}"
-            )
-        state = read_encoder_weights(init.export_dir, init.card) if init.kind == "medmae" else None
+        size, size_field = (
+            (pre.image_size, "preprocessing.image_size")
+            if isinstance(pre, PlanePreprocessor)
+            else (pre.size, "preprocessing.volume.size")
+        )
+        check_encoder_input(spec, size, pre.channels, where, size_field)  # channels; patches within the limits
+        state = read_encoder_weights(init.export_dir, init.card) if init.kind != "random" else None
         if state is not None and isinstance(spec, EncoderSpec3D):
             check_weights3d(spec, state, where)
         return EncoderSource(init, spec, state, pre)
     return _timm_source(init, 1)
+
+
+def build_network(source: EncoderSource, build: Callable[[EncoderSource], nn.Module]) -> nn.Module:
+    """``build(source)``: the downstream network of a start. For ``random-sincos``, the network ``random``
+    builds with the position embeddings the pretrained network gets (its other weights untouched).
+
+    The pretrained network is built only to read its positions, under a forked RNG, so the random
+    weights are the very ones ``random:DIR`` draws at the same seed.
+    """
+    if not source.positions_only:
+        return build(source)
+    random_init = dataclasses.replace(source, init=dataclasses.replace(source.init, kind="random"))
+    net = build(dataclasses.replace(random_init, state=None))
+    with torch.random.fork_rng(devices=[]):
+        pretrained = dict(build(random_init).named_parameters())
+    copied = []
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.rsplit(".", 1)[-1] in POSITION_PARAMETERS:
+                param.copy_(pretrained[name])
+                copied.append(name)
+    if not copied:
+        raise ValueError(f"init {source.init.describe()}: the network holds no position embedding to set")
+    return net
 
 
 @contextmanager

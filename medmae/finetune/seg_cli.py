@@ -24,7 +24,6 @@ of the card's size (``--overlap``, ``--batch`` windows per forward pass).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from medmae.finetune.volumes import (
     prediction_modality,
     read_image,
 )
+from medmae.train.cli import lightning_command, resolve_last_checkpoint
 
 #: the mask written for input NAME(.nii.gz): NAME_seg.nii.gz
 MASK_SUFFIX = "_seg.nii.gz"
@@ -61,6 +61,14 @@ class SegmentationCLI(LightningCLI):
         parser.link_arguments("model.num_classes", "data.num_classes")
         parser.link_arguments("model.card", "data.card")
 
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hyper-parameters: a file
+        refused by safe unpickling, or whose hyper-parameters exceed the limits, is one line, exit 2."""
+        super().parse_arguments(parser, args)
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, "medmae finetune-seg", _check_resumed_hparams)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -72,21 +80,35 @@ class SegmentationCLI(LightningCLI):
             self.datamodule.setup("fit")
         except (VolumeError, CardError, ValueError) as e:
             self.parser.error(f"invalid input: {e}")
+        resolve_last_checkpoint(self, "medmae finetune-seg")  # --ckpt_path last: as `medmae fit`
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, "medmae finetune-seg", _check_resumed_hparams, resolved=True)
+
+
+def _check_resumed_hparams(ckpt: dict, where: str) -> None:
+    """LightningCLI builds the resumed model with the checkpoint's hyper-parameters: its sizes must be
+    within the limits before anything is allocated."""
+    from medmae.export.card import LIMITS, read_int
+
+    hp = ckpt.get("hyper_parameters", {})
+    if "num_classes" in hp:
+        read_int(hp, "num_classes", where, 2, LIMITS["num_classes"])
+    if "feature_size" in hp:
+        read_int(hp, "feature_size", where, 1, LIMITS["feature_size"])
 
 
 def finetune_main(argv: Sequence[str]) -> int:
-    saved = sys.argv
     # finetune-seg is always LightningCLI's `fit` (so --ckpt_path resumes); -h/--help shows fit's options
-    sys.argv = ["medmae finetune-seg", "fit", *argv]
-    try:
+    with lightning_command("finetune-seg", "fit", argv) as args:
         SegmentationCLI(
             SegmentationModule,
             SegmentationDataModule,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            args=args,
+            parser_kwargs={"prog": "medmae finetune-seg"},
         )
-    finally:
-        sys.argv = saved
     return 0
 
 

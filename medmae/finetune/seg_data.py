@@ -30,7 +30,7 @@ from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.volume_preprocessing import VolumePreprocessor
 from medmae.finetune.cases import Case, check_modality, label_map_parser, read_case_csv, read_case_folder, split_cases
 from medmae.finetune.encoders import Preprocessor, parse_init, resolve_preprocessing
-from medmae.finetune.samples import PlaneDataset, train_sampler
+from medmae.finetune.samples import PlaneDataset, TrainStream
 from medmae.finetune.seg_data3d import PatchDataset, PreparedVolume, prepare_volume_case
 from medmae.finetune.volumes import VolumeError, read_image, read_label
 
@@ -78,7 +78,7 @@ def _single(batch: list) -> PreparedCase | PreparedVolume:
     return batch[0]
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(TrainStream, pl.LightningDataModule):
     """Plane batches (2D encoders) or 3D patches (3D encoders) from labelled volumes, preprocessed exactly
     as the encoder was pretrained.
 
@@ -108,6 +108,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         split_seed: key of the hashed patient split (not the seed: runs that differ only in ``seed``
             validate on the same patients).
         seed: seed of augmentation and sampling.
+
+    Training batches come from :class:`~medmae.finetune.samples.TrainStream`: the position of the last
+    trained batch is saved in every checkpoint, so a resumed run continues the very stream.
     """
 
     def __init__(
@@ -208,14 +211,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             )  # fmt: skip
         data = self.train_set
         n = self.samples_per_epoch or max(len(data), self.batch_size)
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=train_sampler(data, n, self.seed, self.trainer),
-            num_workers=self.num_workers,
-            drop_last=n >= self.batch_size,
-            persistent_workers=False,
-        )
+        return self.train_loader(data, n, self.batch_size, self.num_workers, self.seed)
 
     def _patch_dataloader(self, pre: VolumePreprocessor) -> DataLoader:
         """3D: ``samples_per_epoch`` distinct random patches per epoch (each index its own draw)."""
@@ -224,15 +220,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.train_set = PatchDataset(
                 self.train_cases, n, pre.size, self.crop_scale, self.hflip_prob, self.foreground_prob, self.seed
             )
-        data = self.train_set
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=train_sampler(data, len(data), self.seed, self.trainer),
-            num_workers=self.num_workers,
-            drop_last=len(data) >= self.batch_size,
-            persistent_workers=False,
-        )
+        return self.train_loader(self.train_set, len(self.train_set), self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_cases:

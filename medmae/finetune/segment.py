@@ -34,7 +34,14 @@ from medmae.export.encoder import timm_from_encoder
 from medmae.export.preprocessing import PlanePreprocessor
 from medmae.export.unetr import unetr_from_encoder
 from medmae.finetune.checkpoints import read_finetune_checkpoint
-from medmae.finetune.encoders import EncoderSource, InputNorm, Preprocessor, parse_init, resolve_encoder
+from medmae.finetune.encoders import (
+    EncoderSource,
+    InputNorm,
+    Preprocessor,
+    build_network,
+    parse_init,
+    resolve_encoder,
+)
 from medmae.finetune.gather import Key, gather_unique, val_case_key
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.light_decoder import LightSegmenter
@@ -83,29 +90,31 @@ def build_segmenter(
     for any power-of-two patch and depth (:mod:`medmae.finetune.light_decoder`). A 3D source gets
     MONAI UNETR 3D (:func:`~medmae.finetune.segment3d.build_segmenter3d`; ``cls_token`` is the encoder's).
     """
-    pre = source.preprocessing
-    if source.spatial_dims == 3:
-        net: nn.Module = build_segmenter3d(source, num_classes, feature_size, dropout_rate, decoder)
-    elif decoder == "unetr":
-        net = unetr_from_encoder(
-            source.spec,
-            source.state,
-            num_classes,
-            img_size=pre.image_size,
-            in_chans=pre.channels,
-            feature_size=feature_size,
-            cls_token=cls_token,
-            dropout_rate=dropout_rate,
-            where=source.init.describe(),
-        )
-    elif decoder == "light":
-        encoder = timm_from_encoder(
-            source.spec, source.state, None, img_size=pre.image_size, in_chans=pre.channels, proj_drop_rate=dropout_rate
-        )
-        net = LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
-    else:
+    if decoder not in DECODERS:
         raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")
-    return Segmenter(net, source.input_norm)
+
+    def build(s: EncoderSource) -> nn.Module:
+        pre = s.preprocessing
+        if s.spatial_dims == 3:
+            return build_segmenter3d(s, num_classes, feature_size, dropout_rate, decoder)
+        if decoder == "unetr":
+            return unetr_from_encoder(
+                s.spec,
+                s.state,
+                num_classes,
+                img_size=pre.image_size,
+                in_chans=pre.channels,
+                feature_size=feature_size,
+                cls_token=cls_token,
+                dropout_rate=dropout_rate,
+                where=s.init.describe(),
+            )
+        encoder = timm_from_encoder(
+            s.spec, s.state, None, img_size=pre.image_size, in_chans=pre.channels, proj_drop_rate=dropout_rate
+        )
+        return LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
+
+    return Segmenter(build_network(source, build), source.input_norm)
 
 
 def _class_counts(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list[tuple[int, int, int]]:
@@ -317,18 +326,28 @@ class LoadedSegmenter:
 
 
 def load_segmenter(ckpt_path: str | Path) -> LoadedSegmenter:
-    """A fine-tuned segmenter for inference from its checkpoint alone (read safely, ``weights_only``)."""
+    """A fine-tuned segmenter for inference from its checkpoint alone (read safely, ``weights_only``).
+
+    The checkpoint is untrusted: its record and hyper-parameters go through the card's validator and
+    its tensors are compared with the network they describe (on the meta device) before the network is
+    built; every refusal is one ``ValueError`` line naming the file and the field.
+    """
+    from medmae.export.card import LIMITS, check_state_shapes, read_bool, read_choice, read_int
+
     ckpt = read_finetune_checkpoint(ckpt_path, CKPT_KEY, "finetune-seg")
-    hp = ckpt.hparams
-    source = EncoderSource.from_record(ckpt.record)
-    net = build_segmenter(
-        source,
-        int(hp["num_classes"]),
-        int(hp["feature_size"]),
-        bool(hp["cls_token"]),
-        decoder=str(hp.get("decoder", "unetr")),
-        tap_norm=bool(hp.get("tap_norm", True)),
-    )
+    hp, where = ckpt.hparams, str(ckpt.path)
+    source = EncoderSource.from_record(ckpt.record, where)
+    num_classes = read_int(hp, "num_classes", where, 2, LIMITS["num_classes"])
+    feature_size = read_int(hp, "feature_size", where, 1, LIMITS["feature_size"])
+    cls_token = read_bool(hp, "cls_token", where)
+    decoder = read_choice(hp, "decoder", where, DECODERS, default="unetr")
+    tap_norm = read_bool(hp, "tap_norm", where, default=True)
+    modality = recorded_modality(ckpt.inputs, where)
+
+    def build() -> Segmenter:
+        return build_segmenter(source, num_classes, feature_size, cls_token, decoder=decoder, tap_norm=tap_norm)
+
+    check_state_shapes(build, ckpt.net_state, where, f"the recorded {decoder} segmenter")
+    net = build()
     net.load_state_dict(ckpt.net_state, strict=True)
-    modality = recorded_modality(ckpt.inputs, str(ckpt.path))
-    return LoadedSegmenter(net.eval(), source.preprocessing, int(hp["num_classes"]), modality)
+    return LoadedSegmenter(net.eval(), source.preprocessing, num_classes, modality)

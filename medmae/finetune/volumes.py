@@ -81,16 +81,39 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _read_nifti_canonical(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
-    """-> (canonical array, LPS affine, source RAS affine, source orientation, source shape)."""
+def _read_nifti_canonical(
+    path: Path, role: str = "image"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """-> (canonical array, LPS affine, source RAS affine, source orientation, source shape).
+
+    ``role`` is ``image`` or ``label``. A file with more than one volume (a 4th or later axis longer
+    than 1: a time series, or a one-hot / multi-channel label) is, as an image, its first volume (as
+    prep reads it) with a logged warning; as a label it is refused in one line naming the file and
+    its shape: a label must be one class map of class indices.
+    """
     from nibabel.orientations import io_orientation
 
     from data_prep.build import RAS_TO_LPS
     from data_prep.decode import read_nifti
     from data_prep.geometry import to_canonical
+    from data_prep.streams import read_nifti_header
 
-    try:
+    try:  # prep's header reader: the fixed header only, never the extensions
+        header_shape = tuple(int(s) for s in read_nifti_header(str(path)).get_data_shape())
+        if any(s != 1 for s in header_shape[3:]):
+            if role == "label":
+                raise VolumeError(
+                    f"{path}: a label must be one class map (X, Y, Z) of class indices, got shape {header_shape} "
+                    "(a one-hot, multi-channel or time-series label); convert it to class indices, e.g. argmax "
+                    "over the last axis"
+                )
+            logger.warning(
+                "%s: NIfTI of shape %s holds %d volumes; using its first volume, as prep does",
+                path, header_shape, int(np.prod(header_shape[3:])),
+            )  # fmt: skip
         data, affine_ras = read_nifti(str(path))
+    except VolumeError:
+        raise
     except FileNotFoundError:
         raise VolumeError(f"{path}: file not found") from None
     except Exception as e:  # nibabel raises many types for truncated / foreign files
@@ -218,7 +241,7 @@ def read_label(path: str | Path, image: Volume, num_classes: int) -> np.ndarray:
     path = Path(path)
     if not is_nifti(path):
         raise VolumeError(f"{path}: labels must be NIfTI files")
-    array, affine, *_ = _read_nifti_canonical(path)
+    array, affine, *_ = _read_nifti_canonical(path, role="label")
     if array.shape != image.shape:
         raise VolumeError(
             f"{path}: label geometry differs from image {image.name}: shape {list(array.shape)} vs {list(image.shape)}"

@@ -16,12 +16,15 @@ the field or file.
 ``ModelCheckpoint`` ``dirpath``, or ``<logger save_dir>/<name>/version_*/checkpoints``) and reuses that
 logger version, so TensorBoard curves and new checkpoints continue in the same folder. Without any
 checkpoint it says so in one line and starts from step 0 (so the same command starts and resumes).
+``finetune-seg`` and ``finetune-cls`` resolve it with the same :func:`resolve_last_checkpoint`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,6 +47,15 @@ class MedMAECLI(LightningCLI):
         sys.stderr.write(f"medmae {self.subcommand or ''}: error: {' '.join(str(message).split())}\n")
         raise SystemExit(2)
 
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hyper-parameters: a file
+        refused by safe unpickling (a planted ``__reduce__``), not a Lightning checkpoint, or whose tensors
+        do not fit the MAE its hyper-parameters describe (compared on the meta device) is one line, exit 2."""
+        super().parse_arguments(parser, args)
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, f"medmae {self.config.get('subcommand') or ''}".strip(), _check_mae_checkpoint)
+
     def before_instantiate_classes(self) -> None:
         trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
         max_steps = trainer.get("max_steps") if trainer is not None else None
@@ -60,7 +72,10 @@ class MedMAECLI(LightningCLI):
         self._check_trainer_limits()
         self._check_compatible()
         self._check_data(stage="fit")
-        self._resolve_last_checkpoint()
+        resolve_last_checkpoint(self, "medmae fit")
+        from medmae.finetune.checkpoints import precheck_ckpt_path
+
+        precheck_ckpt_path(self, "medmae fit", _check_mae_checkpoint, resolved=True)
 
     def before_validate(self) -> None:
         self._check_compatible()
@@ -92,17 +107,36 @@ class MedMAECLI(LightningCLI):
         except CONFIG_ERRORS as e:
             self.fail(str(e))
 
-    def _resolve_last_checkpoint(self) -> None:
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        path = find_last_checkpoint(self.trainer)
-        if path is None:
-            sys.stderr.write("medmae fit: no checkpoint of this run found (--ckpt_path last): starting at step 0\n")
-            config["ckpt_path"] = None
-            return
-        _continue_logger_version(self.trainer, path)
-        config["ckpt_path"] = str(path)
+
+def resolve_last_checkpoint(cli: LightningCLI, prog: str) -> None:
+    """``--ckpt_path last`` of a ``fit`` subcommand (``medmae fit``, ``finetune-seg``, ``finetune-cls``):
+    call from ``before_fit``, once the trainer exists.
+
+    Replaces ``last`` with the newest ``last*.ckpt`` of this run's checkpoint folders
+    (:func:`find_last_checkpoint`) and points the logger at that checkpoint's version folder; without
+    any, says so on one line (``prog``: the command's name) and starts at step 0. Any other value is
+    left to Lightning.
+    """
+    config = cli.config_init[cli.subcommand]
+    if config.get("ckpt_path") != "last":
+        return
+    path = find_last_checkpoint(cli.trainer)
+    if path is None:
+        sys.stderr.write(f"{prog}: no checkpoint of this run found (--ckpt_path last): starting at step 0\n")
+        config["ckpt_path"] = None
+        return
+    _continue_logger_version(cli.trainer, path)
+    config["ckpt_path"] = str(path)
+
+
+def _check_mae_checkpoint(ckpt: dict[str, Any], where: str) -> None:
+    """LightningCLI rebuilds the model with a checkpoint's hyper-parameters and loads its tensors: both
+    must describe the same MAE, within the limits, before anything real is allocated."""
+    from medmae.export.card import check_state_shapes
+
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    if hparams:
+        check_state_shapes(lambda: MAEPretrainModule(**hparams), ckpt["state_dict"], where, "the checkpoint's MAE")
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
@@ -140,23 +174,38 @@ def _continue_logger_version(trainer: Any, ckpt: Path) -> None:
     logger._version = int(name[len("version_") :]) if name.startswith("version_") and name[8:].isdigit() else name
 
 
-def run_cli(subcommand: str, argv: Sequence[str]) -> MedMAECLI:
-    """Run one LightningCLI subcommand with medmae's model and datamodule.
+@contextmanager
+def lightning_command(command: str, subcommand: str, argv: Sequence[str]) -> Iterator[list[str]]:
+    """The arguments LightningCLI parses (``[subcommand, *argv]``), with ``sys.argv`` set to
+    ``[program, command, *argv]`` for the run.
 
-    LightningCLI reads ``sys.argv`` itself (and warns when given ``args`` beside it), so the command
-    line it sees is set to exactly ``medmae <subcommand> <argv>`` for the duration of the run.
+    Lightning's DDP launcher starts the other ranks of a one-node ``trainer.strategy: ddp`` run by
+    re-executing ``sys.argv`` (``python PROGRAM ...``, or ``python -m medmae.cli ...``), so it must
+    hold the real program and the medmae command: the ranks then run ``medmae <command> <argv>``
+    again. LightningCLI gets its arguments through ``args``; its warning about ``args`` beside a
+    command line is expected here and silenced.
     """
     saved = sys.argv
-    sys.argv = ["medmae", subcommand, *argv]
+    sys.argv = [saved[0] if saved else "medmae", command, *argv]
     try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            yield [subcommand, *argv]
+    finally:
+        sys.argv = saved
+
+
+def run_cli(subcommand: str, argv: Sequence[str]) -> MedMAECLI:
+    """Run one LightningCLI subcommand (``fit`` / ``validate``) with medmae's model and datamodule."""
+    with lightning_command(subcommand, subcommand, argv) as args:
         return MedMAECLI(
             MAEPretrainModule,
             CacheDataModule,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            args=args,
+            parser_kwargs={"prog": "medmae"},
         )
-    finally:
-        sys.argv = saved
 
 
 def fit_main(argv: Sequence[str]) -> int:

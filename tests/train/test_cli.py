@@ -64,3 +64,22 @@ def test_unknown_key_in_a_yaml_file_is_named(sample_cache: Path, tmp_path: Path,
     with pytest.raises(SystemExit):
         fit_main(_args(sample_cache, tmp_path, "--config", str(config)))
     assert "mask_ratoi" in capsys.readouterr().err
+
+
+def test_one_node_ddp_relaunches_the_medmae_command(sample_cache: Path, tmp_path: Path) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running ``sys.argv``: through the installed
+    ``medmae`` script that must be ``medmae fit ...`` again (it used to be a file named ``medmae`` in the
+    working folder: the second rank exited 2). Two gloo ranks on CPU."""
+    import shutil
+
+    script = shutil.which("medmae")
+    assert script, "the medmae console script is installed by `pip install -e .`"
+    proc = subprocess.run(
+        [script, "fit", *_args(sample_cache, tmp_path, "--trainer.max_steps", "2", "--trainer.devices", "2",
+                               "--trainer.strategy", "ddp", "--data.batch_size", "4", "--data.samples_per_epoch", "32")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stderr and "can't open file" not in proc.stderr
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
