@@ -8,16 +8,22 @@ and its grey- and white-matter probability maps, which ship inside the nilearn w
 Split: the axial range holding brain is cut into slabs of ``--slab`` planes; slab ``i`` goes to
 *test* when ``i % 4 == 1``, to *validation* when ``i % 4 == 3``, otherwise to the training pool, from
 which ``--labelled`` slabs (≤ 5, spread evenly) get labels. Pretraining sees every non-test plane
-without labels. Recipes were chosen on validation Dice; the test slabs were only scored for the
-final table (docs/transfer.md).
+without labels.
+
+Protocol (benchmarks/protocol.py): recipes are chosen on validation Dice, the default; the test slabs
+are scored only with ``--final-test``, and every such run appends a line to
+``benchmarks/results/test_looks.jsonl``. The current MNI test slabs were looked at while the recipe
+was chosen (docs/transfer.md lists those looks).
 
 Everything runs through the product's own path: NIfTI files -> ``data_prep.prep_archive`` -> cache ->
 ``CacheDataModule`` + ``MAEPretrainModule`` (Lightning) -> ``export_encoder`` -> ``SegmentationModule``
-(``medmae:DIR`` vs ``random:DIR``: the same UNETR, the same preprocessing from the card, the same
-budget) -> whole-volume Dice on the test slabs. Every seed is printed.
+(``medmae:DIR`` vs ``random:DIR`` vs ``random-sincos:DIR``: the same network, the same preprocessing
+from the card, the same budget; the last one has the pretrained sin-cos positions and random weights)
+-> whole-volume Dice. Every seed is printed.
 
     pip install -e ".[transfer]"
-    python benchmarks/transfer.py                     # the documented recipe, 5 seeds (~40 min, 1 thread)
+    python benchmarks/transfer.py                     # the documented recipe, 5 seeds, validation only
+    python benchmarks/transfer.py --final-test        # + test, once per chosen recipe (logged)
     python benchmarks/transfer.py --quick             # smoke run of the whole path (~1 min)
 """
 
@@ -30,11 +36,13 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -48,6 +56,12 @@ from medmae.finetune.cases import Case
 from medmae.finetune.seg_data import SegmentationDataModule, prepare_case
 from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dice, predict_planes
 from medmae.train import MAEPretrainModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import BASELINES, INITS, add_protocol_arguments, commit, compare, log_test_look  # noqa: E402
+
+#: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
+BENCHMARK = "transfer_seg_mni_tissue"
 
 MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
@@ -292,19 +306,9 @@ def finetune(
     return scores
 
 
-def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str, float]:
-    pre = [r[role] for r in results["medmae"]]
-    rnd = [r[role] for r in results["random"]]
-    if not pre or not rnd:  # only one start was run (--inits)
-        return {}
-    return {
-        "pretrained_mean": statistics.mean(pre),
-        "pretrained_sd": statistics.pstdev(pre),
-        "random_mean": statistics.mean(rnd),
-        "random_sd": statistics.pstdev(rnd),
-        "ratio": statistics.mean(pre) / statistics.mean(rnd),
-        "every_pretrained_above_every_random": min(pre) > max(rnd),
-    }
+def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str, Any]:
+    """Pretrained against both baselines on ``role`` (val / test): :func:`protocol.compare`."""
+    return compare({init: [r[role] for r in rows if role in r] for init, rows in results.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,17 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)",
     )
-    parser.add_argument(
-        "--val-only",
-        action="store_true",
-        help="recipe search: score the validation slabs only, never look at the test slabs",
-    )
+    add_protocol_arguments(parser)
     parser.add_argument(
         "--inits",
         nargs="+",
-        choices=("medmae", "random"),
-        default=["medmae", "random"],
-        help="which starts to fine-tune (random init does not depend on the encoder's weights)",
+        choices=INITS,
+        default=list(INITS),
+        help="which starts to fine-tune: pretrained, random init, random init with the pretrained sin-cos positions",
     )
     for field, default in asdict(Recipe()).items():
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    started = time.perf_counter()
+    started, code = time.perf_counter(), commit()  # the code that runs: a look is logged against it
     with tempfile.TemporaryDirectory(prefix="medmae_transfer_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -373,54 +373,67 @@ def main(argv: list[str] | None = None) -> int:
         export = args.encoder or pretrain(work, recipe)
         pretrain_s = time.perf_counter() - t0
         cases_csv = write_csv(work / "cases.csv", cases)
-        results: dict[str, list[dict[str, float]]] = {"medmae": [], "random": []}
+        results: dict[str, list[dict[str, float]]] = {init: [] for init in args.inits}
+        test = cases["test"] if args.final_test else None  # the protocol: test only with --final-test
         for seed in args.seeds:
             for init in args.inits:
-                r = finetune(work, export, init, seed, recipe, cases_csv, None if args.val_only else cases["test"])
+                r = finetune(work, export, init, seed, recipe, cases_csv, test)
                 results[init].append(r)
                 shown = "  ".join(f"{k} Dice {v:.4f}" for k, v in r.items())
-                print(f"seed {seed} {init:<7} {shown}", flush=True)
+                print(f"seed {seed} {init:<13} {shown}", flush=True)
+    roles = ("val", "test") if args.final_test else ("val",)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "recipe": recipe_record(recipe, args.encoder),
         "seeds": args.seeds,
         "per_seed": results,
-        "val": summarise(results, "val"),
-        "test": None if args.val_only else summarise(results, "test"),
+        **{role: summarise(results, role) for role in roles},
         "pretrain_seconds": round(pretrain_s, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "labelled_slabs": len(cases["train"]),
         "val_slabs": len(cases["val"]),
         "test_slabs": len(cases["test"]),
     }
+    if args.final_test:
+        log_test_look(BENCHMARK, report["recipe"], results, report["test"], args.test_log, code)
     print(
         f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s"
     )
     print(
         f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; "
         f"val {report['val_slabs']}, test {report['test_slabs']}"
+        + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
     )
-    role = "val" if args.val_only else "test"
-    print("| init | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd |")
-    print("|---|" + "---:|" * (len(args.seeds) + 1))
-    for init, name in (("medmae", "medmae-pretrained"), ("random", "random init")):
-        vals = [r[role] for r in results[init]]
-        if vals:
-            print(
-                f"| {name} ({role} Dice) | "
-                + " | ".join(f"{v:.4f}" for v in vals)
-                + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
-            )
-    t = report[role]
-    if t:
-        print(
-            f"{role}: pretrained / random = {t['ratio']:.3f}x; every pretrained seed above every random seed: "
-            f"{t['every_pretrained_above_every_random']}"
-        )
+    for role in roles:
+        print_table(results, args.seeds, role, "Dice")
+        print_comparison(report[role], role)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def print_table(results: dict[str, list[dict[str, float]]], seeds: list[int], role: str, metric: str) -> None:
+    """One markdown row per start, every seed shown."""
+    names = {"medmae": "medmae-pretrained", "random": "random init", "random-sincos": "random + sin-cos positions"}
+    print("| init | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |")
+    print("|---|" + "---:|" * (len(seeds) + 1))
+    for init, rows in results.items():
+        vals = [r[role] for r in rows]
+        if vals:
+            print(
+                f"| {names[init]} ({role} {metric}) | " + " | ".join(f"{v:.4f}" for v in vals)
+                + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
+            )  # fmt: skip
+
+
+def print_comparison(summary: dict[str, Any], role: str) -> None:
+    for base in BASELINES:
+        if f"ratio_vs_{base}" in summary:
+            print(
+                f"{role}: pretrained / {base} = {summary[f'ratio_vs_{base}']:.3f}x; every pretrained seed above "
+                f"every {base} seed: {summary[f'every_seed_above_{base}']} (margin {summary[f'margin_vs_{base}']:+.4f})"
+            )
 
 
 if __name__ == "__main__":

@@ -51,12 +51,16 @@ def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> No
     finally:
         sys.path.pop(0)
     out = tmp_path / "result.json"
-    assert transfer.main(["--quick", "--seeds", "0", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    log = tmp_path / "looks.jsonl"
+    args = ["--quick", "--seeds", "0", "--work", str(tmp_path / "work"), "--json", str(out)]
+    assert transfer.main([*args, "--final-test", "--test-log", str(log)]) == 0
     report = json.loads(out.read_text())
     assert report["labelled_slabs"] <= 5 and report["test_slabs"] >= 3
-    for init in ("medmae", "random"):
+    for init in ("medmae", "random", "random-sincos"):
         (only,) = report["per_seed"][init]
         assert 0.0 < only["test"] <= 1.0 and 0.0 < only["val"] <= 1.0
+    (look,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert look["per_seed"] == report["per_seed"] and look["summary"] == report["test"]
     # the pretraining cache never held a test plane: every plane the pretraining read, hashed, against
     # every plane of the test slabs read through the same prep; the validation slabs (which pretraining
     # does see) show the comparison can find a plane

@@ -1,0 +1,99 @@
+"""The test protocol every transfer benchmark follows: validation by default, test only with ``--final-test``,
+and every look at test written to a committed log.
+
+Recipes are chosen on validation (the default: test data is never scored). ``--final-test`` scores the
+held-out split once for the chosen recipe, and appends one JSON line to
+``benchmarks/results/test_looks.jsonl``: date, commit, benchmark, recipe, every seed's scores and the
+summary. The number of looks at test is then part of the record, and a reader can count them.
+
+    from benchmarks.protocol import add_protocol_arguments, log_test_look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: one JSON object per line, one line per ``--final-test`` run of any transfer benchmark
+TEST_LOG = RESULTS / "test_looks.jsonl"
+#: the starts every transfer benchmark compares: pretrained, the plain and the fair baseline
+INITS = ("medmae", "random", "random-sincos")
+BASELINES = ("random", "random-sincos")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--final-test`` (score the test split once, logged) and ``--test-log`` (where the look is logged)."""
+    parser.add_argument(
+        "--final-test",
+        action="store_true",
+        help="also score the held-out test split (once per chosen recipe); the look is appended to --test-log",
+    )
+    parser.add_argument("--test-log", type=Path, default=TEST_LOG, help=f"the test-look log (default {TEST_LOG})")
+
+
+def commit() -> str:
+    """The repository's HEAD commit, ``+dirty`` when the work tree has uncommitted changes (``unknown`` outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def log_test_look(
+    benchmark: str,
+    recipe: Mapping[str, Any],
+    per_seed: Mapping[str, Sequence[Mapping[str, float]]],
+    summary: Mapping[str, Any],
+    path: Path = TEST_LOG,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """Append one look at test to ``path`` (created with its folder) and return the line written.
+
+    ``code``: the commit the run started from (:func:`commit` at its start; default: now).
+    """
+    line = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": code or commit(),
+        "benchmark": benchmark,
+        "recipe": dict(recipe),
+        "per_seed": {init: [dict(r) for r in rows] for init, rows in per_seed.items()},
+        "summary": dict(summary),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, sort_keys=True, allow_nan=False) + "\n")
+    return line
+
+
+def compare(scores: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """Pretrained (``medmae``) against each baseline that ran: mean, sd, ratio and strict separation.
+
+    ``every_seed_above``: the worst pretrained seed beats the best baseline seed; ``margin``: by how much
+    (negative when the seeds overlap). Compared with the seed-to-seed spread it says whether a gain is
+    more than selection noise.
+    """
+    import statistics
+
+    out: dict[str, Any] = {}
+    pre = list(scores.get("medmae", ()))
+    for init, values in scores.items():
+        if values:
+            out[f"{init}_mean"] = statistics.mean(values)
+            out[f"{init}_sd"] = statistics.pstdev(values)
+    for base in BASELINES:
+        rnd = list(scores.get(base, ()))
+        if pre and rnd:
+            out[f"ratio_vs_{base}"] = statistics.mean(pre) / statistics.mean(rnd)
+            out[f"margin_vs_{base}"] = min(pre) - max(rnd)
+            out[f"every_seed_above_{base}"] = min(pre) > max(rnd)
+    return out
