@@ -12,6 +12,7 @@ summary. The number of looks at test is then part of the record, and a reader ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -27,6 +28,48 @@ INITS = ("medmae", "random", "random-sincos")
 BASELINES = ("random", "random-sincos")
 
 
+def benchmark_parser(doc: str | None, recipe: Any, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every transfer benchmark shares: seeds, work folder, ``--quick``, threads,
+    ``--json``, ``--encoder``, the protocol's flags, ``--inits``, and one flag per field of the
+    ``recipe`` dataclass instance (tuples take two values, bools ``true``/``false``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temporary)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/transfer.md, Cost)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)",
+    )
+    add_protocol_arguments(parser)
+    parser.add_argument(
+        "--inits",
+        nargs="+",
+        choices=INITS,
+        default=list(INITS),
+        help="which starts to fine-tune: pretrained, random init, random init with the pretrained sin-cos positions",
+    )
+    for field, default in dataclasses.asdict(recipe).items():
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        flag = f"--{field.replace('_', '-')}"
+        if kind is bool:
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+        else:
+            parser.add_argument(flag, type=kind, default=default, nargs=2 if isinstance(default, tuple) else None)
+    return parser
+
+
+def recipe_values(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
+    """The recipe fields as parsed by :func:`benchmark_parser` (two-value flags back to tuples)."""
+    return {
+        f: (tuple(getattr(args, f)) if isinstance(d, tuple) else getattr(args, f))
+        for f, d in dataclasses.asdict(recipe).items()
+    }
+
+
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     """``--final-test`` (score the test split once, logged) and ``--test-log`` (where the look is logged)."""
     parser.add_argument(
@@ -38,11 +81,12 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def commit() -> str:
-    """The repository's HEAD commit, ``+dirty`` when the work tree has uncommitted changes (``unknown`` outside git)."""
+    """The repository's HEAD commit, ``+dirty`` when the work tree has uncommitted changes or untracked
+    files (a benchmark not yet committed is code too; ``unknown`` outside git)."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
                                capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

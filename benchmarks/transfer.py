@@ -29,7 +29,6 @@ from the card, the same budget; the last one has the pretrained sin-cos position
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -58,7 +57,7 @@ from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dic
 from medmae.train import MAEPretrainModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import BASELINES, INITS, add_protocol_arguments, commit, compare, log_test_look  # noqa: E402
+from protocol import BASELINES, benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
 
 #: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
 BENCHMARK = "transfer_seg_mni_tissue"
@@ -312,43 +311,8 @@ def summarise(results: dict[str, list[dict[str, float]]], role: str) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (default: temporary)")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/transfer.md, Cost)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument(
-        "--encoder",
-        type=Path,
-        default=None,
-        help="an existing export folder to fine-tune (skips pretraining; its card sets the encoder)",
-    )
-    add_protocol_arguments(parser)
-    parser.add_argument(
-        "--inits",
-        nargs="+",
-        choices=INITS,
-        default=list(INITS),
-        help="which starts to fine-tune: pretrained, random init, random init with the pretrained sin-cos positions",
-    )
-    for field, default in asdict(Recipe()).items():
-        kind = type(default[0]) if isinstance(default, tuple) else type(default)
-        if kind is bool:
-            parser.add_argument(
-                f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default
-            )
-        else:
-            parser.add_argument(
-                f"--{field.replace('_', '-')}",
-                type=kind,
-                default=default,
-                nargs=2 if isinstance(default, tuple) else None,
-            )
-    args = parser.parse_args(argv)
-    values = {
-        f: (tuple(getattr(args, f)) if isinstance(d, tuple) else getattr(args, f)) for f, d in asdict(Recipe()).items()
-    }
+    args = benchmark_parser(__doc__, Recipe(), "tiny budgets: checks the path, not the claim").parse_args(argv)
+    values = recipe_values(args, Recipe())
     if args.quick:
         values.update(
             pretrain_steps=4,
