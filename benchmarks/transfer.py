@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -202,13 +203,19 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
 BENCHMARK_SALT = "f6219defa38f5e8a8096dc5f42ca6f1218430f3e3f5ad2174535f24ccfe0e7f4"
 
 
-def pretrain(work: Path, recipe: Recipe, seed: int = 0) -> Path:
-    """data_prep -> MAE pretraining -> export: the product path on the unlabelled planes."""
+def pretrain(
+    work: Path, recipe: Any, seed: int = 0, archive: Sequence[Path] | None = None, salt_key: str = BENCHMARK_SALT
+) -> Path:
+    """data_prep -> MAE pretraining -> export: the product path on the unlabelled archive (default
+    ``work/unlabelled``). ``recipe`` is any benchmark's recipe with these fields (``patch_size``: 16 if
+    it has none); ``salt_key`` fixes the pseudonymisation key, and so the pretraining sample stream."""
     cache = work / "cache"
     salt = work / "salt"
     if not salt.exists():
-        salt.write_text(BENCHMARK_SALT + "\n", encoding="ascii")
-    prep_archive([work / "unlabelled"], cache, workers=1, salt_file=salt, val_fraction=0.0, progress=False)
+        salt.write_text(salt_key + "\n", encoding="ascii")
+        salt.chmod(0o600)
+    archives = [work / "unlabelled"] if archive is None else list(archive)
+    prep_archive(archives, cache, workers=1, salt_file=salt, val_fraction=0.0, progress=False)
     pl.seed_everything(seed, verbose=False)
     data = CacheDataModule(
         str(cache),
@@ -224,7 +231,7 @@ def pretrain(work: Path, recipe: Recipe, seed: int = 0) -> Path:
     module = MAEPretrainModule(
         variant="mae_vit_tiny_patch16",
         img_size=recipe.img_size,
-        patch_size=16,
+        patch_size=getattr(recipe, "patch_size", 16),
         embed_dim=recipe.embed_dim,
         depth=recipe.depth,
         num_heads=recipe.num_heads,

@@ -430,55 +430,11 @@ BENCHMARK_SALT = "41b986d0158a50f2a3445ac721999f3159aa906af116fa0997f0eb568bb98a
 
 
 def pretrain(work: Path, recipe: Recipe, archive: Sequence[Path], seed: int = 0) -> Path:
-    """data_prep -> MAE pretraining -> export on the unlabelled archive (as benchmarks/transfer.py does)."""
-    import lightning.pytorch as pl
-    from transfer import quiet_trainer
+    """data_prep -> MAE pretraining -> export on the unlabelled archive: benchmarks/transfer.py's own
+    stage, with this benchmark's archive, patch size and pseudonymisation key."""
+    from transfer import pretrain as pretrain_archive
 
-    from data_prep import prep_archive
-    from medmae.data import CacheDataModule
-    from medmae.export import export_encoder
-    from medmae.train import MAEPretrainModule
-
-    cache, salt = work / "cache", work / "salt"
-    if not salt.exists():
-        salt.write_text(BENCHMARK_SALT + "\n", encoding="ascii")
-        salt.chmod(0o600)
-    prep_archive(list(archive), cache, workers=1, salt_file=salt, val_fraction=0.0, progress=False)
-    pl.seed_everything(seed, verbose=False)
-    data = CacheDataModule(
-        str(cache),
-        img_size=recipe.img_size,
-        batch_size=recipe.pretrain_batch,
-        num_workers=0,
-        seed=seed,
-        crop_scale=recipe.crop_scale,
-        samples_per_epoch=recipe.pretrain_batch * 50,
-        min_size=32,
-        hflip_prob=0.5,
-    )
-    module = MAEPretrainModule(
-        variant="mae_vit_tiny_patch16",
-        img_size=recipe.img_size,
-        patch_size=recipe.patch_size,
-        embed_dim=recipe.embed_dim,
-        depth=recipe.depth,
-        num_heads=recipe.num_heads,
-        mask_ratio=recipe.mask_ratio,
-        norm_pix_loss=recipe.norm_pix_loss,
-        decoder_embed_dim=recipe.decoder_embed_dim,
-        decoder_depth=recipe.decoder_depth,
-        decoder_num_heads=4,
-        blr=recipe.blr,
-        warmup_steps=max(1, recipe.pretrain_steps // 10),
-        min_lr=1e-5,
-        seed=seed,
-        log_images_every_n_steps=0,
-    )
-    trainer = quiet_trainer(work, recipe.pretrain_steps, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    export = work / "encoder"
-    export_encoder(module.model, export, data.preprocessing(), {"global_step": trainer.global_step})
-    return export
+    return pretrain_archive(work, recipe, seed, archive=archive, salt_key=BENCHMARK_SALT)
 
 
 def write_csv(path: Path, cohort: Cohort) -> Path:
