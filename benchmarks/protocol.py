@@ -62,6 +62,17 @@ def benchmark_parser(doc: str | None, recipe: Any, quick_help: str) -> argparse.
     return parser
 
 
+def recipe_record(recipe: Any, encoder: Path | None, pretrain_fields: Sequence[str]) -> dict[str, object]:
+    """The recipe as run: with a given encoder (``--encoder``) its ``pretrain_fields`` describe nothing that
+    ran, so they are replaced by a pointer to that export's card."""
+    record: dict[str, object] = dataclasses.asdict(recipe)
+    if encoder is not None:
+        for field in pretrain_fields:
+            record.pop(field)
+        record["pretraining"] = f"not run: --encoder given (its settings: {encoder.name}/encoder.json)"
+    return record
+
+
 def recipe_values(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
     """The recipe fields as parsed by :func:`benchmark_parser` (two-value flags back to tuples)."""
     return {

@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from medmae.train import MAEPretrainModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import BASELINES, benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
+from protocol import recipe_record as protocol_recipe_record
 
 #: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
 BENCHMARK = "transfer_seg_mni_tissue"
@@ -114,12 +115,7 @@ PRETRAIN_FIELDS = (
 
 def recipe_record(recipe: Recipe, encoder: Path | None) -> dict[str, object]:
     """The recipe as run: with a given encoder its pretraining settings are that export's, not ours."""
-    record: dict[str, object] = asdict(recipe)
-    if encoder is not None:
-        for field in PRETRAIN_FIELDS:
-            record.pop(field)
-        record["pretraining"] = f"not run: --encoder given (its settings: {encoder.name}/encoder.json)"
-    return record
+    return protocol_recipe_record(recipe, encoder, PRETRAIN_FIELDS)
 
 
 def quiet_trainer(work: Path, max_steps: int, **kwargs: object) -> pl.Trainer:

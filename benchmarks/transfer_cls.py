@@ -82,6 +82,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
+from protocol import recipe_record as protocol_recipe_record
 
 #: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
 BENCHMARK = "transfer_cls_mni_focal_lesion"
@@ -415,12 +416,7 @@ QUICK_TASK = dict(val_patients=6, test_patients=6)
 
 def recipe_record(recipe: Recipe, encoder: Path | None) -> dict[str, object]:
     """The recipe as run: with a given encoder its pretraining settings are that export's, not ours."""
-    record: dict[str, object] = asdict(recipe)
-    if encoder is not None:
-        for field in PRETRAIN_FIELDS:
-            record.pop(field)
-        record["pretraining"] = f"not run: --encoder given (its settings: {encoder.name}/encoder.json)"
-    return record
+    return protocol_recipe_record(recipe, encoder, PRETRAIN_FIELDS)
 
 
 #: The pseudonymisation key of this benchmark's cache (it orders the cache's series, hence the order
