@@ -103,7 +103,12 @@ def test_prediction_input_equals_the_pretraining_input_for_the_same_voxels(trip:
     # what pretraining fed the encoder for the same series: its validation view (centre crop, no flip)
     dm = CacheDataModule(str(trip["cache"]), img_size=32, ct_windows=[(40.0, 400.0)], min_size=16, num_workers=0)
     dm.setup("fit")
-    index = dm.train_dataset.index
+    # prep's keyed split decides (with this run's fresh salt) whether the 8-slice series is train or val
+    (index,) = [
+        ds.index
+        for ds in (dm.train_dataset, dm.val_dataset)
+        if ds is not None and volume.shape[0] in [int(n) for n in ds.index.n_slices]
+    ]
     pretraining = CacheSliceDataset(trip["cache"], index, dm.transform, random_crop=False)
     series = next(s for s in range(index.num_series) if int(index.n_slices[s]) == volume.shape[0])
     compared = 0
