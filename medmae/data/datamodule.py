@@ -473,7 +473,12 @@ class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
         # (draws are with replacement, so a tiny cache still trains instead of yielding no batch).
         samples = self.samples_per_epoch or max(len(self.train_dataset.index), self.batch_size * replicas)
         sampler = EpochWeightedSampler(
-            self.train_dataset.index, samples, seed=self.seed, num_replicas=replicas, rank=rank
+            self.train_dataset.index,
+            samples,
+            seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
+            batch_size=self.batch_size,  # the loader drops partial batches: an epoch is whole batches
         )
         if len(sampler) < self.batch_size:
             raise ValueError(

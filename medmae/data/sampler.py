@@ -155,6 +155,11 @@ class EpochWeightedSampler(EpochStreamSampler):
         seed: base seed (>= 0).
         num_replicas: number of ranks; default from ``torch.distributed`` (1 without a process group).
         rank: this rank; default from ``torch.distributed`` (0 without a process group).
+        batch_size: the loader's batch size when it drops the last partial batch (``drop_last``): each
+            rank then yields only the draws that fill whole batches, so the last trained batch ends the
+            epoch. Without it an epoch whose draws per rank are not a multiple of the batch would end
+            "unfinished" in the stream's position, and every later epoch would hold only its remainder
+            (no batch at all). The positions drawn do not depend on it.
 
     Examples::
 
@@ -172,6 +177,7 @@ class EpochWeightedSampler(EpochStreamSampler):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        batch_size: int = 1,
     ) -> None:
         if len(index) == 0:
             raise ValueError("cannot sample from an empty slice index")
@@ -182,12 +188,17 @@ class EpochWeightedSampler(EpochStreamSampler):
         world, this_rank = distributed_context()
         num_replicas = world if num_replicas is None else num_replicas
         rank = this_rank if rank is None else rank
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         samples = int(samples_per_epoch or len(index))
-        super().__init__(index, samples // num_replicas, seed, num_replicas, rank)
+        per_rank = samples // num_replicas
+        super().__init__(index, per_rank // batch_size * batch_size, seed, num_replicas, rank)
         self.index = index
         self.samples_per_epoch = samples
+        #: positions drawn per epoch (all ranks): ``total_size`` plus the draws no whole batch takes
+        self.draws_per_epoch = per_rank * num_replicas
 
     def epoch_positions(self, epoch: int) -> np.ndarray:
-        """All ``total_size`` positions drawn in ``epoch`` (every rank's, in draw order)."""
+        """All positions drawn in ``epoch`` (every rank's, in draw order; ``draws_per_epoch`` of them)."""
         rng = np.random.default_rng([self.seed, STREAM_SAMPLER, epoch])
-        return np.asarray(self.index.draw(rng, self.total_size))
+        return np.asarray(self.index.draw(rng, self.draws_per_epoch))
