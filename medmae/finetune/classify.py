@@ -37,7 +37,8 @@ from medmae.finetune.volumes import inputs_record
 
 #: key under which a checkpoint keeps what inference needs besides weights (no paths, no header data)
 CKPT_KEY = "medmae_classification"
-POOLS = ("avg", "token")
+#: ``avg``: the MAE recipe; ``max`` / ``avgmax``: a focal finding in one patch is not averaged away
+POOLS = ("avg", "max", "avgmax", "token")
 
 
 def pool_series(features: torch.Tensor, series: torch.Tensor, num_series: int) -> torch.Tensor:
@@ -144,13 +145,17 @@ class ClassificationModule(EpochHook):
         level: ``slice`` or ``series`` (features pooled over the series' planes).
         card: export folder for architecture/preprocessing when ``init`` is plain ``random``.
         linear_probe: freeze the encoder; train only a BatchNorm1d(affine=False) + Linear head.
-        global_pool: ``avg`` (MAE fine-tuning: fc_norm on averaged patch tokens) or ``token``
-            (class token through the pretrained final norm).
+        global_pool: ``avg`` (MAE fine-tuning: fc_norm on averaged patch tokens), ``max`` / ``avgmax``
+            (fc_norm on the per-channel maximum over patch tokens, or the mean of average and maximum:
+            a finding smaller than a patch is not diluted by the other tokens) or ``token`` (class token
+            through the pretrained final norm).
         lr: peak AdamW learning rate of the head (top layer); lower layers get ``lr * layer_decay**k``.
         min_lr: lr at the end of the cosine.
         layer_decay: lr factor per encoder layer going down (1 = none; ignored by the linear probe).
         weight_decay: AdamW weight decay (not on biases, norms, positions, tokens).
         warmup_steps: linear warmup in optimizer steps.
+        encoder_hold_steps: head-first steps (LP-FT): the encoder's embeddings and blocks stay at lr 0 while
+            the new head learns on the features as they are, then get their own warmup + cosine.
         drop_path_rate: stochastic depth of the encoder blocks (0 in the linear probe).
         label_smoothing: None = 0.1 for multiclass, 0 for binary / multilabel.
         infer_batch: planes per forward pass in validation.
@@ -170,6 +175,7 @@ class ClassificationModule(EpochHook):
         layer_decay: float = 0.75,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
+        encoder_hold_steps: int = 0,
         drop_path_rate: float = 0.1,
         label_smoothing: float | None = None,
         infer_batch: int = 64,
@@ -284,7 +290,9 @@ class ClassificationModule(EpochHook):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return adamw_warmup_cosine(self.param_groups(), hp.lr, hp.min_lr, hp.warmup_steps, total)
+        return adamw_warmup_cosine(
+            self.param_groups(), hp.lr, hp.min_lr, hp.warmup_steps, total, hp.get("encoder_hold_steps", 0)
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What inference needs besides weights: encoder spec, preprocessing, input norm, classes."""

@@ -70,6 +70,7 @@ def layer_decay_groups(
                 "weight_decay": 0.0 if no_decay else weight_decay,
                 "lr_scale": layer_decay ** (depth + 1 - layer),
                 "layer": layer,
+                "encoder": inside and layer <= depth,  # embeddings and blocks (what encoder_hold holds)
             }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)

@@ -209,6 +209,8 @@ class SegmentationModule(EpochHook):
         layer_decay: lr factor per encoder layer going down (1 = none).
         weight_decay: AdamW weight decay (not on biases, norms, positions, tokens).
         warmup_steps: linear warmup in optimizer steps.
+        encoder_hold_steps: decoder-first steps (LP-FT): the encoder's embeddings and blocks stay at lr 0
+            while the new decoder learns on the features as they are, then get their own warmup + cosine.
         decoder: ``unetr`` (MONAI UNETR: patch 16, >= 10 blocks) or ``light`` (UNETR's design over the
             timm encoder: any power-of-two patch, any depth).
         feature_size: decoder width at full resolution.
@@ -230,6 +232,7 @@ class SegmentationModule(EpochHook):
         layer_decay: float = 0.75,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
+        encoder_hold_steps: int = 0,
         decoder: str = "unetr",
         feature_size: int = 16,
         tap_norm: bool = True,
@@ -308,7 +311,7 @@ class SegmentationModule(EpochHook):
             encoder_prefix=ENCODER_PREFIX[hp.decoder],
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return adamw_warmup_cosine(groups, hp.lr, hp.min_lr, hp.warmup_steps, total)
+        return adamw_warmup_cosine(groups, hp.lr, hp.min_lr, hp.warmup_steps, total, hp.get("encoder_hold_steps", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything inference needs without the export folder: encoder spec, preprocessing, norm."""

@@ -303,3 +303,18 @@ def test_shipped_configs_parse_and_build(monkeypatch: pytest.MonkeyPatch, cls_en
     cli = ClassificationCLI(ClassificationModule, ClassificationDataModule, run=False)
     assert cli.model.hparams.layer_decay == 0.75 and cli.model.hparams.drop_path_rate == 0.1
     assert cli.datamodule.init == cli.model.hparams.init and cli.datamodule.task == "binary"
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_max_pooling_keeps_a_finding_in_one_patch(cls_encoder: Path, pool: str) -> None:
+    """``max`` / ``avgmax``: fc_norm on the per-channel max (or mean of mean and max) over patch tokens, so one
+    patch's features reach the head undiluted; the pretrained weights load as for ``avg``."""
+    module = ClassificationModule(f"medmae:{cls_encoder}", global_pool=pool)
+    vit = module.net.vit.eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)[:, vit.num_prefix_tokens :]
+        pooled = tokens.amax(1) if pool == "max" else 0.5 * (tokens.mean(1) + tokens.amax(1))
+        torch.testing.assert_close(vit.forward_head(vit.forward_features(x), pre_logits=True), vit.fc_norm(pooled))
+    avg = ClassificationModule(f"medmae:{cls_encoder}", global_pool="avg").net.vit
+    torch.testing.assert_close(vit.blocks[2].mlp.fc1.weight, avg.blocks[2].mlp.fc1.weight)
