@@ -48,6 +48,7 @@ import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 from data_prep import prep_archive
 from medmae.data import CacheDataModule
@@ -61,8 +62,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import BASELINES, benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
 from protocol import recipe_record as protocol_recipe_record
 
-#: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
-BENCHMARK = "transfer_seg_mni_tissue"
+
+def benchmark_name(task: str) -> str:
+    """The name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl (one per task)."""
+    return f"transfer_seg_mni_{task}"
+
+
+#: ``--task``: what the labels mark, and how many classes (background included) each has
+TASKS = {
+    "tissue": 3,  # background/CSF, grey matter, white matter: mostly an intensity task
+    "ventricles": 2,  # background, lateral ventricles: CSF like the CSF outside the brain, told apart by context
+}
+#: smallest 3D component of tissue-enclosed CSF kept as a lateral ventricle (voxels at 1 mm)
+VENTRICLE_MIN_VOXELS = 5000
 
 MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
@@ -90,10 +102,33 @@ class Recipe:
     lr: float = 5e-4  # against 1e-3: chosen on validation by the ratio (docs/transfer.md, read its caveat)
     layer_decay: float = 0.6  # chosen on validation among 0.75 / 0.6 / 0.5 (docs/transfer.md)
     warmup_steps: int = 30
+    encoder_hold: int = 0  # decoder-first steps (LP-FT): model.encoder_hold_steps
     finetune_crop_scale: tuple[float, float] = (0.5, 1.0)
     feature_size: int = 16
     decoder: str = "light"
     tap_norm: bool = True
+    task: str = "tissue"  # TASKS: the labels to segment
+
+
+def task_labels(task: str, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """The label volume of ``task`` from the template's grey/white-matter probability maps (x, y, z).
+
+    ``ventricles``: CSF that tissue encloses within its axial plane (holes of the tissue mask), kept
+    where it forms a 3D component of at least :data:`VENTRICLE_MIN_VOXELS` voxels: the two lateral
+    ventricles. Their intensity is that of the CSF around the brain, so only context separates them.
+    """
+    tissue = np.argmax(np.stack([1 - gm - wm, gm, wm]), axis=0).astype(np.uint8)
+    if task == "tissue":
+        return tissue
+    if task != "ventricles":
+        raise ValueError(f"--task must be one of {sorted(TASKS)}, got {task!r}")
+    solid = tissue > 0
+    enclosed = np.zeros_like(solid)
+    for z in range(solid.shape[2]):
+        enclosed[:, :, z] = ndimage.binary_fill_holes(solid[:, :, z]) & ~solid[:, :, z]
+    parts, n = ndimage.label(enclosed)
+    sizes = ndimage.sum(enclosed, parts, range(1, n + 1))
+    return np.isin(parts, 1 + np.flatnonzero(sizes >= VENTRICLE_MIN_VOXELS)).astype(np.uint8)
 
 
 #: Recipe fields that only shape pretraining: with ``--encoder`` they describe nothing that ran
@@ -149,12 +184,15 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
     t1 = np.asarray(img.dataobj).astype(np.int16)  # (x, y, z) RAS, axial planes along z
     gm = np.asarray(nib.load(str(data / MNI.format("gm"))).dataobj, dtype=np.float32) / 255.0
     wm = np.asarray(nib.load(str(data / MNI.format("wm"))).dataobj, dtype=np.float32) / 255.0
-    label = np.argmax(np.stack([1 - gm - wm, gm, wm]), axis=0).astype(np.uint8)
-    zs = np.where((label > 0).any(axis=(0, 1)))[0]
+    label = task_labels(recipe.task, gm, wm)
+    brain = task_labels("tissue", gm, wm) > 0
+    zs = np.where(brain.any(axis=(0, 1)))[0]  # the brain's axial range: the same slabs for every task
     z0, n = int(zs.min()), (int(zs.max()) + 1 - int(zs.min())) // recipe.slab
     slabs = [(z0 + i * recipe.slab, z0 + (i + 1) * recipe.slab) for i in range(n)]
     roles = {"test": [i for i in range(n) if i % 4 == 1], "val": [i for i in range(n) if i % 4 == 3]}
     pool = [i for i in range(n) if i % 4 in (0, 2)]
+    if recipe.task != "tissue":  # a structure task labels only pool slabs that hold the structure
+        pool = [i for i in pool if label[:, :, slabs[i][0] : slabs[i][1]].any()]
     picks = [pool[p] for p in np.linspace(0, len(pool) - 1, 5).round().astype(int)]
     roles["train"] = [picks[k] for k in (2, 0, 4, 1, 3)][: recipe.labelled]  # nested: 1 = middle slab, ...
 
@@ -271,13 +309,15 @@ def finetune(
     """Fine-tune one (init, seed); return mean foreground Dice on validation and on the test slabs.
 
     Dice is ``val/dice``'s (:func:`~medmae.finetune.segment.mean_dice`, MONAI semantics): per class the
-    mean over the slabs whose truth holds it, then the mean over grey and white matter. Every validation
-    and test slab holds both (docs/transfer.md, "Score"), so no slab is ever left out.
+    mean over the slabs whose truth holds it, then the mean over the foreground classes (tissue: grey and
+    white matter, which every validation and test slab holds, docs/transfer.md "Score"; ventricles: the
+    slabs without ventricles are left out, as MONAI's ``ignore_empty`` does).
     """
+    classes = TASKS[recipe.task]
     pl.seed_everything(seed, verbose=False)
     data = SegmentationDataModule(
         f"{init}:{export}",
-        3,
+        classes,
         csv=str(cases_csv),
         batch_size=recipe.finetune_batch,
         seed=seed,
@@ -286,10 +326,11 @@ def finetune(
     )
     module = SegmentationModule(
         f"{init}:{export}",
-        3,
+        classes,
         lr=recipe.lr,
         layer_decay=recipe.layer_decay,
         warmup_steps=recipe.warmup_steps,
+        encoder_hold_steps=recipe.encoder_hold,
         feature_size=recipe.feature_size,
         decoder=recipe.decoder,
         tap_norm=recipe.tap_norm,
@@ -302,8 +343,10 @@ def finetune(
     roles = [("val", data.val_cases)] + ([("test", None)] if test is not None else [])
     for role, cases in roles:
         if cases is None:
-            cases = [prepare_case(Case(0, str(i), str(lab), "", "test"), pre, 3, None, None) for i, lab in test]
-        per_case = [dice_per_class(predict_planes(net, c.images, pre, c.plane_shape), c.label_stack, 3) for c in cases]
+            cases = [prepare_case(Case(0, str(i), str(lab), "", "test"), pre, classes, None, None) for i, lab in test]
+        per_case = [
+            dice_per_class(predict_planes(net, c.images, pre, c.plane_shape), c.label_stack, classes) for c in cases
+        ]
         scores[role] = mean_dice(per_case)[1]
     return scores
 
@@ -363,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_slabs": len(cases["test"]),
     }
     if args.final_test:
-        log_test_look(BENCHMARK, report["recipe"], results, report["test"], args.test_log, code)
+        log_test_look(benchmark_name(recipe.task), report["recipe"], results, report["test"], args.test_log, code)
     print(
         f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s"
     )

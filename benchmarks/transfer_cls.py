@@ -377,6 +377,8 @@ class Recipe:
     weight_decay: float = 0.05
     drop_path: float = 0.1
     warmup_steps: int = 20
+    encoder_hold: int = 0  # head-first steps (LP-FT): model.encoder_hold_steps
+    global_pool: str = "avg"  # avg (the MAE recipe) | max | avgmax (a focal finding is not averaged away)
     finetune_crop_scale: tuple[float, float] = (0.7, 1.0)
     hflip: float = 0.5
 
@@ -489,6 +491,8 @@ def finetune(
         layer_decay=recipe.layer_decay,
         weight_decay=recipe.weight_decay,
         warmup_steps=recipe.warmup_steps,
+        encoder_hold_steps=recipe.encoder_hold,
+        global_pool=recipe.global_pool,
         drop_path_rate=recipe.drop_path,
     )
     trainer = quiet_trainer(work, recipe.finetune_steps, num_sanity_val_steps=0)

@@ -60,7 +60,7 @@ def test_final_test_scores_test_once_and_appends_one_log_line(recorded: list[dic
     lines = log.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": "look"}  # appended, never rewritten
     look = json.loads(lines[1])
-    assert look["benchmark"] == transfer.BENCHMARK and look["commit"] and look["date"]
+    assert look["benchmark"] == transfer.benchmark_name("tissue") and look["commit"] and look["date"]
     assert [r["test"] for r in look["per_seed"]["medmae"]] == pytest.approx([0.75, 0.76])
     assert look["summary"]["every_seed_above_random"] and look["recipe"]["finetune_steps"] > 0
 
