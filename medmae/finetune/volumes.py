@@ -145,6 +145,26 @@ def nifti_modality_of(path: str | Path, modality: str | None = None) -> tuple[st
     return decision.modality, decision.source, said
 
 
+def refuse_as_prep(path: str | Path) -> None:
+    """Refuse a NIfTI whose JSON sidecar marks a localizer, burned-in text or an unvouched secondary
+    capture: prep leaves it out of pretraining (``data_prep.scan.content_reason``, the same rule), so
+    fine-tuning and prediction never see such a picture either."""
+    from data_prep.nifti_meta import read_sidecar, sidecar_of_nifti
+    from data_prep.reasons import DESCRIPTIONS
+    from data_prep.scan import content_reason
+
+    sidecar_path = sidecar_of_nifti(str(path))
+    sidecar = read_sidecar(sidecar_path) if sidecar_path is not None else None
+    if sidecar is None:
+        return
+    reason = content_reason(sidecar.image_type, sidecar.burned_in, secondary_capture=False, allow_secondary=False)
+    if reason is not None:
+        raise VolumeError(
+            f"{Path(path).name}: refused as medmae prep refuses it ({reason.value}: {DESCRIPTIONS[reason]}, "
+            "says its JSON sidecar)"
+        )
+
+
 def read_nifti_image(path: str | Path, modality: str | None = None) -> Volume:
     """A NIfTI image in the cache's orientation, dtype policy and statistics.
 
@@ -156,6 +176,7 @@ def read_nifti_image(path: str | Path, modality: str | None = None) -> Volume:
     from data_prep.series import stores_hu
 
     path = Path(path)
+    refuse_as_prep(path)
     decided, source, said = nifti_modality_of(path, modality)
     if source == "option" and said not in (None, decided):
         logger.warning("%s: modality %s is used; its JSON sidecar says %s", path.name, decided, said)
@@ -261,7 +282,6 @@ def read_label(path: str | Path, image: Volume, num_classes: int) -> np.ndarray:
             f"{path}: label values {bad[:10].tolist()} are outside the declared classes 0..{num_classes - 1}"
         )
     return array.astype(np.uint8)
-
 
 
 # ----------------------------------------------------------------------------- the rule, carried to prediction

@@ -49,6 +49,29 @@ def test_sidecar_decides_the_modality_as_in_prep(tmp_path: Path, caplog: pytest.
     assert read_image(str(tmp_path / "plain.nii.gz"), modality="CT").intensity == "HU"
 
 
+@pytest.mark.parametrize(
+    ("sidecar", "reason"),
+    [
+        ({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "localizer"),
+        ({"Modality": "CT", "BurnedInAnnotation": "YES"}, "burned_in_annotation"),
+        ({"Modality": "CT", "ImageType": ["DERIVED", "SECONDARY"]}, "secondary_capture"),
+    ],
+)
+def test_an_image_prep_refuses_is_refused_downstream_too(tmp_path: Path, sidecar: dict, reason: str) -> None:
+    """A converted scout, screenshot or secondary capture never reaches pretraining (prep rejects it by its
+    sidecar); fine-tuning and prediction, which read images with ``read_image``, refuse it the same way."""
+    (tmp_path / "archive").mkdir()
+    image = ct_nifti(tmp_path / "archive" / "scan.nii.gz", sidecar)
+    summary = prep_archive([tmp_path / "archive"], tmp_path / "cache", workers=1, val_fraction=0.0, progress=False)
+    assert summary.rejects.get(reason) == 1  # what prep did with the same file
+    with pytest.raises(VolumeError, match=f"scan.nii.gz: refused as medmae prep refuses it \\({reason}: "):
+        read_image(str(image))
+    vouched = dict(sidecar, BurnedInAnnotation="NO") if reason == "secondary_capture" else None
+    if vouched is not None:  # prep keeps a secondary capture whose header vouches for clean pixels: so do we
+        ct_nifti(image, vouched)
+        assert read_image(str(image)).modality == "CT"
+
+
 def test_prediction_applies_the_record_and_refuses_contradictions(tmp_path: Path) -> None:
     ct = str(ct_nifti(tmp_path / "ct.nii.gz", {"Modality": "CT"}))
     plain = str(ct_nifti(tmp_path / "plain.nii.gz", None))
