@@ -3,11 +3,13 @@
     from data_prep import prep_archive
     summary = prep_archive([Path("/archive")], Path("/data/cache"), workers=8)
 
-Stages, one module each: ``scan`` (files -> header records), ``nifti_meta`` (a NIfTI's JSON sidecar
-and modality), ``series`` (records -> validated series plans), ``decode`` (pixels -> stored values),
-``geometry`` (ordering, affines, canonical orientation), ``deid`` (keyed pseudonyms, salt), ``build``
-(plan -> cache entry, resumable), ``report`` (reject report, shard results, summary), ``pipeline``
-(the run), ``workers`` (process pools that die with their parent), ``cli``. Reason codes:
+Stages, one module each: ``walk`` (folders and links -> files, DICOM sniffed by content),
+``headers`` (classic / enhanced DICOM header -> header record), ``scan`` (files -> header records,
+in a pool), ``nifti_meta`` (a NIfTI's JSON sidecar and modality), ``series`` (records -> validated
+series plans), ``decode`` (pixels -> stored values), ``geometry`` (ordering, affines, canonical
+orientation), ``deid`` (keyed pseudonyms, salt), ``build`` (plan -> cache entry, resumable),
+``report`` (reject report, shard results, summary), ``pipeline`` (the run), ``pool`` (process pools
+that die with their parent), ``workers`` (the crash-proof build supervisor), ``cli``. Reason codes:
 ``reasons``. User documentation: docs/data_prep.md.
 """
 

@@ -25,9 +25,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from data_prep.geometry import StackCheck, check_stack, orientation_key, spacing_key, valid_orientation
+from data_prep.headers import DicomHeader, FrameInfo
 from data_prep.nifti_meta import ModalityDecision, ModalityRule, nifti_modality
 from data_prep.reasons import Reason
-from data_prep.scan import DicomHeader, FrameInfo, ScanRecord
+from data_prep.scan import ScanRecord
 
 
 @dataclass(frozen=True, slots=True)

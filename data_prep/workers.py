@@ -1,47 +1,36 @@
-"""Process pools whose workers die with their parent, and the crash-proof build supervisor.
+"""The crash-proof build supervisor: build workers that no decoder failure can take down with the run.
 
-A prep killed with SIGKILL (OOM killer, ``scancel``, Ctrl-\\) cannot shut its pool down; forked
-workers keep the pool's pipes open and would wait forever. On Linux each worker asks the kernel
-for SIGKILL when its parent goes away (``PR_SET_PDEATHSIG``), so a killed run leaves nothing behind.
+Its workers die with their parent like every pool's (:mod:`data_prep.pool`). A worker looks up
+:func:`data_prep.build.build_series` only once it runs: a late binding, so the forked worker calls
+the function as the parent left it (tests replace it there). Nothing below ``build`` imports this
+module, so the graph has no circle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
 from typing import Any
 
+from data_prep.pool import die_with_parent, worker_pool
 from data_prep.reasons import Reason
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: fall back to the ppid check below only
-            pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A ``ProcessPoolExecutor`` of ``workers`` processes tied to this process' lifetime."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
-
+__all__ = [
+    "DEFAULT_DECODE_TIMEOUT",
+    "DEFAULT_SERIES_TIMEOUT",
+    "BuildSupervisor",
+    "BuildWorkerError",
+    "GiveUp",
+    "worker_pool",
+]
 
 # ----------------------------------------------------------------------------- crash-proof builds
 
@@ -62,7 +51,7 @@ class BuildWorkerError(RuntimeError):
 
 def _build_worker_main(conn: Any, parent: int) -> None:
     """Child process: build the tasks the supervisor sends, reporting which file it is decoding."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # A Rust decoder that panics prints its message to stderr; a symbolised backtrace per corrupt
     # file (RUST_BACKTRACE=1) would flood the terminal and cost seconds each. The cause is logged.
@@ -84,8 +73,9 @@ def _build_worker_main(conn: Any, parent: int) -> None:
         try:
             result = build_series(task, excluded, on_file)
         except BaseException as e:  # noqa: BLE001 - the parent decides; only the class and errno travel
-            conn.send(("error", index, f"{e.__class__.__name__}: {e}" if isinstance(e, OSError) else
-                       e.__class__.__name__))
+            conn.send(
+                ("error", index, f"{e.__class__.__name__}: {e}" if isinstance(e, OSError) else e.__class__.__name__)
+            )
             return
         conn.send(("done", index, result))
 
@@ -127,8 +117,12 @@ class BuildSupervisor:
         series_timeout: seconds of worker time one series may take over all its attempts.
     """
 
-    def __init__(self, workers: int, decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
-                 series_timeout: float = DEFAULT_SERIES_TIMEOUT) -> None:
+    def __init__(
+        self,
+        workers: int,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        series_timeout: float = DEFAULT_SERIES_TIMEOUT,
+    ) -> None:
         self.workers = max(1, int(workers))
         self.decode_timeout = float(decode_timeout)
         self.series_timeout = float(series_timeout)
@@ -202,8 +196,9 @@ class BuildSupervisor:
     def _out_of_time(self) -> str:
         return f"building the series took longer than {self.series_timeout:g} s"
 
-    def _dispatch(self, queue: deque[int], tasks: Sequence[Any], excluded: Mapping[int, Mapping[str, str]],
-                  pool: list[_Worker]) -> None:
+    def _dispatch(
+        self, queue: deque[int], tasks: Sequence[Any], excluded: Mapping[int, Mapping[str, str]], pool: list[_Worker]
+    ) -> None:
         """Hand queued tasks to idle workers, starting workers up to ``self.workers``; an idle worker
         found dead is replaced."""
         while queue:
@@ -231,8 +226,7 @@ class BuildSupervisor:
         """Seconds until the first busy worker passes its file's or its series' deadline."""
         now = time.monotonic()
         deadlines = [w.since + self.decode_timeout - now for w in busy if w.file is not None]
-        deadlines += [w.began + self.series_timeout - spent.get(w.task, 0.0) - now
-                      for w in busy if w.task is not None]
+        deadlines += [w.began + self.series_timeout - spent.get(w.task, 0.0) - now for w in busy if w.task is not None]
         return max(0.0, min(deadlines, default=0.0))
 
     @staticmethod
