@@ -243,7 +243,7 @@ CLS_TAMPERS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "nan_percentiles": (_edit(C("preprocessing", "percentiles"), (0.5, float("nan"))), "preprocessing.percentiles"),
     "bad_axis": (_edit(C("preprocessing", "axis"), 7), "preprocessing.axis"),
     "unknown_task": (_edit(C("task"), "regression"), "record.task"),
-    "unknown_pool": (_edit(CH("global_pool"), "max"), "hyper_parameters.global_pool"),
+    "unknown_pool": (_edit(CH("global_pool"), "gem"), "hyper_parameters.global_pool"),
     "infer_batch_zero": (_edit(CH("infer_batch"), 0), "hyper_parameters.infer_batch"),
     "missing_state_dict": (lambda c: c.pop("state_dict"), "state_dict"),
 }
