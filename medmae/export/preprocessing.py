@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,39 +43,14 @@ import torch.nn.functional as F
 
 from medmae.data.cache import KINDS
 from medmae.data.index import AXES
-from medmae.data.intensity import IntensityRule
 from medmae.data.neighbours import SliceNeighbours, fits_slice_spacing
 from medmae.data.reader import plane_view
 from medmae.data.transforms import resize, scale_intensity
-from medmae.export.card import CARD_FIELDS, CardError, check_intensity_values, check_plane_values
-
-if TYPE_CHECKING:
-    from medmae.export.volume_preprocessing import VolumePreprocessor
+from medmae.export.card import CARD_FIELDS, CardError, check_plane_values
+from medmae.export.card_fields import card_field, inference_ranges, intensity_from_card
+from medmae.export.volume_preprocessing import VolumePreprocessor, volume_preprocessing_from_card
 
 logger = logging.getLogger(__name__)
-
-
-def inference_ranges(
-    ct_windows: Sequence[tuple[float, float]],
-    ct_window_mode: str,
-    inference_window: int,
-    percentiles: tuple[float, float],
-    intensity: str,
-    stats: Mapping[str, float],
-) -> list[tuple[float, float]]:
-    """The ``(low, high)`` ranges fine-tuning and inference map to [0, 1], one per channel group (2D and 3D).
-
-    Pretraining's own rule with its one random choice fixed
-    (:meth:`medmae.data.intensity.IntensityRule.inference_ranges`): in ``random`` mode the window
-    ``inference_window``, in ``channels`` mode every window; non-HU series get the stored percentiles.
-    """
-    rule = IntensityRule(
-        tuple((float(lv), float(wd)) for lv, wd in ct_windows),
-        ct_window_mode,
-        int(inference_window),
-        (float(percentiles[0]), float(percentiles[1])),
-    )
-    return rule.inference_ranges(intensity, stats)
 
 
 @dataclass(frozen=True)
@@ -243,28 +218,6 @@ class PlanePreprocessor:
         return up[..., box.top : box.top + box.height, box.left : box.left + box.width]
 
 
-def _field(d: Mapping[str, Any], path: str, where: str) -> Any:
-    node: Any = d
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise CardError(f"{where}: field 'preprocessing.{path}' is missing")
-        node = node[part]
-    return node
-
-
-def intensity_from_card(pre: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The checked ``intensity`` section (2D and 3D cards share it): the fields of both preprocessors
-    (checked and bounded by :func:`medmae.export.card.check_intensity_values`, the checks fine-tuning
-    checkpoint records get too)."""
-    values = {
-        "ct_windows": _field(pre, "intensity.ct.windows_level_width", where),
-        "ct_window_mode": _field(pre, "intensity.ct.mode", where),
-        "inference_window": pre["intensity"]["ct"].get("inference_window", 0),
-        "percentiles": _field(pre, "intensity.other.percentiles", where),
-    }
-    return check_intensity_values(values, where, CARD_FIELDS)
-
-
 def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> PlanePreprocessor | VolumePreprocessor:
     """Rebuild the pretraining preprocessing from a card (as returned by :func:`load_card`).
 
@@ -280,8 +233,6 @@ def preprocessing_from_card(card: Mapping[str, Any], where: str = "card") -> Pla
     if isinstance(dims, bool) or dims not in (2, 3):
         raise CardError(f"{where}: field 'preprocessing.spatial_dims' must be 2 or 3, got {dims!r}")
     if dims == 3:
-        from medmae.export.volume_preprocessing import volume_preprocessing_from_card
-
         return volume_preprocessing_from_card(pre, where)
     return plane_preprocessing_from_card(pre, where)
 
@@ -292,10 +243,10 @@ def plane_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") -
     Every value is checked and bounded by :func:`medmae.export.card.check_plane_values` (the one
     validator; fine-tuning checkpoint records go through it too)."""
     values = {
-        "axis": _field(pre, "axis", where),
-        "image_size": _field(pre, "image_size", where),
-        "slice_offsets": _field(pre, "slice_offsets", where),
-        "interpolation": _field(pre, "resize.interpolation", where),
+        "axis": card_field(pre, "axis", where),
+        "image_size": card_field(pre, "image_size", where),
+        "slice_offsets": card_field(pre, "slice_offsets", where),
+        "interpolation": card_field(pre, "resize.interpolation", where),
         "antialias": pre["resize"].get("antialias", True),
         "slice_spacing_mm": pre.get("slice_spacing_mm"),  # absent (older cards) or null: index adjacency
         "slice_interpolation": pre.get("slice_interpolation", "nearest"),

@@ -18,7 +18,7 @@ brings outputs back onto the series' own grid (:func:`medmae.data.volume.restore
 Labels go onto the same grid by nearest neighbour (:func:`medmae.data.volume.resample_labels`: the nearest source voxel
 to each output voxel centre, same coordinates as the image).
 
-CT windows: as in 2D (:func:`medmae.export.preprocessing.inference_ranges`): the window
+CT windows: as in 2D (:func:`medmae.export.card_fields.inference_ranges`): the window
 ``intensity.ct.inference_window`` in ``random`` mode, every window as a channel in ``channels`` mode.
 
 Example::
@@ -39,7 +39,7 @@ import torch
 
 from medmae.data.volume import resample_labels, resample_volume, restore_volume
 from medmae.export.card import CARD_FIELDS, CardError, check_volume_values
-from medmae.export.preprocessing import _field, inference_ranges, intensity_from_card
+from medmae.export.card_fields import card_field, inference_ranges, intensity_from_card
 
 Triple = tuple[float, float, float]
 
@@ -128,7 +128,7 @@ def volume_preprocessing_from_card(pre: Mapping[str, Any], where: str = "card") 
     """The 3D half of :func:`~medmae.export.preprocessing.preprocessing_from_card` (``pre``: the card's
     ``preprocessing`` section, ``spatial_dims: 3``); :class:`CardError` names the field. Values are
     checked and bounded by :func:`medmae.export.card.check_volume_values` (the one validator)."""
-    values = {"size": _field(pre, "volume.size", where), "spacing_mm": _field(pre, "volume.spacing_mm", where)}
+    values = {"size": card_field(pre, "volume.size", where), "spacing_mm": card_field(pre, "volume.spacing_mm", where)}
     values.update(intensity_from_card(pre, where))
     out = VolumePreprocessor(**check_volume_values(values, where, CARD_FIELDS))
     channels = pre.get("channels", out.channels)

@@ -7,18 +7,24 @@ from medmae.models.patches import grid_shape, patchify, unpatchify
 from medmae.models.pos_embed import sincos_pos_embed_2d
 from medmae.models.variants import (
     MAE_VARIANTS,
+    VARIANTS,
+    MAEVariant,
     create_mae,
+    mae_variant,
     mae_vit_base_patch16,
     mae_vit_huge_patch16,
     mae_vit_large_patch16,
     mae_vit_small_patch16,
     mae_vit_tiny_patch16,
+    variant_names,
 )
 
 __all__ = [
     "MAE_VARIANTS",
+    "VARIANTS",
     "MAEBase",
     "MAEOutput",
+    "MAEVariant",
     "MaskedAutoencoder",
     "Masking",
     "as_hw",
@@ -29,24 +35,25 @@ __all__ = [
     "mae_vit_large_patch16",
     "mae_vit_small_patch16",
     "mae_vit_tiny_patch16",
+    "mae_variant",
     "patchify",
     "random_masking",
     "sincos_pos_embed_2d",
     "unpatchify",
+    "variant_names",
     "visible_count",
 ]
 
 # 3D (volumetric) MAE: appended after the 2D exports, which it reuses (masking, MAEOutput).
 from medmae.models.mae3d import (  # noqa: E402
-    MAE3D_VARIANTS,
     MaskedAutoencoder3D,
     ViTEncoder3D,
-    create_mae3d,
     grid_shape3d,
     patchify3d,
     unpatchify3d,
 )
 from medmae.models.pos_embed3d import sincos_pos_embed_3d  # noqa: E402
+from medmae.models.variants import MAE3D_VARIANTS, create_mae3d  # noqa: E402
 
 __all__ += [
     "MAE3D_VARIANTS",

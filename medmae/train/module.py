@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
 
-from medmae.models import MAE3D_VARIANTS, MAE_VARIANTS, MAEBase, as_hw, create_mae, create_mae3d
+from medmae.models import MAEBase, as_hw, mae_variant
 from medmae.train.schedule import lr_at_step, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class MAEPretrainModule(pl.LightningModule):
     @property
     def spatial_dims(self) -> int:
         """2 for the slice MAE, 3 for the volume MAE."""
-        return 3 if self.hparams.variant in MAE3D_VARIANTS else 2
+        return mae_variant(self.hparams.variant).spatial_dims
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.datamodule is not None:
@@ -331,19 +331,16 @@ def build_mae(hp: Any) -> MAEBase:
         "decoder_num_heads": hp.decoder_num_heads,
         "decoder_mlp_ratio": hp.decoder_mlp_ratio,
     }
-    if hp.variant not in MAE_VARIANTS and hp.variant not in MAE3D_VARIANTS:
-        raise ValueError(
-            f"unknown model.variant {hp.variant!r}; choose a 2D variant {sorted(MAE_VARIANTS)} or a 3D variant "
-            f"{sorted(MAE3D_VARIANTS)} (with data.volume)"
-        )
-    if hp.variant in MAE3D_VARIANTS:
+    try:
+        variant = mae_variant(hp.variant, field="model.variant")
+    except ValueError as err:
+        raise ValueError(f"{err} (with data.volume)") from None
+    if variant.spatial_dims == 3:
         size = hp.img_size
         if not isinstance(size, int) and (isinstance(size, str) or len(size) != 3):
             raise ValueError(f"model.img_size must be S or [Z, Y, X] for the 3D variant {hp.variant}, got {size!r}")
-        return create_mae3d(
-            hp.variant, img_size=size, mlp_ratio=hp.mlp_ratio if hp.mlp_ratio is not None else 4.0, **common
-        )
-    return create_mae(hp.variant, img_size=as_hw(hp.img_size), mlp_ratio=hp.mlp_ratio, **common)
+        return variant.create(img_size=size, mlp_ratio=hp.mlp_ratio if hp.mlp_ratio is not None else 4.0, **common)
+    return variant.create(img_size=as_hw(hp.img_size), mlp_ratio=hp.mlp_ratio, **common)
 
 
 def mask_seed(seed: int, rank: int, *stream: int) -> int:

@@ -1,8 +1,8 @@
 """The import graph, read from the source with ``ast``: no circles, and one contract with medmae.
 
-``data_prep`` is checked with every import, at module level and inside functions alike (a lazy
-import still makes a circle, only a hidden one); ``medmae`` and ``data_prep`` together with their
-module-level imports. An import guarded by ``if TYPE_CHECKING:`` does not run and is left out.
+``data_prep`` and ``medmae`` are each checked with every import, at module level and inside functions
+alike (a lazy import still makes a circle, only a hidden one); ``medmae`` and ``data_prep`` together
+with their module-level imports. An import guarded by ``if TYPE_CHECKING:`` does not run and is left out.
 Importing a submodule runs its parent packages' ``__init__`` too; that implicit step is not counted,
 an explicit ``from package import name`` is.
 """
@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_FROM_MEDMAE = frozenset({"medmae.data.cache"})
 
 
-def _modules(*packages: str) -> dict[str, Path]:
-    """Dotted module name -> file, for every module of ``packages`` (a package is its ``__init__``)."""
+def _modules(*packages: str, root: Path = ROOT) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of ``packages`` under ``root`` (a package is its
+    ``__init__``)."""
     found = {}
     for package in packages:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             found[".".join(parts)] = path
@@ -76,9 +77,9 @@ def _known(name: str, modules: Mapping[str, Path]) -> str | None:
     return name or None
 
 
-def _graph(packages: tuple[str, ...], *, in_functions: bool) -> dict[str, set[str]]:
-    """module -> the modules of ``packages`` it imports."""
-    modules = _modules(*packages)
+def _graph(packages: tuple[str, ...], *, in_functions: bool, root: Path = ROOT) -> dict[str, set[str]]:
+    """module -> the modules of ``packages`` (under ``root``) it imports."""
+    modules = _modules(*packages, root=root)
     graph: dict[str, set[str]] = {}
     for module, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -136,6 +137,37 @@ def test_data_prep_import_graph_has_no_circle() -> None:
     assert "data_prep.headers" in graph["data_prep.scan"]
     assert "data_prep.build" in graph["data_prep.workers"]  # the build worker's late binding
     assert _cycle(graph) is None, f"import circle in data_prep: {' -> '.join(_cycle(graph) or [])}"
+
+
+def test_medmae_import_graph_has_no_circle() -> None:
+    graph = _graph(("medmae",), in_functions=True)
+    # the graph is really read: module-level and function-level edges are both seen
+    assert "medmae.export.card_fields" in graph["medmae.export.volume_preprocessing"]
+    assert "medmae.export.preprocessing" in graph["medmae.export.encoder"]  # read_checkpoint's late import
+    assert _cycle(graph) is None, f"import circle in medmae: {' -> '.join(_cycle(graph) or [])}"
+
+
+#: the import statements of the export pair before the shared card fields moved down (issue 19)
+OLD_EXPORT_PAIR = {
+    "preprocessing.py": (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from medmae.export.volume_preprocessing import VolumePreprocessor\n"
+        "def preprocessing_from_card(card, where):\n"
+        "    from medmae.export.volume_preprocessing import volume_preprocessing_from_card\n"
+    ),
+    "volume_preprocessing.py": "from medmae.export.preprocessing import _field, inference_ranges\n",
+}
+
+
+def test_the_old_export_circle_is_seen_only_with_function_level_imports(tmp_path: Path) -> None:
+    package = tmp_path / "medmae" / "export"
+    package.mkdir(parents=True)
+    for name, source in OLD_EXPORT_PAIR.items():
+        (package / name).write_text(source, encoding="utf-8")
+    old = ["medmae.export.preprocessing", "medmae.export.volume_preprocessing", "medmae.export.preprocessing"]
+    assert _cycle(_graph(("medmae",), in_functions=True, root=tmp_path)) == old
+    assert _cycle(_graph(("medmae",), in_functions=False, root=tmp_path)) is None
 
 
 def test_module_level_import_graph_of_medmae_and_data_prep_has_no_circle() -> None:
