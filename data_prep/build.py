@@ -1,10 +1,13 @@
 """Build: one series plan -> one cache entry (array + sidecar), or per-file rejects.
 
-Runs in pool workers. A series is built at most once: its sidecar (written last by
-:func:`medmae.data.cache.write_series`) marks it done, and a rerun skips it. Files dropped while
-building a series that still got built (a truncated end slice, say) are remembered in a small
-state file written *before* the sidecar, so a resumed run reports exactly what an uninterrupted
-run reports.
+Runs in pool workers. A series is built once per *version*: its sidecar (written last by
+:func:`medmae.data.cache.write_series`) marks it done, and a small state file written *before* the
+array records the series fingerprint it was built from (a keyed hash of its plan and instances,
+see :func:`data_prep.pipeline.series_fingerprint`) and the files dropped while building it (a
+truncated end slice, say). A rerun skips a series only when sidecar, array and a state of the same
+fingerprint are all there, so a series that gained, lost or changed instances is rebuilt, never
+left stale; a resumed run reports exactly what an uninterrupted run reports. Rebuilding starts by
+removing the old sidecar, so a kill at any point of a rebuild leaves the series "not built".
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from data_prep.deid import quiet_libraries
 from data_prep.geometry import RAS_TO_LPS, check_stack, stack_affine, to_canonical
 from data_prep.reasons import Reason
 from data_prep.series import SeriesPlan
+from data_prep.sources.base import RetrieveFailed
 from medmae.data.cache import (
     CacheFormatError,
     SeriesRecord,
@@ -61,6 +65,8 @@ class BuildTask:
     patient_id: str
     file_ids: dict[str, str]  # rel -> file pseudonym, for the plan's files
     cache_dir: str
+    fingerprint: str  # keyed hash of what the build reads (plan, SOPInstanceUIDs / NIfTI content)
+    content_memo: dict[str, str] | None = None  # NIfTI: keyed stat -> keyed content, saved in the state
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ _NOT_A_FILE_PROBLEM = (KeyboardInterrupt, SystemExit)
 def cause_of(e: BaseException) -> str:
     """A loggable cause: our size checks say what they found; anything else only its class name
     (library messages may quote header values or paths)."""
-    if isinstance(e, DeclaredSizeError):  # StreamTooLarge and SizeMismatch too: sizes only
+    if isinstance(e, DeclaredSizeError | RetrieveFailed):  # sizes only; a PACS error names the server only
         return str(e)
     return e.__class__.__name__
 
@@ -94,6 +100,8 @@ def reason_of(e: BaseException) -> Reason:
         return Reason.TOO_LARGE
     if isinstance(e, SizeMismatch):
         return Reason.SIZE_MISMATCH
+    if isinstance(e, RetrieveFailed):
+        return Reason(e.reason)
     return Reason.PIXEL_DECODE_FAILED
 
 
@@ -106,18 +114,66 @@ class _Rejected(Exception):
 
 
 def dropped_state_path(cache_dir: Path, series_id: str) -> Path:
+    """Where preps before series fingerprints kept dropped files (read by none; removed on rebuild)."""
     return Path(cache_dir) / STATE_DIRNAME / "dropped" / f"{series_id}.json"
 
 
-def already_built(task: BuildTask) -> BuildResult | None:
-    """The result of a previous run, if the series' sidecar exists and is valid (resume).
+def series_state_path(cache_dir: Path, series_id: str) -> Path:
+    """The build state of one series: fingerprint, files, dropped files (pseudonymous only)."""
+    return Path(cache_dir) / STATE_DIRNAME / "series" / f"{series_id}.json"
 
-    A series stored under another modality or intensity than this run decides (other
-    ``--nifti-modality`` rules, or a prep that knew no sidecars) is not built: it is rebuilt. One
-    that differs only in ``modality_source`` (absent before it was recorded) gets its sidecar updated.
+
+@dataclass(frozen=True)
+class SeriesState:
+    """What the state file of a built series says (see the module docstring)."""
+
+    fingerprint: str
+    files: tuple[str, ...]  # pseudonyms of the plan's files (decides "missing from the archive")
+    dropped: dict[str, Reason]
+    content_memo: dict[str, str] | None = None
+
+
+def read_series_state(cache_dir: Path, series_id: str) -> SeriesState | None:
+    """The series' state, or None when absent or unreadable (the series then counts as not built)."""
+    try:
+        d = json.loads(series_state_path(cache_dir, series_id).read_text("utf-8"))
+        memo = d.get("content_memo")
+        return SeriesState(
+            fingerprint=str(d["fingerprint"]),
+            files=tuple(str(f) for f in d["files"]),
+            dropped={str(k): Reason(v) for k, v in d["dropped"].items()},
+            content_memo=None if memo is None else {str(k): str(v) for k, v in memo.items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def remove_series(cache_dir: Path, series_id: str) -> None:
+    """Delete a series' cache entry and its bookkeeping (sidecar first: the entry stops being "built")."""
+    cache = Path(cache_dir)
+    for path in (
+        sidecar_path(cache, series_id),
+        cache / series_array_path(series_id),
+        series_state_path(cache, series_id),
+        dropped_state_path(cache, series_id),
+    ):
+        path.unlink(missing_ok=True)
+
+
+def already_built(task: BuildTask) -> BuildResult | None:
+    """The result of a previous run, if the series is built from exactly this plan (resume, rerun).
+
+    Built means: a valid sidecar, its array, and a state file whose fingerprint equals the task's.
+    A series whose instances changed (another fingerprint), or built by a prep that recorded none,
+    is rebuilt. So is one stored under another modality or intensity than this run decides (other
+    ``--nifti-modality`` rules, or a prep that knew no sidecars). One that differs only in
+    ``modality_source`` (absent before it was recorded) gets its sidecar updated.
     """
     cache = Path(task.cache_dir)
     if not sidecar_path(cache, task.series_id).is_file():
+        return None
+    state = read_series_state(cache, task.series_id)
+    if state is None or state.fingerprint != task.fingerprint:
         return None
     try:
         record = read_sidecar(cache, task.series_id)
@@ -131,14 +187,7 @@ def already_built(task: BuildTask) -> BuildResult | None:
     if record.modality_source != plan.modality_source:
         record = dataclasses.replace(record, modality_source=plan.modality_source)
         write_json_atomic(sidecar_path(cache, task.series_id), record.to_json())
-    dropped: dict[str, Reason] = {}
-    state = dropped_state_path(cache, task.series_id)
-    if state.is_file():
-        try:
-            dropped = {k: Reason(v) for k, v in json.loads(state.read_text("utf-8"))["dropped"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # unreadable bookkeeping: rebuild to be sure of the report
-    return BuildResult(task.series_id, record, dropped, skipped=True)
+    return BuildResult(task.series_id, record, dict(state.dropped), skipped=True)
 
 
 def build_series(
@@ -158,6 +207,9 @@ def build_series(
     done = already_built(task)
     if done is not None:
         return done
+    # A stale entry stops being "built" before anything else, so a kill mid-rebuild cannot leave the
+    # old sidecar marking a new state.
+    sidecar_path(Path(task.cache_dir), task.series_id).unlink(missing_ok=True)
     fid = task.file_ids
     causes: dict[str, str] = {}
     try:
@@ -186,11 +238,15 @@ def build_series(
         )
     # From here on errors are the machine's (disk full, permissions): let them stop the run; a rerun resumes.
     rejects = {fid[rel]: reason for rel, reason in dropped.items()}
-    state = dropped_state_path(Path(task.cache_dir), task.series_id)
-    if rejects:
-        write_json_atomic(state, {"dropped": {k: v.value for k, v in sorted(rejects.items())}})
-    else:
-        state.unlink(missing_ok=True)
+    state: dict[str, object] = {
+        "fingerprint": task.fingerprint,
+        "files": sorted(fid[rel] for rel in task.plan.rels),
+        "dropped": {k: v.value for k, v in sorted(rejects.items())},
+    }
+    if task.content_memo is not None:
+        state["content_memo"] = dict(sorted(task.content_memo.items()))
+    write_json_atomic(series_state_path(Path(task.cache_dir), task.series_id), state)
+    dropped_state_path(Path(task.cache_dir), task.series_id).unlink(missing_ok=True)
     write_series(Path(task.cache_dir), record, array)
     return BuildResult(task.series_id, record, rejects, causes={fid[rel]: c for rel, c in causes.items()})
 
@@ -304,6 +360,9 @@ def _decode_dicom(plan: SeriesPlan, excluded: dict[str, str], on_file: _OnFile, 
         except _NOT_A_FILE_PROBLEM:
             raise
         except BaseException as e:  # pyo3 PanicException is a BaseException
+            if isinstance(e, RetrieveFailed):  # the PACS failed, not the file: no partial series, a rerun pulls it
+                causes[rel] = cause_of(e)
+                raise _Rejected(dict.fromkeys(plan.rels, reason_of(e))) from None
             dropped[rel] = reason_of(e)
             causes[rel] = cause_of(e)
             continue

@@ -3,7 +3,9 @@
     medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
                 [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--max-voxels N]
                 [--decode-timeout S] [--series-timeout S] [--follow-links] [--nifti-modality RULE ...]
-                [--allow-secondary] [--quiet]
+                [--allow-secondary] [--keep-missing] [--quiet]
+    medmae prep dicomweb+https://HOST/dicom-web | dimse://AET@HOST:PORT --out CACHE_DIR [--query KEY=VALUE ...]
+                [--uids FILE] [--pacs-credentials FILE] [...]       # pull from a PACS (docs/pacs.md)
     medmae prep merge CACHE_DIR [--shards N] [--quiet]
 
 Exit status 0 when the run completed (rejected files are normal and are counted in the report),
@@ -25,6 +27,9 @@ from pathlib import Path
 from data_prep.nifti_meta import parse_modality_rule
 from data_prep.pipeline import PrepError, merge_shards, prep_archive
 from data_prep.scan import DEFAULT_MAX_VOXELS
+from data_prep.sources import PacsError
+from data_prep.sources.options import add_arguments as add_pacs_arguments
+from data_prep.sources.options import source_from_args
 from data_prep.workers import DEFAULT_DECODE_TIMEOUT, DEFAULT_SERIES_TIMEOUT, BuildWorkerError
 
 
@@ -99,7 +104,8 @@ def _prep_parser() -> argparse.ArgumentParser:
         description="Scan DICOM/NIfTI archives and build the de-identified training cache. "
         "Use `medmae prep merge CACHE_DIR` to combine --shard runs.",
     )
-    p.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE_DIR", help="folders to scan recursively")
+    p.add_argument("archives", nargs="+", metavar="ARCHIVE_DIR",
+                   help="folders to scan recursively, or one PACS source (dicomweb+https://..., dimse://...)")
     p.add_argument("--out", required=True, type=Path, metavar="CACHE_DIR", help="cache directory (created)")
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
                    help="processes for scanning and building (default: all available CPUs)")
@@ -129,7 +135,11 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-secondary", action="store_true",
                    help="keep secondary captures and DERIVED\\SECONDARY images not marked BurnedInAnnotation=NO "
                    "(default: reject them as secondary_capture; they often show patient text)")
+    p.add_argument("--keep-missing", action="store_true",
+                   help="on a rerun, keep series whose files all left the archive in the manifest and cache "
+                   "(default: remove them from both)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_pacs_arguments(p)
     return p
 
 
@@ -159,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if merge:
             summary = merge_shards(args.cache_dir, shards=args.shards)
         else:
+            archives, source = source_from_args(args)
             summary = prep_archive(
-                args.archives,
+                archives,
                 args.out,
                 workers=args.workers,
                 salt_file=args.salt_file,
@@ -174,8 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 follow_links=args.follow_links,
                 nifti_modality=args.nifti_modality,
                 allow_secondary=args.allow_secondary,
+                keep_missing=args.keep_missing,
+                source=source,
             )
-    except PrepError as e:
+    except (PrepError, PacsError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except BuildWorkerError as e:

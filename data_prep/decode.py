@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.sources.base import open_instance
 from data_prep.streams import (  # noqa: F401 (DeclaredSizeError, StreamTooLarge, SizeMismatch: re-exported)
     DeclaredSizeError,
     SizeMismatch,
@@ -100,7 +101,7 @@ def read_dicom_frames(path: str, frames: Sequence[int], rows: int, columns: int)
 
     # force: scan already recognised it (bare datasets too); defer: vendor blobs are never read,
     # the pixel data is read once, straight into the decoder. Deflated data is inflated under a budget.
-    with open(path, "rb") as f:
+    with open_instance(path) as f:  # a file, or an instance pulled from a PACS into memory (data_prep.sources)
         read = read_dicom(f, force=True, header_only=False, defer_size="4 KB")
     ds = read.ds
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare dataset: its encoding is the syntax

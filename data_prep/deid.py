@@ -98,6 +98,19 @@ class Pseudonymizer:
         """A public check value of the salt: shards are merged only when theirs agree."""
         return self._hash("salt-fingerprint", "medmae")
 
+    def series_version(self, raw: str) -> str:
+        """Keyed fingerprint of what a series is built from (its plan, instance UIDs, file contents):
+        it changes when they do and, keyed like the pseudonyms, reveals none of them."""
+        return "v" + hmac.new(self._key, b"series-version\0" + os.fsencode(raw), hashlib.sha256).hexdigest()
+
+    def content(self, path: str, chunk: int = 1 << 20) -> str:
+        """Keyed hash of a file's bytes (a NIfTI's content identity), read in chunks."""
+        mac = hmac.new(self._key, b"file-content\0", hashlib.sha256)
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                mac.update(block)
+        return "c" + mac.hexdigest()
+
 
 def split_of(patient_id: str, val_fraction: float) -> str:
     """Deterministic patient-level split: the same pseudonym always lands in the same split.

@@ -10,16 +10,25 @@ with the same salt/settings and writes ``manifest.json`` and ``reject_report.jso
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from data_prep.build import STATE_DIRNAME, BuildResult, BuildTask, already_built
+from data_prep.build import (
+    STATE_DIRNAME,
+    BuildResult,
+    BuildTask,
+    already_built,
+    read_series_state,
+    remove_series,
+)
 from data_prep.deid import (
     Pseudonymizer,
     default_salt_path,
@@ -32,6 +41,7 @@ from data_prep.lock import CacheBusy, cache_lock
 from data_prep.nifti_meta import ModalityRule, parse_modality_rule
 from data_prep.reasons import Reason
 from data_prep.report import (
+    ManifestChanges,
     Outcome,
     PrepSummary,
     list_shard_partials,
@@ -42,13 +52,17 @@ from data_prep.report import (
     write_shard_partial,
 )
 from data_prep.scan import DEFAULT_MAX_VOXELS, ScanRecord, scan_archives
-from data_prep.series import assemble
+from data_prep.series import SeriesPlan, assemble
+from data_prep.sources import PacsError, Source
 from data_prep.workers import DEFAULT_DECODE_TIMEOUT, DEFAULT_SERIES_TIMEOUT, BuildSupervisor
 from medmae.data.cache import (
     MANIFEST_NAME,
+    REJECT_REPORT_NAME,
     Manifest,
     ManifestRow,
     built_series_ids,
+    load_manifest,
+    series_array_path,
     sidecar_path,
     write_json_atomic,
 )
@@ -79,8 +93,14 @@ def prep_archive(
     nifti_modality: Sequence[str] | str = (),
     allow_secondary: bool = False,
     series_timeout: float = DEFAULT_SERIES_TIMEOUT,
+    keep_missing: bool = False,
+    source: Source | None = None,
 ) -> PrepSummary:
     """Turn DICOM/NIfTI archives into the de-identified training cache at ``out``.
+
+    A rerun on a grown or changed archive builds only new series and series whose instances
+    changed (series fingerprints), rewrites the manifest and deletes the entries of series that
+    left it (see ``keep_missing``); the summary counts new / updated / unchanged / removed series.
 
     Args:
         archives: folders to scan recursively (their order is part of the file pseudonyms: keep it).
@@ -104,6 +124,10 @@ def prep_archive(
             sidecar's Modality, the BIDS suffix and ``OT``. A single string is one rule.
         allow_secondary: keep secondary captures and DERIVED\\SECONDARY images that do not say
             ``BurnedInAnnotation = NO`` (rejected ``secondary_capture`` by default: burned-in text).
+        keep_missing: keep in the manifest (and on disk) the series of the previous manifest whose
+            files all disappeared from the archive; by default they are removed from both.
+        source: a PACS to pull from instead of folders (``archives`` empty; see
+            :func:`data_prep.sources.open_source` and docs/pacs.md); closed when the run ends.
 
     Raises:
         PrepError: the arguments cannot work, the cache is in use by another prep, or it was built
@@ -112,7 +136,7 @@ def prep_archive(
     """
     archives = [Path(a) for a in archives]
     out = Path(out).absolute()
-    _check_arguments(archives, out, workers, val_fraction, shard)
+    _check_arguments(archives, out, workers, val_fraction, shard, source)
     if not (isinstance(max_voxels, int) and max_voxels >= 1):
         raise PrepError(f"max_voxels must be a positive integer (got {max_voxels!r})")
     if not (isinstance(decode_timeout, int | float) and decode_timeout > 0):
@@ -121,6 +145,8 @@ def prep_archive(
         raise PrepError(f"series_timeout must be a positive number of seconds (got {series_timeout!r})")
     if not isinstance(allow_secondary, bool):
         raise PrepError(f"allow_secondary must be True or False (got {allow_secondary!r})")
+    if not isinstance(keep_missing, bool):
+        raise PrepError(f"keep_missing must be True or False (got {keep_missing!r})")
     rules = parse_nifti_modality(nifti_modality)
     salt_path = Path(salt_file).absolute() if salt_file is not None else default_salt_path(out)
     if is_inside(salt_path, out):
@@ -139,6 +165,7 @@ def prep_archive(
             load_or_create_salt(salt_path)
         except (OSError, ValueError) as e:
             raise PrepError(str(e)) from e
+    workers = _source_workers(source, workers, path_map)
     _ensure_writable(out)
     try:
         lock = cache_lock(out, shard)
@@ -146,11 +173,12 @@ def prep_archive(
     except CacheBusy as e:
         raise PrepError(str(e)) from e
     try:
-        return _prep_locked(
-            archives, out, workers, salt_path, salt_created, val_fraction, shard, path_map, progress,
-            max_voxels, decode_timeout, follow_links, nifti_rules=rules, allow_secondary=allow_secondary,
-            series_timeout=series_timeout,
-        )
+        with source if source is not None else contextlib.nullcontext():  # build workers pull through it
+            return _prep_locked(
+                archives, out, workers, salt_path, salt_created, val_fraction, shard, path_map, progress,
+                max_voxels, decode_timeout, follow_links, nifti_rules=rules, allow_secondary=allow_secondary,
+                series_timeout=series_timeout, keep_missing=keep_missing, source=source,
+            )
     finally:
         lock.__exit__(None, None, None)
 
@@ -172,6 +200,8 @@ def _prep_locked(
     nifti_rules: Sequence[ModalityRule],
     allow_secondary: bool,
     series_timeout: float,
+    keep_missing: bool = False,
+    source: Source | None = None,
 ) -> PrepSummary:
     recorded = recorded_salt_fingerprints(out)
     if salt_created and recorded:
@@ -194,8 +224,10 @@ def _prep_locked(
                     out)
     _warn_if_exposed(salt_path)
     write_json_atomic(salt_state_path(out), {"salt_fingerprint": fingerprint})
+    previous = previous_rows(out)  # what training sees until this run swaps the manifest
 
-    records = _scan(archives, out, salt_path, path_map, workers, progress, max_voxels, follow_links, allow_secondary)
+    records = _scan(archives, out, salt_path, path_map, workers, progress, max_voxels, follow_links, allow_secondary,
+                    source)
     assembly = assemble(records, nifti_rules)
     file_ids = {r.rel: (pseudo.directory(r.rel) if r.is_directory else pseudo.file(r.rel)) for r in records}
     plans = []
@@ -221,11 +253,14 @@ def _prep_locked(
         if mine(file_ids[rel]):
             outcome.rejects[file_ids[rel]] = reason
 
-    tasks = [
-        BuildTask(plan, sid, pseudo.patient(plan.patient_key), {rel: file_ids[rel] for rel in plan.rels}, str(out))
-        for plan, sid in ((p, pseudo.series(p.key)) for p in plans)
-        if mine(sid)
-    ]
+    sop_of = {r.rel: r.dicom.sop_instance for r in records if r.dicom is not None}
+    tasks = []
+    for plan in plans:
+        sid = pseudo.series(plan.key)
+        if mine(sid):
+            version, memo = series_fingerprint(plan, sid, out, pseudo, sop_of)
+            tasks.append(BuildTask(plan, sid, pseudo.patient(plan.patient_key),
+                                   {rel: file_ids[rel] for rel in plan.rels}, str(out), version, memo))
     results = _run_builds(tasks, workers, progress, decode_timeout, series_timeout)
 
     in_series: set[str] = set()
@@ -240,6 +275,7 @@ def _prep_locked(
         else:
             outcome.series_built += 1
     outcome.files_in_series = len(in_series)
+    outcome.missing = missing_series(out, previous, outcome.rows, tasks, set(file_ids.values()), mine)
 
     if path_map is not None:
         path_map = _write_path_map(path_map, records, file_ids, tasks, results, outcome, shard)
@@ -247,18 +283,19 @@ def _prep_locked(
     settings = {
         "salt_fingerprint": fingerprint,
         "val_fraction": float(val_fraction),
-        "archives": pseudo.file("\0".join(os.path.realpath(a) for a in archives)),
+        "archives": pseudo.file(source.describe() if source is not None else
+                                "\0".join(os.path.realpath(a) for a in archives)),
         "max_voxels": int(max_voxels),
         "follow_links": bool(follow_links),
         # keyed like the archives: a rule may hold an archive path, and nothing raw enters the cache
         "nifti_modality": pseudo.file("\0".join(r.text for r in nifti_rules)),
         "allow_secondary": bool(allow_secondary),
+        "keep_missing": bool(keep_missing),
     }
-    manifest_path = report_path = partial = None
+    manifest_path = report_path = partial = changes = None
     if shard is None:
-        report_path = write_reject_report(out, outcome)
-        write_prep_manifest(out, outcome.rows, val_fraction, fingerprint)  # last: the manifest means "done"
-        manifest_path = out / MANIFEST_NAME
+        changes = _finish(out, outcome, previous, keep_missing, val_fraction, fingerprint)
+        manifest_path, report_path = out / MANIFEST_NAME, out / REJECT_REPORT_NAME
         orphans = set(built_series_ids(out)) - {r.series_id for r in outcome.rows}
         if orphans:
             log.warning("%d series in %s are not in this run's manifest (built from other archives or settings); "
@@ -281,6 +318,7 @@ def _prep_locked(
         shard_partial=partial,
         path_map=path_map,
         series_in_manifest=len(outcome.rows),
+        changes=changes,
     )
 
 
@@ -307,6 +345,153 @@ def write_prep_manifest(cache_dir: Path, rows: Iterable[ManifestRow], val_fracti
     (a keyed hash of a constant: it tells which salt built the cache and reveals nothing of it)."""
     manifest = Manifest(rows=tuple(sorted(rows, key=lambda r: r.series_id)), val_fraction=float(val_fraction))
     write_json_atomic(Path(cache_dir) / MANIFEST_NAME, {**manifest.to_json(), "salt_fingerprint": fingerprint})
+
+
+# ----------------------------------------------------------------------------- incremental reruns
+
+#: Bumped when the fingerprint's inputs change: every series is then rebuilt once.
+FINGERPRINT_SCHEME = "medmae-series-v1"
+
+
+def series_fingerprint(
+    plan: SeriesPlan,
+    series_id: str,
+    cache_dir: Path,
+    pseudo: Pseudonymizer,
+    sop_of: Mapping[str, str],
+) -> tuple[str, dict[str, str] | None]:
+    """-> (the series' keyed fingerprint, the NIfTI content memo to store with it, or None).
+
+    The fingerprint covers everything the build reads from the plan: every slice's file (by its
+    path in the archive), frame, position and rescale, the series-wide decisions (modality,
+    intensity, matrix, photometric, ...) and each DICOM file's SOPInstanceUID, or a NIfTI's
+    content (a keyed hash of its bytes). A series whose instances were added, removed or replaced
+    gets another fingerprint and is rebuilt. Keyed with the salt (HMAC), it reveals no UID or path.
+
+    A NIfTI's bytes are hashed only when its keyed (device, inode, size, mtime, ctime) differ from
+    the ones stored with the last build, so an unchanged NIfTI archive is not read again.
+    """
+    slices = tuple(dataclasses.replace(s, path="") for s in plan.slices)  # the absolute path may move
+    # modality_source changes no array: a sidecar that only lacks it is updated, not rebuilt
+    parts = [FINGERPRINT_SCHEME, repr(dataclasses.replace(plan, slices=slices, modality_source=""))]
+    memo: dict[str, str] | None = None
+    if plan.source == "nifti":
+        path = plan.slices[0].path
+        content = "unreadable"  # the build then fails and nothing is stored
+        try:
+            st = os.stat(path)
+        except OSError:
+            pass
+        else:
+            stat_key = pseudo.series_version(
+                f"stat\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            )
+            state = read_series_state(cache_dir, series_id)
+            known = state.content_memo if state is not None else None
+            if known is not None and known.get("stat") == stat_key and known.get("content"):
+                content = known["content"]
+                memo = {"stat": stat_key, "content": content}
+            else:
+                try:
+                    content = pseudo.content(path)
+                except OSError:
+                    pass
+                else:
+                    memo = {"stat": stat_key, "content": content}
+        parts.append(content)
+    else:
+        parts += (f"{s.rel}\0{s.frame}\0{sop_of.get(s.rel, '')}" for s in plan.slices)
+    return pseudo.series_version("\0".join(parts)), memo
+
+
+def previous_rows(cache_dir: Path) -> dict[str, ManifestRow]:
+    """The rows of the manifest now in the cache (what a training run started now would read), by id.
+
+    An absent manifest is an empty one; an unreadable one too, with a warning (its series are then
+    reported as new).
+    """
+    if not (Path(cache_dir) / MANIFEST_NAME).is_file():
+        return {}
+    try:
+        return {r.series_id: r for r in load_manifest(cache_dir).rows}
+    except (OSError, ValueError) as e:
+        log.warning("previous manifest of %s unreadable (%s): every series counts as new", cache_dir,
+                    e.__class__.__name__)
+        return {}
+
+
+def missing_series(
+    cache_dir: Path,
+    previous: Mapping[str, ManifestRow],
+    rows: Iterable[ManifestRow],
+    tasks: Iterable[BuildTask],
+    current_files: set[str],
+    mine: Callable[[str], bool],
+) -> list[str]:
+    """Series of the previous manifest (this shard's share) whose files all left the archive.
+
+    A series that is still planned, or one of whose recorded files is still in the archive (now
+    rejected, say), is not missing: it is simply not built any more. A series built by a prep that
+    recorded no file list is missing when it is not planned.
+    """
+    present = {r.series_id for r in rows} | {t.series_id for t in tasks}
+    missing = []
+    for sid in sorted(previous):
+        if sid in present or not mine(sid):
+            continue
+        state = read_series_state(cache_dir, sid)
+        if state is not None and any(f in current_files for f in state.files):
+            continue
+        missing.append(sid)
+    return missing
+
+
+def pending_removal_path(cache_dir: Path) -> Path:
+    """Series ids to delete once the new manifest is in place (kept until they are deleted)."""
+    return Path(cache_dir) / STATE_DIRNAME / "pending_removal.json"
+
+
+def _finish(
+    cache_dir: Path,
+    outcome: Outcome,
+    previous: Mapping[str, ManifestRow],
+    keep_missing: bool,
+    val_fraction: float,
+    fingerprint: str,
+) -> ManifestChanges:
+    """Write reject report and manifest (the atomic swap that publishes the run), then delete the
+    entries of series that left the manifest.
+
+    With ``keep_missing`` the series in ``outcome.missing`` keep their previous row (split
+    recomputed) when their entry is intact. The ids to delete are recorded before the manifest is
+    swapped, so a kill between swap and deletion is finished by the next run.
+    """
+    kept: list[ManifestRow] = []
+    if keep_missing:
+        for sid in outcome.missing:
+            row = previous.get(sid)  # None: shard results older than the manifest now published
+            if row is None:
+                continue
+            if sidecar_path(cache_dir, sid).is_file() and (cache_dir / series_array_path(sid)).is_file():
+                kept.append(dataclasses.replace(row, split=split_of(row.patient_id, val_fraction)))
+            else:
+                log.warning("series %s is missing from the archive and its cache entry is gone: removed", sid)
+        outcome.rows.extend(kept)
+    new_ids = {r.series_id for r in outcome.rows}
+    pending_path = pending_removal_path(cache_dir)
+    try:
+        pending = {str(s) for s in json.loads(pending_path.read_text("utf-8"))["series"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pending = set()
+    removed = sorted((set(previous) | pending) - new_ids)
+    if removed:
+        write_json_atomic(pending_path, {"series": removed})
+    write_reject_report(cache_dir, outcome)
+    write_prep_manifest(cache_dir, outcome.rows, val_fraction, fingerprint)  # the swap: the manifest means "done"
+    for sid in removed:
+        remove_series(cache_dir, sid)
+    pending_path.unlink(missing_ok=True)
+    return ManifestChanges.between(previous, outcome.rows, kept={r.series_id for r in kept})
 
 
 def _warn_if_exposed(salt_path: Path) -> None:
@@ -341,10 +526,12 @@ def merge_shards(cache_dir: Path, shards: int | None = None) -> PrepSummary:
 #: Settings every shard of one cache must share (merge refuses otherwise).
 _SHARD_SETTINGS = (
     "salt_fingerprint", "val_fraction", "archives", "max_voxels", "follow_links", "nifti_modality", "allow_secondary",
+    "keep_missing",
 )
 
 
 def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
+    previous = previous_rows(cache_dir)
     parsed = []
     for path in list_shard_partials(cache_dir):
         try:
@@ -366,7 +553,7 @@ def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
     for key in _SHARD_SETTINGS:
         if len({json.dumps(s.get(key)) for s in settings}) != 1:
             raise PrepError(f"shards disagree on {key!r}: they must share salt file, --val-fraction, archives, "
-                            "--max-voxels, --follow-links, --nifti-modality and --allow-secondary")
+                            "--max-voxels, --follow-links, --nifti-modality, --allow-secondary and --keep-missing")
     fingerprint = str(settings[0]["salt_fingerprint"])
     recorded = recorded_salt_fingerprints(cache_dir)
     if any(fp != fingerprint for fp in recorded):
@@ -382,8 +569,9 @@ def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
     if absent:
         raise PrepError(f"{len(absent)} built series have no sidecar in {cache_dir}; shards must share it")
     val_fraction = float(settings[0]["val_fraction"])
-    report_path = write_reject_report(cache_dir, merged)
-    write_prep_manifest(cache_dir, merged.rows, val_fraction, fingerprint)
+    keep_missing = bool(settings[0].get("keep_missing", False))
+    changes = _finish(cache_dir, merged, previous, keep_missing, val_fraction, fingerprint)
+    report_path = cache_dir / REJECT_REPORT_NAME
     return PrepSummary(
         cache_dir=cache_dir,
         files_seen=merged.files_seen,
@@ -395,6 +583,7 @@ def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
         manifest=cache_dir / MANIFEST_NAME,
         reject_report=report_path,
         series_in_manifest=len(merged.rows),
+        changes=changes,
     )
 
 
@@ -402,10 +591,13 @@ def _merge_locked(cache_dir: Path, shards: int | None) -> PrepSummary:
 
 
 def _check_arguments(
-    archives: Sequence[Path], out: Path, workers: int, val_fraction: float, shard: tuple[int, int] | None
+    archives: Sequence[Path], out: Path, workers: int, val_fraction: float, shard: tuple[int, int] | None,
+    source: Source | None = None,
 ) -> None:
-    if not archives:
+    if not archives and source is None:
         raise PrepError("no archive directory given")
+    if archives and source is not None:
+        raise PrepError("give archive folders or one PACS source, not both")
     for a in archives:
         if not a.exists():
             raise PrepError(f"archive not found: {a}")
@@ -462,13 +654,30 @@ def _scan(
     max_voxels: int,
     follow_links: bool,
     allow_secondary: bool,
+    source: Source | None = None,
 ) -> list[ScanRecord]:
     from tqdm.auto import tqdm
 
     exclude = [out, salt] + ([path_map] if path_map is not None else [])
     with tqdm(desc="scan", unit="file", disable=not progress, dynamic_ncols=True) as bar:
+        if source is not None:  # metadata only: nothing is retrieved before series pass the checks
+            try:
+                return sorted(source.scan(max_voxels=max_voxels, allow_secondary=allow_secondary,
+                                          on_progress=bar.update), key=lambda r: r.rel)
+            except PacsError as e:
+                raise PrepError(str(e)) from None
         return scan_archives(archives, workers=workers, exclude=exclude, on_progress=bar.update,
                              max_voxels=max_voxels, follow_links=follow_links, allow_secondary=allow_secondary)
+
+
+def _source_workers(source: Source | None, workers: int, path_map: Path | None) -> int:
+    """Build workers for this run: with a PACS source, at most its connection count (each worker
+    holds one connection). A path map names files, which a PACS source has none of."""
+    if source is None:
+        return workers
+    if path_map is not None:
+        raise PrepError("--path-map maps pseudonyms to archive files; a PACS source has none")
+    return min(workers, source.connections)
 
 
 def _run_builds(

@@ -47,6 +47,9 @@ class Reason(str, Enum):
     NON_FINITE_VALUES = "non_finite_values"
     BUILD_FAILED = "build_failed"
     SERIES_TIMEOUT = "series_timeout"
+    # -- PACS sources (data_prep.sources)
+    PACS_UNREACHABLE = "pacs_unreachable"
+    PACS_RETRIEVE_FAILED = "pacs_retrieve_failed"
 
     def __str__(self) -> str:  # so f-strings and JSON keys show the code, not the member name
         return self.value
@@ -101,4 +104,10 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.BUILD_FAILED: "an unexpected error while building the series (bug guard; nothing crashes)",
     Reason.SERIES_TIMEOUT: "building the series cost more than `--series-timeout` seconds of worker time over all "
     "its attempts (slow files, or one hanging file after another); its files not already `pixel_decode_failed`",
+    Reason.PACS_UNREACHABLE: "the PACS stopped answering (refused, timed out, TLS failure; after every retry) while an "
+    "instance of a series that passed the checks was pulled: the whole series is left unbuilt and the next run "
+    "pulls it (a PACS unreachable while listing or reading metadata stops the run instead)",
+    Reason.PACS_RETRIEVE_FAILED: "the PACS answered with an error (HTTP 4xx/5xx after the retries, a failed C-FIND, "
+    "C-GET or C-MOVE, an unusable answer) or the per-series time budget ran out: for an instance pulled, the whole "
+    "series is left unbuilt for the next run; for a series' metadata, the id stands for the whole series",
 }

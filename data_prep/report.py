@@ -33,6 +33,7 @@ class Outcome:
     rows: list[ManifestRow] = field(default_factory=list)
     series_built: int = 0
     series_skipped: int = 0
+    missing: list[str] = field(default_factory=list)  # previous series whose files all left the archive
 
     @property
     def files_rejected(self) -> int:
@@ -98,6 +99,7 @@ def write_shard_partial(
             "series_skipped": outcome.series_skipped,
             "rows": [r.to_json() for r in sorted(outcome.rows, key=lambda r: r.series_id)],
             "rejected": [{"id": k, "reason": Reason(v).value} for k, v in sorted(outcome.rejects.items())],
+            "missing": sorted(outcome.missing),
         },
     )
     return path
@@ -117,6 +119,7 @@ def read_shard_partial(path: Path) -> tuple[tuple[int, int], dict[str, Any], Out
         rows=list(rows),  # type: ignore[arg-type]
         series_built=int(d["series_built"]),
         series_skipped=int(d["series_skipped"]),
+        missing=[str(s) for s in d.get("missing", [])],  # absent in partials of preps before it
     )
     return (index, count), dict(d["settings"]), outcome
 
@@ -126,6 +129,45 @@ def list_shard_partials(cache_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class ManifestChanges:
+    """How a new manifest differs from the one it replaced, by series (rows compared whole).
+
+    ``updated`` rows changed (rebuilt from other instances: shape, stats, ...); ``kept_missing`` are
+    previous series whose files left the archive and that ``--keep-missing`` kept (also unchanged).
+    """
+
+    new: int
+    updated: int
+    unchanged: int
+    removed: int
+    kept_missing: int = 0
+
+    @classmethod
+    def between(
+        cls, previous: Mapping[str, ManifestRow], rows: Iterable[ManifestRow], kept: Iterable[str] = ()
+    ) -> ManifestChanges:
+        new = updated = unchanged = 0
+        ids = set()
+        for row in rows:
+            ids.add(row.series_id)
+            before = previous.get(row.series_id)
+            if before is None:
+                new += 1
+            elif before == row:
+                unchanged += 1
+            else:
+                updated += 1
+        return cls(new, updated, unchanged, len(set(previous) - ids), len(set(kept)))
+
+    def format(self) -> str:
+        text = (f"  manifest vs previous: {self.new} new, {self.updated} updated, {self.unchanged} unchanged, "
+                f"{self.removed} removed")
+        if self.kept_missing:
+            text += f" ({self.kept_missing} missing from the archive kept: --keep-missing)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,7 @@ class PrepSummary:
     shard_partial: Path | None = None
     path_map: Path | None = None
     series_in_manifest: int = 0
+    changes: ManifestChanges | None = None  # None for a shard run (merge counts them)
 
     def format(self) -> str:
         lines = []
@@ -157,6 +200,8 @@ class PrepSummary:
         lines.append(f"{head}: {self.files_seen} files seen, {self.files_in_series} in built series, "
                      f"{self.files_rejected} rejected")
         lines.append(f"  series built: {self.series_built}, already built (skipped): {self.series_skipped}")
+        if self.changes is not None:
+            lines.append(self.changes.format())
         if self.rejects:
             lines.append("  rejects by reason:")
             width = max(len(k) for k in self.rejects)
@@ -192,4 +237,6 @@ def total(outcomes: Iterable[Outcome]) -> Outcome:
         out.rows.extend(o.rows)
         out.series_built += o.series_built
         out.series_skipped += o.series_skipped
+        out.missing.extend(o.missing)
+    out.missing.sort()
     return out

@@ -14,6 +14,7 @@ from typing import Any
 
 _EXPORTS = {
     "AXES": "medmae.data.index",
+    "CacheChangedError": "medmae.data.datamodule",
     "DEFAULT_CT_WINDOWS": "medmae.data.transforms",
     "CacheDataModule": "medmae.data.datamodule",
     "CacheSliceDataset": "medmae.data.dataset",

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medmae.data.cache import CacheEntryError, ManifestRow, load_manifest, open_series_array
+from medmae.data.cache import CacheEntryError, ManifestRow, check_series_array, load_manifest
 from medmae.data.dataset import CacheSliceDataset
 from medmae.data.device_path import collate_raw, finish_on_device
 from medmae.data.index import AXES, SliceIndex, select_series
@@ -59,6 +59,14 @@ logger = logging.getLogger(__name__)
 
 class NoUsableDataError(RuntimeError):
     """After filtering and dropping unreadable entries, a split the run needs has no slices left."""
+
+
+class CacheChangedError(RuntimeError):
+    """The cache's manifest is not the version the run (or the checkpoint it resumes) started on."""
+
+
+#: ``cache_changed`` values: refuse, or warn and go on with the new manifest.
+CACHE_CHANGED_POLICIES = ("error", "warn")
 
 
 def _check_int(value: Any, field: str, minimum: int) -> int:
@@ -83,7 +91,7 @@ def verify_entries(cache_dir: Path, rows: Sequence[ManifestRow]) -> tuple[tuple[
     dropped: Counter[str] = Counter()
     for row in rows:
         try:
-            open_series_array(cache_dir, row, mmap=True)
+            check_series_array(cache_dir, row)
         except CacheEntryError as e:
             dropped[e.reason] += 1
             logger.debug("dropping cache entry %s at setup: %s", row.series_id, e.reason)
@@ -156,6 +164,11 @@ class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
             intensity, foreground, modality, sampling and loader options above apply as in 2D;
             ``img_size``, ``slices``, ``axis``, the 2D crop/flip/resize options, ``min_size``,
             ``min_slices``, ``include_images`` and ``max_anisotropy`` do not (``volume`` has its own).
+        cache_changed: what a run resumed from a checkpoint does when the cache's manifest is not
+            the version the checkpoint was trained on (a ``medmae prep`` rerun added, updated or
+            removed series since): ``"error"`` (default) refuses with a one-line message, since the
+            resumed run would not continue the same data stream; ``"warn"`` logs a warning and
+            trains on the new cache. The version is read once at setup and saved in checkpoints.
 
     Examples::
 
@@ -204,8 +217,15 @@ class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
         max_open_files: int = 64,
         verify_on_setup: bool = True,
         volume: VolumeOptions | None = None,
+        cache_changed: str = "error",
     ) -> None:
         super().__init__()
+        if cache_changed not in CACHE_CHANGED_POLICIES:
+            raise ValueError(f"cache_changed must be one of {CACHE_CHANGED_POLICIES}, got {cache_changed!r}")
+        self.cache_changed = cache_changed
+        #: content hash of the manifest this run's indices were built from (``setup``); in checkpoints
+        self.manifest_version: str | None = None
+        self._pinned_manifest: str | None = None  # the version a resumed checkpoint was trained on
         if not isinstance(cache_dir, str | Path) or not str(cache_dir):
             raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}")
         if isinstance(img_size, int) and not isinstance(img_size, bool):
@@ -436,13 +456,66 @@ class CacheDataModule(TrainStreamPosition, pl.LightningDataModule):
         if not self.cache_dir.is_dir():
             raise NotADirectoryError(f"data.cache_dir {self.cache_dir} is not a directory")
         try:
-            rows = load_manifest(self.cache_dir).rows
+            manifest = load_manifest(self.cache_dir)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"data.cache_dir: {e}") from e
+        rows = manifest.rows
+        self._same_version_on_every_rank(manifest.version)
+        if self.manifest_version is not None and manifest.version != self.manifest_version:
+            self._cache_changed(self.manifest_version, manifest.version, "this run set up its first split on")
+        self.manifest_version = manifest.version
+        if self._pinned_manifest is not None:
+            self._check_pinned()
         if need_train:
             self.train_dataset = self._build_split("train", rows)
         if need_val:
             self.val_dataset = self._build_split("val", rows)
+
+    # ------------------------------------------------------------------ the manifest version a run is pinned to
+
+    def _cache_changed(self, pinned: str, now: str, what: str) -> None:
+        head = (
+            f"data.cache_dir {self.cache_dir}: manifest version {now} is not version {pinned} that {what} "
+            "(`medmae prep` changed the cache since), so the run does not continue the same data stream"
+        )
+        if self.cache_changed == "error":
+            raise CacheChangedError(f"{head}; restore that cache or, to train on the new one, set "
+                                    "data.cache_changed: warn")
+        logger.warning("%s (data.cache_changed: warn: going on with version %s)", head, now)
+
+    def _check_pinned(self) -> None:
+        assert self._pinned_manifest is not None and self.manifest_version is not None
+        if self._pinned_manifest != self.manifest_version:
+            pinned, self._pinned_manifest = self._pinned_manifest, None
+            self._cache_changed(pinned, self.manifest_version, "the checkpoint was trained on")
+
+    def _same_version_on_every_rank(self, version: str) -> None:
+        """Under DDP every rank must index the same manifest: a prep swap between two ranks' setups
+        would give them different indices (and a hang at the first collective). All ranks decide together."""
+        trainer = self.trainer
+        if trainer is None or int(getattr(trainer, "world_size", 1)) <= 1:
+            return
+        strategy = trainer.strategy
+        same = strategy.broadcast(version, src=0) == version
+        if not strategy.reduce_boolean_decision(same, all=True):
+            raise CacheChangedError(
+                f"data.cache_dir {self.cache_dir}: the ranks read different manifest versions at setup (`medmae "
+                "prep` swapped the manifest while the run started); start the run again"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position (see :class:`TrainStreamPosition`) and the manifest version trained on."""
+        return {**super().state_dict(), "manifest_version": self.manifest_version}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the stream position, and the manifest version the checkpoint pins (checked against
+        the cache at setup, or now when setup already ran, as Lightning does before restoring)."""
+        super().load_state_dict(state_dict)
+        pinned = state_dict.get("manifest_version")
+        if isinstance(pinned, str) and pinned:
+            self._pinned_manifest = pinned
+            if self.manifest_version is not None:
+                self._check_pinned()
 
     # ------------------------------------------------------------------ loaders
 

@@ -131,3 +131,63 @@ def test_stats_equal_numpy_in_float64(dtype: type) -> None:
 def test_stats_of_the_full_int16_range() -> None:
     stats = compute_stats(np.array([-32768, 32767], dtype=np.int16))
     assert stats["p50"] == -0.5 and stats["p99"] == pytest.approx(-32768 + 0.99 * 65535)
+
+
+def test_check_series_array_agrees_with_open_series_array(tmp_path: Path) -> None:
+    """The header-only check at setup refuses exactly what opening the array refuses, by the same reason."""
+    from medmae.data.cache import check_series_array
+
+    arr = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    record = SeriesRecord(series_id="s1", patient_id="p1", modality="CT", source="dicom", kind="volume",
+                          array=series_array_path("s1"), shape=(2, 3, 4), spacing=(1.0, 1.0, 1.0), dtype="int16",
+                          intensity="HU", stats=compute_stats(arr), affine=tuple(tuple(r) for r in np.eye(4)))
+    write_series(tmp_path, record, arr)
+    check_series_array(tmp_path, record)
+    path = tmp_path / record.array
+    cases = {
+        "array_mismatch": lambda: np.save(path, arr.astype(np.float32)),
+        "unreadable_array": lambda: path.write_bytes(path.read_bytes()[:-1]),  # truncated by one byte
+        "missing_array": lambda: path.unlink(),
+    }
+    for reason, damage in cases.items():
+        np.save(path, arr)
+        damage()
+        for check in (check_series_array, open_series_array):
+            with pytest.raises(CacheEntryError) as err:
+                check(tmp_path, record)
+            assert err.value.reason == reason, (check.__name__, reason)
+
+
+def test_fast_manifest_rows_accept_only_what_the_validator_accepts() -> None:
+    """load_manifest's fast path returns the validator's result for valid rows and defers every
+    malformed one to it (which then names the field)."""
+    import copy
+    import json
+
+    from medmae.data.cache import _fast_manifest_row, _validated_fields
+
+    arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    good = json.loads(json.dumps(ManifestRow(
+        series_id="s1", patient_id="p1", modality="CT", source="dicom", kind="volume", array=series_array_path("s1"),
+        shape=(2, 3, 4), spacing=(1.0, 0.5, 0.5), dtype="int16", intensity="HU", stats=compute_stats(arr),
+        affine=EYE, modality_source="dicom", split="train").to_json()))
+    assert _fast_manifest_row(good) == _validated_fields(ManifestRow, good, "x")
+    legacy = {k: v for k, v in good.items() if k != "modality_source"}
+    assert _fast_manifest_row(legacy) == _validated_fields(ManifestRow, legacy, "x")
+    mutations = {
+        "series_id": ["", 3, None], "source": ["pacs", None], "kind": ["movie"], "dtype": ["int64"],
+        "split": ["test", None], "modality_source": [None, "guess"], "shape": [[2, 3], [2, 3, 0], [2, 3, 4.0],
+        [True, 3, 4], "abc"], "spacing": [[1, 1, float("inf")], [1, 1, 0], [1, 1, True], [1, 1]],
+        "stats": [{}, {**good["stats"], "p50": float("nan")}, {**good["stats"], "min": "0"}, []],
+        "affine": [[[1, 0, 0, 0]] * 3, [[1, 0, 0, "0"]] * 4, [[1, 0, 0, True]] * 4],
+    }
+    for key, values in mutations.items():
+        for value in values:
+            row = copy.deepcopy(good)
+            row[key] = value
+            with pytest.raises(CacheFormatError):
+                _validated_fields(ManifestRow, row, "x")
+            assert _fast_manifest_row(row) is None, (key, value)
+    image = {**copy.deepcopy(good), "kind": "image"}  # Z == 2 is not an image
+    assert _fast_manifest_row(image) is None
+    assert _fast_manifest_row({**good, "extra": 1}) is None and _fast_manifest_row([good]) is None
