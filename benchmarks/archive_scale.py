@@ -56,6 +56,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1137"
 STAGES = ("scan", "assemble", "prep", "rerun", "grow", "manifest write", "manifest read", "setup", "first batch",
@@ -357,16 +359,6 @@ def _child(stage: str, archive: Path, cache: Path, salt: Path) -> dict[str, dict
 # ----------------------------------------------------------------------------- driver
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def measure_size(n: int, work: Path) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
     """Generate the archive of ``n`` files (unless kept from before) and run every stage on it."""
     archive, cache, salt = work / f"archive-{n}", work / f"cache-{n}", work / f"cache-{n}.salt"
@@ -500,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     import pydicom
 
-    print(f"machine: {_cpu_model()}, {len(os.sched_getaffinity(0))} cores available; Python "
+    print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores available; Python "
           f"{platform.python_version()}, pydicom {pydicom.__version__}; prep with 1 build worker, loader with 2")
     if per_n:
         print(format_table(ns, per_n))

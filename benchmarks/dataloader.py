@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, usable_cores  # noqa: E402
+
 HU_INTERCEPT = -1024
 
 
@@ -197,15 +200,7 @@ def baseline_loader(
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model, cores = cpu_model(), usable_cores()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "monai", "numpy", "pydicom", "lightning"))
     return f"CPU: {model}, {cores} cores usable; Python {platform.python_version()}; {versions}"
 

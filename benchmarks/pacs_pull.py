@@ -25,7 +25,6 @@ It prints the machine and the timings; it asserts nothing about them (machines d
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import sys
@@ -37,23 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, usable_cores  # noqa: E402
 
 
 def write_archive(root: Path, series: int, slices: int, size: int) -> int:
@@ -154,7 +138,7 @@ def main() -> None:
     import dicomweb_client
     import pynetdicom
 
-    print(f"machine: {_cpu_model()}, {_cores()} cores available, {platform.system()} {platform.release()}")
+    print(f"machine: {cpu_model()}, {usable_cores()} cores available, {platform.system()} {platform.release()}")
     print(f"python {platform.python_version()}, pydicom {pydicom.__version__}, dicomweb-client "
           f"{dicomweb_client.__version__}, pynetdicom {pynetdicom.__version__}")
     print(f"archive: {args.series} CT series x {args.slices} slices x {args.size}^2 int16 = {n_files} files, "

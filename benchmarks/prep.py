@@ -30,23 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, usable_cores  # noqa: E402
 
 
 def _template(series_uid: str, study_uid: str, size: int, patient: int):
@@ -196,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import pydicom
 
-        print(f"\nmachine: {_cpu_model()}, {_cores()} cores; Python {platform.python_version()}, "
+        print(f"\nmachine: {cpu_model()}, {usable_cores()} cores; Python {platform.python_version()}, "
               f"pydicom {pydicom.__version__}, dcm2niix {version.strip()}")
         print(f"archive: {args.series} CT series x {args.slices} slices x {args.size}^2 = {n_files} files, "
               f"{size_mb:.0f} MiB, every {args.rle_every}th series RLE; page cache warm\n")

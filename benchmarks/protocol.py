@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import statistics
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -137,7 +138,6 @@ def compare(scores: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     (negative when the seeds overlap). Compared with the seed-to-seed spread it says whether a gain is
     more than selection noise.
     """
-    import statistics
 
     out: dict[str, Any] = {}
     pre = list(scores.get("medmae", ()))
@@ -152,3 +152,27 @@ def compare(scores: Mapping[str, Sequence[float]]) -> dict[str, Any]:
             out[f"margin_vs_{base}"] = min(pre) - max(rnd)
             out[f"every_seed_above_{base}"] = min(pre) > max(rnd)
     return out
+
+
+def print_table(results: dict[str, list[dict[str, float]]], seeds: list[int], role: str, metric: str) -> None:
+    """One markdown row per start, every seed shown."""
+    names = {"medmae": "medmae-pretrained", "random": "random init", "random-sincos": "random + sin-cos positions"}
+    print("| init | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |")
+    print("|---|" + "---:|" * (len(seeds) + 1))
+    for init, rows in results.items():
+        vals = [r[role] for r in rows]
+        if vals:
+            print(
+                f"| {names[init]} ({role} {metric}) | " + " | ".join(f"{v:.4f}" for v in vals)
+                + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
+            )  # fmt: skip
+
+
+def print_comparison(summary: dict[str, Any], role: str) -> None:
+    """One line per baseline: the ratio, whether every pretrained seed is above it, and the margin."""
+    for base in BASELINES:
+        if f"ratio_vs_{base}" in summary:
+            print(
+                f"{role}: pretrained / {base} = {summary[f'ratio_vs_{base}']:.3f}x; every pretrained seed above "
+                f"every {base} seed: {summary[f'every_seed_above_{base}']} (margin {summary[f'margin_vs_{base}']:+.4f})"
+            )

@@ -57,6 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, usable_cores  # noqa: E402
+
 # encoder sizes: width, depth, heads (MLP ratio 4, patch 16)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 PEERS = ("medmae", "lightly", "monai")
@@ -409,13 +412,7 @@ def version(pkg: str) -> str:
 
 
 def machine_line(a: argparse.Namespace) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu, cores = cpu_model(), usable_cores()
     parts = [f"CPU {cpu} ({cores} cores usable)", f"torch threads {torch.get_num_threads()}"]
     if torch.device(a.device).type == "cuda":
         parts.insert(0, f"GPU {torch.cuda.get_device_name()}")

@@ -68,7 +68,15 @@ from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dic
 from medmae.train import MAEPretrainModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import BASELINES, benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
+from protocol import (  # noqa: E402
+    benchmark_parser,
+    commit,
+    compare,
+    log_test_look,
+    print_comparison,
+    print_table,
+    recipe_values,
+)
 from protocol import recipe_record as protocol_recipe_record
 from transfer import MNI, nilearn_data, quiet_trainer, write_csv  # noqa: E402  (the 2D benchmark's data)
 
@@ -476,34 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
     )
     for role in roles:
-        print_table(results, args.seeds, role)
+        print_table(results, args.seeds, role, "Dice")
         print_comparison(report[role], role)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
-
-
-def print_table(results: dict[str, list[dict[str, float]]], seeds: list[int], role: str) -> None:
-    """One markdown row per start, every seed shown."""
-    names = {"medmae": "medmae-pretrained", "random": "random init", "random-sincos": "random + sin-cos positions"}
-    print("| init | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |")
-    print("|---|" + "---:|" * (len(seeds) + 1))
-    for init, rows in results.items():
-        vals = [r[role] for r in rows]
-        if vals:
-            print(
-                f"| {names[init]} ({role} Dice) | " + " | ".join(f"{v:.4f}" for v in vals)
-                + f" | {statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f} |"
-            )  # fmt: skip
-
-
-def print_comparison(summary: dict[str, Any], role: str) -> None:
-    for base in BASELINES:
-        if f"ratio_vs_{base}" in summary:
-            print(
-                f"{role}: pretrained / {base} = {summary[f'ratio_vs_{base}']:.3f}x; every pretrained seed above "
-                f"every {base} seed: {summary[f'every_seed_above_{base}']} (margin {summary[f'margin_vs_{base}']:+.4f})"
-            )
 
 
 if __name__ == "__main__":

@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['test_patients']} test"
         + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
     )
-    from transfer import print_comparison, print_table
+    from protocol import print_comparison, print_table
 
     for role in roles:
         print_table(results, args.seeds, role, "AUROC")
