@@ -130,6 +130,20 @@ def stored_range(bits_stored: int, pixel_representation: int) -> tuple[int, int]
     return 0, (1 << bits) - 1
 
 
+def lut_output_range(lut_dataset: Any) -> tuple[float, float]:
+    """``(lo, hi)`` over every output of the dataset's Modality LUT.
+
+    The LUT's outputs are read the way pydicom applies them (every input the LUT maps, from its
+    descriptor), so ``LUTData`` stored as OW bytes works as well as the multi-valued US form.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    entries, first = (int(v) for v in lut_dataset.ModalityLUTSequence[0].LUTDescriptor[:2])
+    inputs = np.arange(first, first + (entries or 65536), dtype=np.int64)  # 0 entries means 2**16
+    outputs = np.asarray(apply_modality_lut(inputs, lut_dataset))
+    return float(outputs.min()), float(outputs.max())
+
+
 def modality_values(
     raw: np.ndarray,
     slope: float,
@@ -149,8 +163,7 @@ def modality_values(
         from pydicom.pixels import apply_modality_lut
 
         values = np.asarray(apply_modality_lut(raw, lut_dataset))
-        lut = np.asarray(lut_dataset.ModalityLUTSequence[0].LUTData, dtype=np.float64)
-        lo, hi = float(lut.min()), float(lut.max())
+        lo, hi = lut_output_range(lut_dataset)
     elif raw.dtype.kind == "f":
         values = raw.astype(np.float64) * slope + intercept if (slope != 1 or intercept != 0) else raw
         lo, hi = (float(np.min(values)), float(np.max(values))) if monochrome1 else (0.0, 0.0)

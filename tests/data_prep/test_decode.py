@@ -76,3 +76,28 @@ def test_stack_assembler_picks_one_dtype_for_all_slices() -> None:
     asm.add(np.array([[0, 300]], dtype=np.int64))  # no longer fits uint8
     out = asm.finish(hu=False)
     assert out.dtype == np.int16 and out.tolist() == [[[0, 10]], [[0, 300]]]
+
+
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_a_modality_lut_is_applied_whichever_way_its_data_is_stored(vr: str) -> None:
+    """LUTData may be multi-valued US or OW bytes (both are legal); prep read only the first and failed the
+    series (build_failed) on the second. MONOCHROME1 inverts within the LUT's output range either way."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    table = (np.arange(256, dtype=np.uint16) * 3 + 10).astype("<u2")
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.ModalityLUTType = "US"
+    item.add_new("LUTData", vr, table.tobytes() if vr == "OW" else [int(v) for v in table])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # OW data is read in the file's byte order
+    ds.ModalityLUTSequence = Sequence([item])
+    ds.PixelRepresentation = 0
+    ds.BitsStored = 8
+    raw = np.array([[0, 1, 255]], dtype=np.uint16)
+    assert modality_values(raw, 1.0, 0.0, lut_dataset=ds).tolist() == [[10, 13, 775]]
+    inverted = modality_values(raw, 1.0, 0.0, lut_dataset=ds, monochrome1=True)
+    assert inverted.tolist() == [[775, 772, 10]]  # lo + hi - v over the LUT's outputs [10, 775]
