@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     export = args.encoder or args.work / "encoder"
     torch.set_num_threads(1)
-    pre = resolve_encoder(parse_init(f"medmae:{export}")).preprocessing
+    source = resolve_encoder(parse_init(f"medmae:{export}"))
+    pre, patch = source.preprocessing, int(source.spec.patch_size)
     train, val = cases(args.work, "train", pre), cases(args.work, "val", pre)
-    patch = int(resolve_encoder(parse_init(f"medmae:{export}")).spec.patch_size)
     ytr, yva = patch_targets(train, patch), patch_targets(val, patch)
     print(f"machine: {platform.machine()}, torch {torch.__version__}; {len(ytr)} train / {len(yva)} val tokens")
     print("| start | block | R2 " + " | R2 ".join(TARGETS) + " |\n|---|---:|---:|---:|---:|")

@@ -176,3 +176,28 @@ def print_comparison(summary: dict[str, Any], role: str) -> None:
                 f"{role}: pretrained / {base} = {summary[f'ratio_vs_{base}']:.3f}x; every pretrained seed above "
                 f"every {base} seed: {summary[f'every_seed_above_{base}']} (margin {summary[f'margin_vs_{base}']:+.4f})"
             )
+
+
+#: what a run without ``--final-test`` says after its split line
+NOT_SCORED = " (not scored: validation only; --final-test scores it once, logged)"
+
+
+def finish_run(
+    args: argparse.Namespace,
+    benchmark: str,
+    look_recipe: Mapping[str, Any],
+    report: dict[str, Any],
+    results: Mapping[str, Sequence[Mapping[str, float]]],
+    metric: str,
+    code: str,
+) -> None:
+    """The end every transfer benchmark shares: log the look at test (``--final-test`` only), print
+    the per-seed tables and comparisons of each scored role, and write ``--json``."""
+    roles = ("val", "test") if args.final_test else ("val",)
+    if args.final_test:
+        log_test_look(benchmark, look_recipe, results, report["test"], args.test_log, code)
+    for role in roles:
+        print_table(results, args.seeds, role, metric)  # type: ignore[arg-type]
+        print_comparison(report[role], role)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))

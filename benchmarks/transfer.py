@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import logging
 import platform
 import sys
@@ -59,12 +58,11 @@ from medmae.train import MAEPretrainModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import (  # noqa: E402
+    NOT_SCORED,
     benchmark_parser,
     commit,
     compare,
-    log_test_look,
-    print_comparison,
-    print_table,
+    finish_run,
     recipe_values,
 )
 from protocol import recipe_record as protocol_recipe_record
@@ -412,21 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         "val_slabs": len(cases["val"]),
         "test_slabs": len(cases["test"]),
     }
-    if args.final_test:
-        log_test_look(benchmark_name(recipe.task), report["recipe"], results, report["test"], args.test_log, code)
     print(
         f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s"
     )
     print(
         f"labelled slabs {report['labelled_slabs']} x {recipe.slab} planes; "
-        f"val {report['val_slabs']}, test {report['test_slabs']}"
-        + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
+        f"val {report['val_slabs']}, test {report['test_slabs']}" + ("" if args.final_test else NOT_SCORED)
     )
-    for role in roles:
-        print_table(results, args.seeds, role, "Dice")
-        print_comparison(report[role], role)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish_run(args, benchmark_name(recipe.task), report["recipe"], report, results, "Dice", code)
     return 0
 
 

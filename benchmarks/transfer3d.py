@@ -39,7 +39,6 @@ whole boxes at the template's own 1 mm voxels (MONAI semantics, as ``val/dice``)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import platform
 import statistics
@@ -69,12 +68,11 @@ from medmae.train import MAEPretrainModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import (  # noqa: E402
+    NOT_SCORED,
     benchmark_parser,
     commit,
     compare,
-    log_test_look,
-    print_comparison,
-    print_table,
+    finish_run,
     recipe_values,
 )
 from protocol import recipe_record as protocol_recipe_record
@@ -473,21 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         "pretraining_boxes": pretraining_boxes,
         "boxes": split.record(),
     }
-    if args.final_test:
-        log_test_look(BENCHMARK, report["recipe"], results, report["test"], args.test_log, code)
     print(
         f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, fine-tuning "
         f"{report['finetune_seconds_mean']} s per run, total {report['total_seconds']} s"
     )
     print(
         f"labelled boxes {counts['train']}; val {counts['val']}, test {counts['test']}"
-        + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
+        + ("" if args.final_test else NOT_SCORED)
     )
-    for role in roles:
-        print_table(results, args.seeds, role, "Dice")
-        print_comparison(report[role], role)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish_run(args, BENCHMARK, report["recipe"], report, results, "Dice", code)
     return 0
 
 

@@ -81,7 +81,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import benchmark_parser, commit, compare, log_test_look, recipe_values  # noqa: E402
+from protocol import NOT_SCORED, benchmark_parser, commit, compare, finish_run, recipe_values  # noqa: E402
 from protocol import recipe_record as protocol_recipe_record
 
 #: the name this benchmark's looks at test carry in benchmarks/results/test_looks.jsonl
@@ -559,24 +559,15 @@ def main(argv: list[str] | None = None) -> int:
         "test_patients": len(cohort.test),
         "pretraining_patients": None if args.encoder else len(cohort.unlabelled) + len(cohort.train),
     }
-    if args.final_test:
-        look = {**report["recipe"], "task": report["task"]}
-        log_test_look(BENCHMARK, look, results, report["test"], args.test_log, code)
     print(
         f"\nmachine: {report['machine']}; pretraining {report['pretrain_seconds']} s, total {report['total_seconds']} s"
     )
     print(
         f"patients: {report['labelled_patients']} labelled, {report['val_patients']} validation, "
-        f"{report['test_patients']} test"
-        + ("" if args.final_test else " (not scored: validation only; --final-test scores it once, logged)")
+        f"{report['test_patients']} test" + ("" if args.final_test else NOT_SCORED)
     )
-    from protocol import print_comparison, print_table
-
-    for role in roles:
-        print_table(results, args.seeds, role, "AUROC")
-        print_comparison(report[role], role)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    look = {**report["recipe"], "task": report["task"]}
+    finish_run(args, BENCHMARK, look, report, results, "AUROC", code)
     return 0
 
 
