@@ -3,11 +3,12 @@
 Runs in pool workers. A series is built once per *version*: its sidecar (written last by
 :func:`medmae.data.cache.write_series`) marks it done, and a small state file written *before* the
 array records the series fingerprint it was built from (a keyed hash of its plan and instances,
-see :func:`data_prep.pipeline.series_fingerprint`) and the files dropped while building it (a
+see :func:`data_prep.incremental.series_fingerprint`) and the files dropped while building it (a
 truncated end slice, say). A rerun skips a series only when sidecar, array and a state of the same
 fingerprint are all there, so a series that gained, lost or changed instances is rebuilt, never
 left stale; a resumed run reports exactly what an uninterrupted run reports. Rebuilding starts by
 removing the old sidecar, so a kill at any point of a rebuild leaves the series "not built".
+Where the state lives and how it is read is :mod:`data_prep.state`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ from data_prep.geometry import RAS_TO_LPS, check_stack, stack_affine, to_canonic
 from data_prep.reasons import Reason
 from data_prep.series import SeriesPlan
 from data_prep.sources.base import RetrieveFailed
+from data_prep.state import (  # noqa: F401 - re-exported: the state's names were importable from here
+    STATE_DIRNAME,
+    SeriesState,
+    dropped_state_path,
+    read_series_state,
+    remove_series,
+    series_state_path,
+)
 from medmae.data.cache import (
     CacheFormatError,
     SeriesRecord,
@@ -51,9 +60,6 @@ from medmae.data.cache import (
 )
 
 log = logging.getLogger("data_prep")
-
-#: data_prep's own bookkeeping inside the cache (pseudonymous only; the reader ignores it).
-STATE_DIRNAME = "prep_state"
 
 
 @dataclass(frozen=True)
@@ -111,53 +117,6 @@ class _Rejected(Exception):
     def __init__(self, per_file: dict[str, Reason]) -> None:
         super().__init__("rejected")
         self.per_file = per_file
-
-
-def dropped_state_path(cache_dir: Path, series_id: str) -> Path:
-    """Where preps before series fingerprints kept dropped files (read by none; removed on rebuild)."""
-    return Path(cache_dir) / STATE_DIRNAME / "dropped" / f"{series_id}.json"
-
-
-def series_state_path(cache_dir: Path, series_id: str) -> Path:
-    """The build state of one series: fingerprint, files, dropped files (pseudonymous only)."""
-    return Path(cache_dir) / STATE_DIRNAME / "series" / f"{series_id}.json"
-
-
-@dataclass(frozen=True)
-class SeriesState:
-    """What the state file of a built series says (see the module docstring)."""
-
-    fingerprint: str
-    files: tuple[str, ...]  # pseudonyms of the plan's files (decides "missing from the archive")
-    dropped: dict[str, Reason]
-    content_memo: dict[str, str] | None = None
-
-
-def read_series_state(cache_dir: Path, series_id: str) -> SeriesState | None:
-    """The series' state, or None when absent or unreadable (the series then counts as not built)."""
-    try:
-        d = json.loads(series_state_path(cache_dir, series_id).read_text("utf-8"))
-        memo = d.get("content_memo")
-        return SeriesState(
-            fingerprint=str(d["fingerprint"]),
-            files=tuple(str(f) for f in d["files"]),
-            dropped={str(k): Reason(v) for k, v in d["dropped"].items()},
-            content_memo=None if memo is None else {str(k): str(v) for k, v in memo.items()},
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def remove_series(cache_dir: Path, series_id: str) -> None:
-    """Delete a series' cache entry and its bookkeeping (sidecar first: the entry stops being "built")."""
-    cache = Path(cache_dir)
-    for path in (
-        sidecar_path(cache, series_id),
-        cache / series_array_path(series_id),
-        series_state_path(cache, series_id),
-        dropped_state_path(cache, series_id),
-    ):
-        path.unlink(missing_ok=True)
 
 
 def already_built(task: BuildTask) -> BuildResult | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.compact import Compactor
 from data_prep.deid import quiet_libraries
 from data_prep.headers import (
     DEFAULT_MAX_VOXELS,
@@ -250,12 +251,14 @@ def scan_archives(
 
     With ``workers > 1`` header reads run in a process pool, ``SCAN_CHUNK`` files per task, while the
     walk goes on; at most ``4 * workers`` chunks are in flight so memory stays flat on huge trees.
+    Records are kept compact as they arrive (:class:`~data_prep.compact.Compactor`).
     See :func:`walk` for folders and links, :func:`scan_file` for files.
     """
     records: list[ScanRecord] = []
+    compact = Compactor().record  # the values a series' files repeat are held once (issue 20)
 
     def done(batch: list[ScanRecord]) -> None:
-        records.extend(batch)
+        records.extend(compact(r) for r in batch)
         if on_progress is not None:
             on_progress(len(batch))
 

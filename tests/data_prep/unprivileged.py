@@ -8,6 +8,7 @@ function simply runs in a forked child as the current user.
 
 from __future__ import annotations
 
+import multiprocessing.popen_fork  # noqa: F401 - imported lazily by a fork-context Process.start(): not by nobody
 import os
 import pickle
 import tempfile
