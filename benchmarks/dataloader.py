@@ -20,14 +20,27 @@ shared by whatever else runs: the load average is printed before and after.
 Example (the docs/data.md table)::
 
     python benchmarks/dataloader.py --work /tmp/medmae_bench
+
+Worker memory against the number of series (issue 20; no throughput run)::
+
+    python benchmarks/dataloader.py --memory-series 10000 100000 --work /tmp/medmae_mem
+    python benchmarks/dataloader.py --memory-series 10000 --memory-tree /path/to/other/checkout
+
+builds synthetic caches of S tiny series (``archive_scale.synthetic_cache``), runs the training
+loader ``CacheDataModule`` makes (2 workers, fork) in a fresh process per S and reads every worker's
+``/proc/<pid>/smaps_rollup`` after the first batch and after ``--memory-batches`` more: RSS, PSS and
+USS (private pages: what the worker costs on its own). ``--memory-tree`` imports medmae from another
+checkout, for a before/after comparison on the same caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -38,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model, usable_cores  # noqa: E402
+from machine import cpu_model, smaps_mib, usable_cores  # noqa: E402
 
 HU_INTERCEPT = -1024
 
@@ -177,7 +190,7 @@ def time_loader(loader: DataLoader, warmup: int, batches: int) -> tuple[float, f
 
 
 def medmae_loader(cache: Path, slices: int, workers: int, batch: int, size: int, n_samples: int) -> DataLoader:
-    from medmae.data import CacheDataModule
+    from medmae.data import CacheDataModule, SamplingOptions
 
     dm = CacheDataModule(
         str(cache),
@@ -185,7 +198,7 @@ def medmae_loader(cache: Path, slices: int, workers: int, batch: int, size: int,
         slices=slices,
         batch_size=batch,
         num_workers=workers,
-        samples_per_epoch=n_samples,
+        sampling=SamplingOptions(samples_per_epoch=n_samples),
     )
     dm.setup("fit")
     return dm.train_dataloader()
@@ -197,6 +210,91 @@ def baseline_loader(
     dataset = NaiveDicomDataset(files, slices, size)
     sampler = RandomSampler(dataset, replacement=True, num_samples=n_samples)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True)
+
+
+# ----------------------------------------------------------------------------- worker memory against series
+
+
+def memory_loader(cache: Path, batches: int) -> DataLoader:
+    """The training loader ``CacheDataModule.setup("fit")`` + ``train_dataloader()`` builds, wired by hand
+    (defaults, min_size 8, 32² output, batch 16, 2 workers), so the same code measures any checkout
+    whatever its datamodule's options look like. The manifest rows are local: freed on return, as in
+    the datamodule."""
+    from medmae.data.cache import CacheEntryError, check_series_array, load_manifest
+    from medmae.data.dataset import CacheSliceDataset
+    from medmae.data.index import SliceIndex, select_series
+    from medmae.data.sampler import EpochWeightedSampler
+    from medmae.data.transforms import SliceTransform
+
+    selection = select_series(load_manifest(cache).rows, split="train", min_size=8)
+    kept = []
+    for row in selection.rows:  # CacheDataModule's verify_entries
+        try:
+            check_series_array(cache, row)
+        except CacheEntryError:
+            continue
+        kept.append(row)
+    index = SliceIndex(kept, "axial", 0.5)
+    dataset = CacheSliceDataset(cache, index, SliceTransform((32, 32)), seed=0)
+    sampler = EpochWeightedSampler(index, 16 * (batches + 8), seed=0, num_replicas=1, rank=0, batch_size=16)
+    return DataLoader(dataset, batch_size=16, sampler=sampler, num_workers=2, drop_last=True)
+
+
+def memory_child(cache: Path, batches: int) -> dict[str, object]:
+    """One loader run on ``cache`` in this process; memory of the main process and of each worker."""
+    import gc
+
+    t = time.perf_counter()
+    loader = memory_loader(cache, batches)
+    setup_s = time.perf_counter() - t
+    gc.collect()
+    main_after_setup = smaps_mib(os.getpid())
+    it = iter(loader)
+    next(it)
+    pids = [w.pid for w in it._workers]  # noqa: SLF001 - the loader's own worker handles
+    first = [smaps_mib(p) for p in pids]
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    steady_s = time.perf_counter() - t
+    steady = [smaps_mib(p) for p in pids]
+    out = {"setup_s": setup_s, "batches_s": steady_s, "main": main_after_setup, "first": first, "steady": steady,
+           "train_series": loader.dataset.index.num_series}
+    del it
+    return out
+
+
+def memory_main(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from archive_scale import synthetic_cache
+
+    tree = (args.memory_tree or Path(__file__).resolve().parents[1]).resolve()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    print(machine())
+    print(f"medmae imported from {tree}; 2 workers (fork), batch 16 of 32², first batch then "
+          f"{args.memory_batches} batches; MiB per worker (mean of 2)\n")
+    print("| series S | train series | main RSS / USS after setup | worker RSS | worker PSS | worker USS "
+          "| worker USS after first batch | batches s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in args.memory_series:
+        cache = args.work / f"series-cache-{s}"
+        if not (cache / "manifest.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            synthetic_cache(cache, s)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(cache),
+               "--memory-batches", str(args.memory_batches)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run at S={s} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+
+        def mean(which: str, key: str, r: dict = r) -> float:
+            return statistics.mean(w[key] for w in r[which])
+
+        print(f"| {s:,} | {r['train_series']:,} | {r['main']['rss']:,.0f} / {r['main']['uss']:,.0f} "
+              f"| {mean('steady', 'rss'):,.0f} | {mean('steady', 'pss'):,.0f} | {mean('steady', 'uss'):,.1f} "
+              f"| {mean('first', 'uss'):,.1f} | {r['batches_s']:.0f} |", flush=True)
+    return 0
 
 
 def machine() -> str:
@@ -219,7 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--stack", type=int, nargs="+", default=[1, 3], help="slices per sample (1 = 2D)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--memory-series", type=int, nargs="+", help="measure worker memory at these S instead")
+    parser.add_argument("--memory-batches", type=int, default=400, help="batches after the first (memory mode)")
+    parser.add_argument("--memory-tree", type=Path, help="checkout to import medmae from (memory mode)")
+    parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        torch.set_num_threads(1)
+        print(json.dumps(memory_child(args.memory_child, args.memory_batches)))
+        return 0
+    if args.memory_series:
+        return memory_main(args)
 
     torch.set_num_threads(1)
     print(machine())

@@ -24,3 +24,16 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def smaps_mib(pid: int) -> dict[str, float]:
+    """RSS, PSS and USS (private clean + dirty) of a process in MiB, from ``/proc/<pid>/smaps_rollup``."""
+    kib: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        kib[key] = int(rest.split()[0])
+    return {
+        "rss": kib["Rss"] / 1024,
+        "pss": kib["Pss"] / 1024,
+        "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
+    }

@@ -18,6 +18,12 @@ Failures never stop the run:
 
 Each sample reports how often it was replaced (``"skipped"``, ``"rejected"``), so the training loop can
 sum them over all workers.
+
+Memory: a dataset holds per-series data only as numpy arrays (its index's
+:class:`~medmae.data.series_table.SeriesTable` and columns), never a record object per series, so
+a forked DataLoader worker shares them with the main process for the whole run instead of copying
+the pages of every series it samples (issue 20). The record a transform reads is rebuilt from the
+columns for the one candidate being made, and dropped with it.
 """
 
 from __future__ import annotations
@@ -161,7 +167,7 @@ class CacheSampleDataset(Dataset):
     def _check_known_bad(self, series: int) -> None:
         """Fail fast on a series already found unreadable in this process (same RNG use as a read)."""
         if series in self._bad:
-            raise CacheEntryError(self.index.rows[series].series_id, self._bad[series])
+            raise CacheEntryError(self.index.table.series_ids[series], self._bad[series])
 
 
 class CacheSliceDataset(CacheSampleDataset):
@@ -218,7 +224,7 @@ class CacheSliceDataset(CacheSampleDataset):
                 f"{coarse} series of the index are coarser than slice_spacing_mm={spacing_mm} along the axis "
                 "(or single images): select them out with select_series(..., slice_spacing_mm=...)"
             )
-        self.reader = SeriesReader(cache_dir, index.rows, index.axis, max_open=max_open_files)
+        self.reader = SeriesReader(cache_dir, index.table, index.axis, max_open=max_open_files)
         #: leave flip / resize / intensity to the device (set by CacheDataModule before its loaders start)
         self.defer_pixels = False
 
@@ -232,16 +238,15 @@ class CacheSliceDataset(CacheSampleDataset):
         self._check_known_bad(series)
         # deferred: read unflipped, the device flips (the foreground test sees the flipped view)
         slab = pick.channels(self.reader.read(series, pick.indices, box, flip and not self.defer_pixels))
-        return series, centre, flip, slab
+        return series, centre, flip, slab, self.index.table.row(series)
 
     def _accept(self, position: int, candidate: tuple[Any, ...]) -> bool:
-        series, _, flip, slab = candidate
+        _, _, flip, slab, record = candidate
         seen = slab[..., ::-1] if flip and self.defer_pixels else slab
-        return self.transform.is_foreground(seen, self.index.rows[series])
+        return self.transform.is_foreground(seen, record)
 
     def _output(self, position: int, candidate: tuple[Any, ...], rng: np.random.Generator) -> dict[str, Any]:
-        series, centre, flip, slab = candidate
-        record = self.index.rows[series]
+        series, centre, flip, slab, record = candidate
         if self.defer_pixels:
             values, ranges = self.transform.prepare(slab, record, rng)
             pixels = raw_sample(values, ranges, flip)

@@ -27,6 +27,12 @@ sagittal    X (right->left) Z reversed: superior -> inferior Y: anterior -> post
 
 Series of kind ``image`` (one 2D picture, Z == 1) are always used as their single (Y, X) plane,
 whatever the axis.
+
+:class:`SliceIndex` keeps no manifest row: it turns them into a columnar
+:class:`~medmae.data.series_table.SeriesTable` (numpy arrays) when it is built, so DataLoader
+workers forked from the main process read per-series data without touching a Python object per
+series and their memory stays flat in the number of series (issue 20). ``rows`` rebuilds the
+records from the columns for callers in the main process.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 
 from medmae.data.cache import ManifestRow
 from medmae.data.neighbours import fits_slice_spacing
+from medmae.data.series_table import SeriesRows, SeriesTable
 
 #: Slicing axes and the array axis (of the canonical (Z, Y, X) array) that each one steps along.
 AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -165,10 +172,12 @@ class SliceIndex:
     """Flat index of the (series, slice) pairs of some series along one axis, with sampling weights.
 
     Position ``p`` belongs to series ``i`` when ``offsets[i] <= p < offsets[i + 1]``; its slice number is
-    ``p - offsets[i]``. Memory is O(number of series), whatever the number of slices.
+    ``p - offsets[i]``. Memory is O(number of series), whatever the number of slices, and all of it is
+    numpy arrays (:attr:`table` and the per-series columns below): no Python object per series.
 
     Args:
-        rows: the series, in order (usually :attr:`Selection.rows`); may be empty.
+        rows: the series, in order (usually :attr:`Selection.rows`), or their :class:`SeriesTable`;
+            may be empty.
         axis: slicing axis, one of :data:`AXES`.
         alpha: sampling exponent in [0, 1] (see the module docstring).
 
@@ -179,35 +188,40 @@ class SliceIndex:
         positions = index.draw(np.random.default_rng(0), 1000)
     """
 
-    def __init__(self, rows: Sequence[ManifestRow], axis: str = "axial", alpha: float = 0.5) -> None:
+    def __init__(self, rows: Sequence[ManifestRow] | SeriesTable, axis: str = "axial", alpha: float = 0.5) -> None:
         if axis not in AXES:
             raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"sampling_alpha must be in [0, 1], got {alpha!r}")
-        self.rows: tuple[ManifestRow, ...] = tuple(rows)
+        #: every field of the series, as numpy columns (what the datasets read per sample)
+        self.table: SeriesTable = rows if isinstance(rows, SeriesTable) else SeriesTable.from_rows(rows)
         self.axis = axis
         self.alpha = float(alpha)
-        geometry = np.array([plane_geometry(r, axis) for r in self.rows], dtype=np.int64).reshape(-1, 3)
-        self.n_slices: np.ndarray = geometry[:, 0]
-        self.plane_shapes: np.ndarray = geometry[:, 1:]
+        geometry, spacings = plane_columns(self.table, axis)
+        self.n_slices: np.ndarray = geometry[:, 0].copy()
+        self.plane_shapes: np.ndarray = geometry[:, 1:].copy()
         #: mm between planes along the axis per series (NaN for single images)
-        self.axis_spacings: np.ndarray = np.array(
-            [np.nan if (d := axis_spacing(r, axis)) is None else d for r in self.rows], dtype=np.float64
-        )
+        self.axis_spacings: np.ndarray = spacings
         self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(self.n_slices)]).astype(np.int64)
-        if self.rows:
+        if len(self.table):
             self.series_probs: np.ndarray = series_weights(self.n_slices, self.alpha)
             self._cum = np.cumsum(self.series_probs)
         else:
             self.series_probs = np.zeros(0)
             self._cum = np.zeros(0)
 
+    @property
+    def rows(self) -> SeriesRows:
+        """The series' records, rebuilt from :attr:`table` on each access (main process only: a
+        worker that reads them makes its own copy of what it reads)."""
+        return SeriesRows(self.table)
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     @property
     def num_series(self) -> int:
-        return len(self.rows)
+        return len(self.table)
 
     def locate(self, position: int) -> tuple[int, int]:
         """``(series, slice)`` of a flat position."""
@@ -237,12 +251,12 @@ class SliceIndex:
             rng: the generator to consume (exactly two uniform draws per position).
             size: number of positions, or ``None`` for a single ``int``.
         """
-        if not self.rows:
+        if not len(self.table):
             raise ValueError("cannot draw from an empty slice index")
         n = 1 if size is None else int(size)
         u_series = rng.random(n)
         u_slice = rng.random(n)
-        series = np.minimum(np.searchsorted(self._cum, u_series * self._cum[-1], side="right"), len(self.rows) - 1)
+        series = np.minimum(np.searchsorted(self._cum, u_series * self._cum[-1], side="right"), len(self.table) - 1)
         counts = self.n_slices[series]
         slices = np.minimum((u_slice * counts).astype(np.int64), counts - 1)
         positions = self.offsets[series] + slices
@@ -257,21 +271,18 @@ class SliceIndex:
         once in each modality and once in the total).
         """
 
-        def counts(members: Sequence[int]) -> dict[str, int]:
+        def counts(members: np.ndarray) -> dict[str, int]:
             return {
                 "series": len(members),
-                "slices": int(sum(int(self.n_slices[i]) for i in members)),
-                "patients": len({self.rows[i].patient_id for i in members}),
+                "slices": int(self.n_slices[members].sum()),
+                "patients": len(np.unique(self.table.patients[members])),
             }
 
         def by(field: str) -> dict[str, dict[str, int]]:
-            groups: dict[str, list[int]] = {}
-            for i, row in enumerate(self.rows):
-                groups.setdefault(str(getattr(row, field)), []).append(i)
-            return {key: counts(members) for key, members in sorted(groups.items())}
+            return {key: counts(members) for key, members in self.table.groups(field).items()}
 
         return {
-            **counts(range(len(self.rows))),
+            **counts(np.arange(self.num_series)),
             "by_modality": by("modality"),
             "by_source": by("source"),
             "by_kind": by("kind"),
@@ -279,11 +290,27 @@ class SliceIndex:
 
     def describe(self) -> dict[str, object]:
         """Counts for logs and reports (no ids)."""
-        kinds = Counter(r.kind for r in self.rows)
-        modalities = Counter(r.modality for r in self.rows)
         return {
             "series": self.num_series,
             "slices": len(self),
-            "kinds": dict(sorted(kinds.items())),
-            "modalities": dict(sorted(modalities.items())),
+            "kinds": {k: len(m) for k, m in self.table.groups("kind").items()},
+            "modalities": {k: len(m) for k, m in self.table.groups("modality").items()},
         }
+
+
+def plane_columns(table: SeriesTable, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`plane_geometry` and :func:`axis_spacing` of every series of ``table`` at once:
+    ``(n_slices, height, width)`` int64 ``(n, 3)`` and the spacing along ``axis`` float64 ``(n,)``
+    (NaN for single images)."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
+    z, y, x = table.shapes.T
+    image = table.is_value("kind", "image")
+    if axis == "axial":
+        geometry = np.stack([z, y, x], axis=1)
+    elif axis == "coronal":
+        geometry = np.where(image[:, None], np.stack([z, y, x], axis=1), np.stack([y, z, x], axis=1))
+    else:
+        geometry = np.where(image[:, None], np.stack([z, y, x], axis=1), np.stack([x, z, y], axis=1))
+    spacings = np.where(image, np.nan, table.spacings[:, AXES[axis]]).astype(np.float64)
+    return geometry.astype(np.int64).reshape(-1, 3), spacings

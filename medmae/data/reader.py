@@ -12,6 +12,11 @@ touched, because touching a mapped page past the end of a truncated file kills t
 SIGBUS rather than raising. (Caches are written atomically, so this only happens when something else
 edits the cache during training.) Any other ``OSError``/``ValueError`` while slicing becomes
 ``CacheEntryError('read_error')``.
+
+Per-series data comes from a columnar :class:`~medmae.data.series_table.SeriesTable` (numpy arrays),
+so a read touches no Python object per series (see ``series_table.py`` for why that keeps forked
+workers' memory flat); the record of a series is rebuilt only to open its map, the map's entry then
+keeps the path and id it needs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from medmae.data.cache import CacheEntryError, SeriesRecord, open_series_array
 from medmae.data.index import AXES
+from medmae.data.series_table import SeriesTable
 from medmae.data.transforms import CropBox
 
 
@@ -49,21 +55,25 @@ class SeriesReader:
 
     Args:
         cache_dir: the cache directory.
-        records: the series (usually ``SliceIndex.rows``).
+        records: the series (usually an index's ``table``), as a :class:`SeriesTable` or a sequence
+            of records (turned into one).
         axis: slicing axis, one of ``index.AXES``.
         max_open: most memory maps kept open per process.
     """
 
-    def __init__(self, cache_dir: str | Path, records: Sequence[SeriesRecord], axis: str, max_open: int = 64) -> None:
+    def __init__(
+        self, cache_dir: str | Path, records: SeriesTable | Sequence[SeriesRecord], axis: str, max_open: int = 64
+    ) -> None:
         if axis not in AXES:
             raise ValueError(f"axis must be one of {tuple(AXES)}, got {axis!r}")
         if max_open < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open!r}")
         self.cache_dir = Path(cache_dir)
-        self.records = tuple(records)
+        self.table = records if isinstance(records, SeriesTable) else SeriesTable.from_rows(records)
         self.axis = axis
         self.max_open = int(max_open)
-        self._open: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
+        # series -> (array view, expected file size, path, series id, kind); at most max_open entries
+        self._open: OrderedDict[int, tuple[np.ndarray, int, Path, str, str]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -74,32 +84,35 @@ class SeriesReader:
         """Drop every open map (they close when garbage collected)."""
         self._open.clear()
 
-    def _array(self, series: int) -> np.ndarray:
-        record = self.records[series]
-        path = self.cache_dir / record.array
+    def _entry(self, series: int) -> tuple[np.ndarray, int, Path, str, str]:
         entry = self._open.get(series)
         if entry is None:
+            record = self.table.row(series)
             mapped = open_series_array(self.cache_dir, record, mmap=True)
             expected = int(getattr(mapped, "offset", 0)) + mapped.nbytes
             # a plain ndarray view of the map: same pages, without np.memmap's per-slice Python overhead
-            entry = (mapped.view(np.ndarray), expected)
+            entry = (mapped.view(np.ndarray), expected, self.cache_dir / record.array, record.series_id, record.kind)
             self._open[series] = entry
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(series)
+        _, expected, path, series_id, _ = entry
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             self._open.pop(series, None)
-            raise CacheEntryError(record.series_id, "missing_array") from None
+            raise CacheEntryError(series_id, "missing_array") from None
         except OSError as e:
             self._open.pop(series, None)
-            raise CacheEntryError(record.series_id, "read_error", e.__class__.__name__) from e
-        if size < entry[1]:
+            raise CacheEntryError(self.table.series_ids[series], "read_error", e.__class__.__name__) from e
+        if size < expected:
             self._open.pop(series, None)
-            raise CacheEntryError(record.series_id, "truncated_array", f"{size} < {entry[1]} bytes")
-        return entry[0]
+            raise CacheEntryError(series_id, "truncated_array", f"{size} < {expected} bytes")
+        return entry
+
+    def _array(self, series: int) -> np.ndarray:
+        return self._entry(series)[0]
 
     def read(self, series: int, slices: np.ndarray, box: CropBox, flip: bool = False) -> np.ndarray:
         """Copy ``box`` of the given slices (plane indices along the axis) into a new ``(k, h, w)`` array.
@@ -113,9 +126,9 @@ class SeriesReader:
         Raises:
             CacheEntryError: the array is missing, truncated, mismatched or unreadable.
         """
-        record = self.records[series]
         try:
-            view = plane_view(self._array(series), record.kind, self.axis)
+            array, _, _, series_id, kind = self._entry(series)
+            view = plane_view(array, kind, self.axis)
             lo, hi = int(slices.min()), int(slices.max())
             if flip:
                 stop = box.left - 1 if box.left > 0 else None
@@ -128,9 +141,9 @@ class SeriesReader:
             raise
         except (OSError, ValueError, IndexError) as e:
             self._open.pop(series, None)
-            raise CacheEntryError(record.series_id, "read_error", e.__class__.__name__) from e
+            raise CacheEntryError(self.table.series_ids[series], "read_error", e.__class__.__name__) from e
         if out.shape != (len(slices), box.height, box.width):
-            raise CacheEntryError(record.series_id, "read_error", f"box {box} outside plane {view.shape}")
+            raise CacheEntryError(series_id, "read_error", f"box {box} outside plane {view.shape}")
         return out
 
     def read_box(self, series: int, box: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -142,17 +155,16 @@ class SeriesReader:
             CacheEntryError: the array is missing, truncated, mismatched or unreadable, or the box
                 does not lie inside it.
         """
-        record = self.records[series]
         try:
-            array = self._array(series)
+            array, _, _, series_id, _ = self._entry(series)
             (z0, z1), (y0, y1), (x0, x1) = box
             out = np.array(array[z0:z1, y0:y1, x0:x1])
         except CacheEntryError:
             raise
         except (OSError, ValueError, IndexError) as e:
             self._open.pop(series, None)
-            raise CacheEntryError(record.series_id, "read_error", e.__class__.__name__) from e
+            raise CacheEntryError(self.table.series_ids[series], "read_error", e.__class__.__name__) from e
         expected = tuple(hi - lo for lo, hi in box)
         if out.shape != expected:
-            raise CacheEntryError(record.series_id, "read_error", f"box {list(box)} outside array {array.shape}")
+            raise CacheEntryError(series_id, "read_error", f"box {list(box)} outside array {array.shape}")
         return out

@@ -30,202 +30,50 @@ without anti-aliasing, as MONAI ``Spacing`` does. Series the 3D model cannot use
 :func:`select_volumes` with a counted reason: single 2D images (``image``), series spanning less
 than ``min_coverage`` of the field of view along some axis (``volume_coverage``), and voxels more
 than ``max_anisotropy`` times longer along one axis than another (``volume_anisotropy``).
+
+The options (:class:`VolumeOptions`, ``volume_options.py``) and the series selection and sampling
+(:func:`select_volumes`, :class:`VolumeIndex`, ``volume_index.py``) live in their own modules
+(issue 19) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from medmae.data.cache import ManifestRow, SeriesRecord
-from medmae.data.index import Selection, SliceIndex, select_series, series_weights
-from medmae.data.intensity import IntensityRule, number, pair
+from medmae.data.cache import SeriesRecord
+from medmae.data.intensity import IntensityRule
+from medmae.data.volume_index import VolumeIndex, select_volumes, series_extent_mm, series_volumes_mm3
+from medmae.data.volume_options import Size3, Triple, VolumeOptions
 
-Triple = tuple[float, float, float]
-Size3 = tuple[int, int, int]
+__all__ = [
+    "FOREGROUND_POINTS",
+    "Size3",
+    "Triple",
+    "VolumeCrop",
+    "VolumeIndex",
+    "VolumeOptions",
+    "VolumeTransform",
+    "foreground_fraction_3d",
+    "grid_coordinates",
+    "plan_crop",
+    "resample_axis",
+    "resample_box",
+    "resample_labels",
+    "resample_volume",
+    "restore_volume",
+    "sample_positions",
+    "select_volumes",
+    "series_extent_mm",
+    "series_volumes_mm3",
+]
 
 #: most voxels tested for the foreground fraction of a 3D crop (a regular subsample of the box)
 FOREGROUND_POINTS = 32768
-
-
-def _triple(value: object, field: str) -> Triple:
-    if isinstance(value, bool):
-        raise ValueError(f"{field} must be a number or three numbers, got {value!r}")
-    if isinstance(value, int | float):
-        v = number(value, field)
-        return v, v, v
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ValueError(f"{field} must be a number or three numbers (Z, Y, X), got {value!r}")
-    a, b, c = (number(v, field) for v in value)
-    return a, b, c
-
-
-@dataclass(frozen=True)
-class VolumeOptions:
-    """What a 3D sample is: the ``data.volume`` section of a config (set it to train the 3D MAE).
-
-    Args:
-        size: output grid ``(Z, Y, X)`` in voxels (an int = a cube); the model's ``img_size``.
-        spacing_mm: output voxel spacing ``(Z, Y, X)`` in mm (a number = isotropic), all > 0.
-        crop_scale: range of the crop's volume as a fraction of the output field of view
-            (``size * spacing_mm``); ``(1, 1)`` = always exactly ``spacing_mm``.
-        crop_aspect: range of each axis' extra stretch (log-uniform, normalised so the three
-            multiply to 1); ``(1, 1)`` keeps the field of view's shape.
-        flip_prob: probability of a flip along each of Z, Y, X (a number = the same for all three);
-            default left-right only (anatomy has no up-down mirror symmetry).
-        min_coverage: a series must span at least this fraction of the field of view along every
-            axis (otherwise reason ``volume_coverage``); the rest of a crop is padded with 0.
-        max_anisotropy: largest allowed ratio of a series' largest to smallest voxel spacing
-            (otherwise reason ``volume_anisotropy``): a 5 mm-slice CT with 0.7 mm pixels is 7.
-
-    Example YAML::
-
-        data:
-          cache_dir: cache
-          batch_size: 4
-          volume: {size: [96, 96, 96], spacing_mm: 1.5, crop_scale: [0.5, 1.5]}
-    """
-
-    size: int | tuple[int, int, int] = 96
-    spacing_mm: float | tuple[float, float, float] = 1.5
-    crop_scale: tuple[float, float] = (0.5, 1.5)
-    crop_aspect: tuple[float, float] = (0.8, 1.25)
-    flip_prob: float | tuple[float, float, float] = (0.0, 0.0, 0.5)
-    min_coverage: float = 0.5
-    max_anisotropy: float = 4.0
-
-    def __post_init__(self) -> None:
-        size = self.size
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = (size, size, size)
-        if (
-            isinstance(size, str)
-            or not isinstance(size, Sequence)
-            or len(size) != 3
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-        ):
-            raise ValueError(f"data.volume.size must be a positive int or three positive ints (Z, Y, X), got {size!r}")
-        spacing = _triple(self.spacing_mm, "data.volume.spacing_mm")
-        if not all(s > 0 for s in spacing):
-            raise ValueError(f"data.volume.spacing_mm must be > 0 mm along every axis, got {self.spacing_mm!r}")
-        s_lo, s_hi = pair(self.crop_scale, "data.volume.crop_scale")
-        if not (0.0 < s_lo <= s_hi and math.isfinite(s_hi)):
-            raise ValueError(f"data.volume.crop_scale must satisfy 0 < low <= high, got {self.crop_scale!r}")
-        a_lo, a_hi = pair(self.crop_aspect, "data.volume.crop_aspect")
-        if not (0.0 < a_lo <= 1.0 <= a_hi and math.isfinite(a_hi)):
-            raise ValueError(f"data.volume.crop_aspect must satisfy 0 < low <= 1 <= high, got {self.crop_aspect!r}")
-        flips = _triple(self.flip_prob, "data.volume.flip_prob")
-        if not all(0.0 <= p <= 1.0 for p in flips):
-            raise ValueError(f"data.volume.flip_prob must lie in [0, 1], got {self.flip_prob!r}")
-        if not 0.0 < number(self.min_coverage, "data.volume.min_coverage") <= 1.0:
-            raise ValueError(f"data.volume.min_coverage must be in (0, 1], got {self.min_coverage!r}")
-        if not number(self.max_anisotropy, "data.volume.max_anisotropy") >= 1.0:
-            raise ValueError(f"data.volume.max_anisotropy must be >= 1, got {self.max_anisotropy!r}")
-        object.__setattr__(self, "size", tuple(int(s) for s in size))
-        object.__setattr__(self, "spacing_mm", spacing)
-        object.__setattr__(self, "crop_scale", (s_lo, s_hi))
-        object.__setattr__(self, "crop_aspect", (a_lo, a_hi))
-        object.__setattr__(self, "flip_prob", flips)
-        object.__setattr__(self, "min_coverage", float(self.min_coverage))
-        object.__setattr__(self, "max_anisotropy", float(self.max_anisotropy))
-
-    @property
-    def shape(self) -> Size3:
-        return self.size  # type: ignore[return-value]
-
-    @property
-    def spacing(self) -> Triple:
-        return self.spacing_mm  # type: ignore[return-value]
-
-    @property
-    def fov_mm(self) -> Triple:
-        """Field of view of the output grid along (Z, Y, X) in mm."""
-        return tuple(n * s for n, s in zip(self.shape, self.spacing, strict=True))  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- series selection
-
-
-def series_extent_mm(row: SeriesRecord) -> Triple:
-    """Physical extent of a series along (Z, Y, X): voxels times spacing."""
-    return tuple(float(n) * float(s) for n, s in zip(row.shape, row.spacing, strict=True))  # type: ignore[return-value]
-
-
-def select_volumes(
-    rows: Sequence[ManifestRow], *, split: str, options: VolumeOptions, modalities: Sequence[str] | None = None
-) -> Selection:
-    """The rows of ``split`` the 3D model can use, and per reason how many were dropped.
-
-    Modality and kind checks are :func:`~medmae.data.index.select_series`'s (reasons ``modality``,
-    ``image``); then ``volume_anisotropy`` and ``volume_coverage`` (see the module docstring).
-    """
-    base = select_series(
-        rows, split=split, modalities=modalities, include_images=False, max_anisotropy=math.inf, min_size=1
-    )
-    kept: list[ManifestRow] = []
-    dropped: Counter[str] = Counter(base.dropped)
-    fov = options.fov_mm
-    for row in base.rows:
-        spacing = [float(s) for s in row.spacing]
-        extent = series_extent_mm(row)
-        if max(spacing) / min(spacing) > options.max_anisotropy:
-            dropped["volume_anisotropy"] += 1
-        elif any(e < options.min_coverage * f for e, f in zip(extent, fov, strict=True)):
-            dropped["volume_coverage"] += 1
-        else:
-            kept.append(row)
-    return Selection(rows=tuple(kept), dropped=dropped)
-
-
-class VolumeIndex:
-    """The series a 3D dataset draws from, one position per series, with sampling weights.
-
-    Series ``i`` is drawn with probability proportional to ``v_i ** alpha``, ``v_i`` its physical
-    volume in units of the output field of view (how many distinct crops it holds): ``alpha = 0``
-    every series equally, ``1`` proportional to its size. Exposes what the sampler and the datamodule
-    need from an index (``len``, ``draw``, ``rows``, ``composition``, ``describe``).
-    """
-
-    def __init__(self, rows: Sequence[ManifestRow], options: VolumeOptions, alpha: float = 0.5) -> None:
-        self.rows: tuple[ManifestRow, ...] = tuple(rows)
-        self.options = options
-        self.alpha = float(alpha)
-        fov = math.prod(options.fov_mm)
-        self.sizes = np.array([max(math.prod(series_extent_mm(r)) / fov, 1e-6) for r in self.rows], dtype=np.float64)
-        self.series_probs = series_weights(self.sizes, self.alpha) if self.rows else np.zeros(0)
-        self._cum = np.cumsum(self.series_probs)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_series(self) -> int:
-        return len(self.rows)
-
-    def draw(self, rng: np.random.Generator, size: int | None = None) -> np.ndarray | int:
-        """Draw series positions with replacement by weight (one uniform draw per position)."""
-        if not self.rows:
-            raise ValueError("cannot draw from an empty volume index")
-        n = 1 if size is None else int(size)
-        u = rng.random(n)
-        series = np.minimum(np.searchsorted(self._cum, u * self._cum[-1], side="right"), len(self.rows) - 1)
-        return int(series[0]) if size is None else series.astype(np.int64)
-
-    def composition(self) -> dict[str, object]:
-        """Counts of series, axial slices and patients by modality, source and kind (no ids)."""
-        return SliceIndex(self.rows, "axial", self.alpha).composition()
-
-    def describe(self) -> dict[str, object]:
-        """Counts for logs and reports (no ids)."""
-        return {
-            "series": self.num_series,
-            "modalities": dict(sorted(Counter(r.modality for r in self.rows).items())),
-        }
 
 
 # ----------------------------------------------------------------------------- crop geometry

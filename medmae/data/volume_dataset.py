@@ -4,6 +4,10 @@ Keys, RNG streams and the skip/replace loop are :class:`~medmae.data.dataset.Cac
 so 3D training resumes exactly and survives unreadable entries like 2D. One difference: a crop that
 fails the foreground test is replaced by a new crop *of the same series* (a CT always has a body
 somewhere; a new series would bias sampling towards series with little air).
+
+Like the 2D dataset, it reads per-series data from its index's numpy columns only (no record object
+per series: flat worker memory in the number of series, issue 20); the record of the series a
+sample lands on is rebuilt for that sample.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medmae.data.cache import SeriesRecord
 from medmae.data.dataset import CacheSampleDataset
 from medmae.data.reader import SeriesReader
 from medmae.data.volume import VolumeCrop, VolumeIndex, VolumeTransform
@@ -56,29 +61,29 @@ class CacheVolumeDataset(CacheSampleDataset):
             max_read_failures=max_read_failures,
         )
         self.transform = transform
-        self.reader = SeriesReader(cache_dir, index.rows, "axial", max_open=max_open_files)
+        self.reader = SeriesReader(cache_dir, index.table, "axial", max_open=max_open_files)
         #: the GPU data path is 2D only: 3D samples are always finished in the workers
         self.defer_pixels = False
 
     def _series_of(self, position: int) -> int:
         return position
 
-    def _attempt(self, position: int, rng: np.random.Generator) -> tuple[VolumeCrop, Any, np.ndarray]:
-        record = self.index.rows[position]
+    def _attempt(self, position: int, rng: np.random.Generator) -> tuple[VolumeCrop, Any, np.ndarray, SeriesRecord]:
+        record = self.index.table.row(position)
         crop = self.transform.plan(rng, record, self.random_crop)
         box = crop.read_box(record.shape)
         self._check_known_bad(position)
-        return crop, box, self.reader.read_box(position, box)
+        return crop, box, self.reader.read_box(position, box), record
 
-    def _accept(self, position: int, candidate: tuple[VolumeCrop, Any, np.ndarray]) -> bool:
-        return self.transform.is_foreground(candidate[2], self.index.rows[position])
+    def _accept(self, position: int, candidate: tuple[VolumeCrop, Any, np.ndarray, SeriesRecord]) -> bool:
+        return self.transform.is_foreground(candidate[2], candidate[3])
 
     def _replacement(self, position: int, rng: np.random.Generator) -> int:
         return position
 
     def _output(
-        self, position: int, candidate: tuple[VolumeCrop, Any, np.ndarray], rng: np.random.Generator
+        self, position: int, candidate: tuple[VolumeCrop, Any, np.ndarray, SeriesRecord], rng: np.random.Generator
     ) -> dict[str, Any]:
-        crop, box, values = candidate
-        image = self.transform(values, box, crop, self.index.rows[position], rng)
+        crop, box, values, record = candidate
+        image = self.transform(values, box, crop, record, rng)
         return {"image": image, "series": position, "slice": -1}
