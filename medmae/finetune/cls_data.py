@@ -12,7 +12,7 @@ The input is the case table of :mod:`medmae.finetune.cases` with a class label p
 * ``image``, ``patient``, ``split`` and ``modality`` as for segmentation (one reader, one keyed-hash
   split independent of the fine-tuning seed, a patient on one side only).
 
-Every plane goes through the export card's :class:`~medmae.export.preprocessing.PlanePreprocessor`
+Every plane goes through the export card's :class:`~medmae.data.plane_transform.PlanePreprocessor`
 once at setup; nothing else resizes or rescales intensities. Training may add a random flip and a
 random-resized crop on the preprocessed tensors. Errors name the CSV, the row and the column.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medmae.export.preprocessing import PlanePreprocessor
+from medmae.data.plane_transform import PlanePreprocessor
 from medmae.finetune.cases import Case, LabelParser, check_modality, read_case_csv, split_cases
 from medmae.finetune.encoders import parse_init, resolve_preprocessing
 from medmae.finetune.samples import EpochDataset, PlaneDataset, TrainStream, augment
@@ -144,9 +144,10 @@ def prepare_series(case: Case, pre: PlanePreprocessor, csv_path: Path, modality:
 def series_planes(volume: Volume, pre: PlanePreprocessor, max_planes: int | None) -> torch.Tensor:
     """``(N, C, H, W)`` encoder input of a series: all planes, or ``max_planes`` evenly spaced ones
     (the same for fine-tuning validation and ``predict-cls``)."""
-    n = pre.stack(volume.array, volume.kind).shape[0]
-    images = pre.planes(volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes),
-                        spacing=volume.spacing, kind=volume.kind)
+    pre = pre.for_input(volume.kind)  # a single 2D picture is its one plane under every axis
+    n = pre.stack(volume.array).shape[0]
+    images = pre.forward(volume.array, volume.intensity, volume.stats, plane_indices(n, max_planes),
+                         spacing=volume.spacing)
     return images.float().contiguous()
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from medmae.export.preprocessing import PlanePreprocessor
+from medmae.data.plane_transform import PlanePreprocessor
 from medmae.finetune.cases import check_modality, read_rows, resolve_image
 from medmae.finetune.checkpoints import read_finetune_checkpoint
 from medmae.finetune.classify import CKPT_KEY, Classifier, build_classifier, series_probabilities
@@ -81,7 +81,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     where = str(ckpt.path)
     # untrusted: the card's validator for the encoder record, limits for the rest, shapes before building
     source = EncoderSource.from_record(record, where)
-    if not isinstance(source.preprocessing, PlanePreprocessor):
+    if source.preprocessing.spatial_dims != 2:
         raise ValueError(f"{where}: a classification checkpoint needs a 2D preprocessing record")
     task = read_choice(record, "task", where, TASKS, section="record")
     try:
@@ -144,7 +144,7 @@ def classify(
         images = series_planes(volume, model.preprocessing, model.max_planes)
     except ValueError as e:
         raise VolumeError(f"{item.name}: {e}") from None
-    n = model.preprocessing.stack(volume.array, volume.kind).shape[0]
+    n = model.preprocessing.for_input(volume.kind).stack(volume.array).shape[0]
     series, planes = series_probabilities(model.net, images, model.task, model.level, model.infer_batch)
     return series, planes, plane_indices(n, model.max_planes)
 

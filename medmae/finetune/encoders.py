@@ -15,7 +15,7 @@ The starts build the *same* downstream model so a transfer comparison is one fla
   equal-channel rule.
 
 A 3D export (``arch: medmae_vit3d``) gives a source with an :class:`~medmae.export.card.EncoderSpec3D`
-and a :class:`~medmae.export.volume_preprocessing.VolumePreprocessor` (``spatial_dims == 3``): the
+and a :class:`~medmae.data.volume_transform.VolumePreprocessor` (``spatial_dims == 3``): the
 segmentation fine-tuning then builds MONAI ``UNETR(spatial_dims=3)`` (:mod:`medmae.finetune.segment3d`).
 """
 
@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medmae.data.plane_transform import PlanePreprocessor
+from medmae.data.transform_record import TRANSFORMS, Transform
 from medmae.data.transforms import DEFAULT_CT_WINDOWS
 from medmae.export.adapt import adapt_patch_embed_channels
 from medmae.export.card import (
@@ -44,12 +46,11 @@ from medmae.export.card import (
     check_finetune_record,
     load_card,
 )
+from medmae.export.card_fields import preprocessing_from_card
 from medmae.export.encoder import read_encoder_weights
-from medmae.export.preprocessing import PlanePreprocessor, preprocessing_from_card
 from medmae.export.unetr3d import check_weights3d
-from medmae.export.volume_preprocessing import VolumePreprocessor
 
-Preprocessor = PlanePreprocessor | VolumePreprocessor
+Preprocessor = Transform  # the card's input transform: planes (2D / 2.5D) or volumes (3D)
 
 INIT_KINDS = ("medmae", "random", "random-sincos", "timm")
 #: the starts that read an export folder (its card; ``medmae`` and ``random-sincos`` also its weights)
@@ -150,7 +151,7 @@ class EncoderSource:
         return {
             "spatial_dims": self.spatial_dims,
             "encoder": dataclasses.asdict(self.spec),
-            "preprocessing": dataclasses.asdict(self.preprocessing),
+            "preprocessing": self.preprocessing.settings(),
             "input_norm": None if norm is None else (norm.mean.flatten().tolist(), norm.std.flatten().tolist()),
             "init": self.init.describe(),
         }
@@ -165,10 +166,9 @@ class EncoderSource:
         ``where`` and the field. Fields absent in older checkpoints keep their old meaning.
         """
         checked = check_finetune_record(record, where)
-        if checked.spatial_dims == 3:
-            return cls(EncoderInit("random"), checked.spec, None, VolumePreprocessor(**checked.preprocessing))
-        norm = None if checked.input_norm is None else InputNorm(*checked.input_norm)
-        return cls(EncoderInit("random"), checked.spec, None, PlanePreprocessor(**checked.preprocessing), norm)
+        pre = TRANSFORMS[checked.spatial_dims](**checked.preprocessing)
+        norm = None if checked.input_norm is None else InputNorm(*checked.input_norm)  # always None in 3D
+        return cls(EncoderInit("random"), checked.spec, None, pre, norm)
 
 
 def resolve_preprocessing(init: EncoderInit) -> Preprocessor:
@@ -194,12 +194,8 @@ def resolve_encoder(init: EncoderInit) -> EncoderSource:
         pre = preprocessing_from_card(init.card, where=where)
         if pre.spatial_dims != (3 if isinstance(spec, EncoderSpec3D) else 2):
             raise CardError(f"{where}: field 'preprocessing.spatial_dims' does not match encoder.arch {spec.arch!r}")
-        size, size_field = (
-            (pre.image_size, "preprocessing.image_size")
-            if isinstance(pre, PlanePreprocessor)
-            else (pre.size, "preprocessing.volume.size")
-        )
-        check_encoder_input(spec, size, pre.channels, where, size_field)  # channels; patches within the limits
+        # channels; patches within the limits
+        check_encoder_input(spec, pre.input_size, pre.channels, where, pre.size_field)
         state = read_encoder_weights(init.export_dir, init.card) if init.kind != "random" else None
         if state is not None and isinstance(spec, EncoderSpec3D):
             check_weights3d(spec, state, where)

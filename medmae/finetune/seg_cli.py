@@ -32,14 +32,12 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from medmae.export.card import CardError
-from medmae.export.volume_preprocessing import VolumePreprocessor
 from medmae.finetune.cases import check_modality
+from medmae.finetune.dims import dims_for
 from medmae.finetune.encoders import Preprocessor
 from medmae.finetune.outputs import plan_outputs, write_atomically
 from medmae.finetune.seg_data import SegmentationDataModule
-from medmae.finetune.seg_data3d import check_volume_kind
-from medmae.finetune.segment import LoadedSegmenter, SegmentationModule, load_segmenter, predict_planes
-from medmae.finetune.segment3d import predict_volume3d
+from medmae.finetune.segment import LoadedSegmenter, SegmentationModule, load_segmenter
 from medmae.finetune.volumes import (
     Volume,
     VolumeError,
@@ -151,10 +149,7 @@ def encoder_input(pre: Preprocessor, volume: Volume) -> torch.Tensor:
     """What the encoder sees of a whole volume: its planes ``(N, C, H, W)`` (2D) or the resampled
     volume ``(C, z, y, x)`` (3D), by the checkpoint's preprocessing (the card's, as in pretraining)."""
     try:
-        if isinstance(pre, VolumePreprocessor):
-            check_volume_kind(volume)
-            return pre.image(volume.array, volume.intensity, volume.stats, volume.spacing)
-        return pre.planes(volume.array, volume.intensity, volume.stats, spacing=volume.spacing, kind=volume.kind)
+        return dims_for(pre).encoder_input(pre, volume)  # type: ignore[arg-type]
     except ValueError as e:
         raise VolumeError(f"{volume.name}: {e}") from None
 
@@ -165,13 +160,7 @@ def predict_volume(
     """The canonical (Z, Y, X) class map of one input, and the volume it was read as."""
     volume = read_image(reference, modality=modality)
     pre, image = model.preprocessing, encoder_input(model.preprocessing, volume)
-    if isinstance(pre, VolumePreprocessor):
-        return predict_volume3d(model.net, image, pre, volume.shape, volume.spacing, overlap, batch), volume
-    stack_shape = pre.stack(volume.array, volume.kind).shape
-    pred = predict_planes(model.net, image, pre, tuple(stack_shape[1:]), batch)
-    canonical = np.zeros(volume.shape, dtype=np.uint8)
-    pre.stack(canonical, volume.kind)[...] = pred  # the plane view writes through to the (Z, Y, X) array
-    return canonical, volume
+    return dims_for(pre).predict_volume(model.net, pre, volume, image, batch, overlap), volume  # type: ignore[arg-type]
 
 
 def write_mask(volume: Volume, canonical: np.ndarray, path: Path) -> Path:

@@ -7,58 +7,32 @@ DICOM series folders or ``cache:SERIES_ID``; labels are NIfTI on the image's gri
 decided by prep's rule: the row's ``modality``, else ``data.modality``, else the JSON sidecar, else a BIDS
 suffix, else ``OT`` (:func:`medmae.finetune.volumes.read_nifti_image`).
 
-Every plane goes through the export card's :class:`~medmae.export.preprocessing.PlanePreprocessor`
-once at setup (the same code inference uses). Training samples are planes with labelled foreground,
-augmented by a random-resized crop and optional flip applied to image and label together;
-validation yields whole volumes, scored in :mod:`medmae.finetune.segment` on planes stacked back
+Every plane goes through the export card's :class:`~medmae.data.plane_transform.PlanePreprocessor`
+once at setup (:mod:`medmae.finetune.seg_data2d`; the same code inference uses). Training samples are
+planes with labelled foreground, augmented by a random-resized crop and optional flip applied to image
+and label together; validation yields whole volumes, scored in :mod:`medmae.finetune.segment` on planes stacked back
 into the volume. With a 3D export the same module trains on random 3D patches instead
-(:mod:`medmae.finetune.seg_data3d`).
+(:mod:`medmae.finetune.seg_data3d`); :mod:`medmae.finetune.dims` holds what differs, chosen once by the card.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medmae.export.preprocessing import PlanePreprocessor
-from medmae.export.volume_preprocessing import VolumePreprocessor
 from medmae.finetune.cases import Case, check_modality, label_map_parser, read_case_csv, read_case_folder, split_cases
+from medmae.finetune.dims import Dims, dims_for
 from medmae.finetune.encoders import Preprocessor, parse_init, resolve_preprocessing
 from medmae.finetune.samples import PlaneDataset, TrainStream
-from medmae.finetune.seg_data3d import PatchDataset, PreparedVolume, prepare_volume_case
-from medmae.finetune.volumes import VolumeError, read_image, read_label
+from medmae.finetune.seg_data2d import PreparedCase as PreparedCase  # re-exported (the 2D half's)
+from medmae.finetune.seg_data2d import prepare_case as prepare_case
+from medmae.finetune.seg_data3d import PatchDataset, PreparedVolume
+from medmae.finetune.volumes import VolumeError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedCase:
-    """A case after preprocessing: encoder-grid planes, labels on that grid, and the original label stack."""
-
-    images: torch.Tensor  # (Z, C, H, W) float32
-    labels: torch.Tensor  # (Z, H, W) int64 on the encoder grid
-    label_stack: np.ndarray  # (Z, h, w) uint8 planes at the original resolution
-    plane_shape: tuple[int, int]
-
-
-def prepare_case(
-    case: Case, pre: PlanePreprocessor, num_classes: int, modality: str | None, cache_dir: str | None
-) -> PreparedCase:
-    image = read_image(case.image, modality=case.modality or modality, cache_dir=cache_dir)
-    label = read_label(str(case.label), image, num_classes)
-    stack = np.ascontiguousarray(pre.stack(label, image.kind))
-    return PreparedCase(
-        images=pre.planes(image.array, image.intensity, image.stats, spacing=image.spacing, kind=image.kind),
-        labels=pre.labels(label, kind=image.kind),
-        label_stack=stack,
-        plane_shape=tuple(stack.shape[1:]),  # type: ignore[arg-type]
-    )
 
 
 class VolumeDataset(Dataset):
@@ -166,6 +140,7 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
         self.split_seed = split_seed
         self.seed = seed
         self.preprocessing: Preprocessor | None = None
+        self.dims: Dims | None = None  # planes (2D) or volumes (3D): chosen once by the card at setup
         self.train_cases: list = []
         self.train_set: PlaneDataset | PatchDataset | None = None
         self.val_cases: list = []
@@ -184,43 +159,24 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
         if self.preprocessing is not None:
             return
         self.preprocessing = resolve_preprocessing(parse_init(self.init, self.card))
+        self.dims = dims_for(self.preprocessing)
         train, val = split_cases(self.cases(), str(self.csv or self.folder), self.max_train_cases)
         self.train_cases = [self._prepare(c) for c in train]
         self.val_cases = [self._prepare(c) for c in val]
         logger.info("segmentation data: %d training and %d validation volumes", len(train), len(val))
 
     def _prepare(self, case: Case) -> PreparedCase | PreparedVolume:
-        pre = self.preprocessing
+        assert self.dims is not None and self.preprocessing is not None
         try:
-            if isinstance(pre, VolumePreprocessor):
-                modality = case.modality or self.modality
-                return prepare_volume_case(case.image, str(case.label), pre, self.num_classes, modality, self.cache_dir)
-            assert isinstance(pre, PlanePreprocessor)
-            return prepare_case(case, pre, self.num_classes, self.modality, self.cache_dir)
+            return self.dims.prepare_case(case, self.preprocessing, self.num_classes, self.modality, self.cache_dir)
         except VolumeError as e:
             source = self.csv if self.csv is not None else self.folder
             raise VolumeError(f"{source}: {case.where}: {e}") from None
 
     def train_dataloader(self) -> DataLoader:
-        if isinstance(self.preprocessing, VolumePreprocessor):
-            return self._patch_dataloader(self.preprocessing)
-        if self.train_set is None:
-            self.train_set = PlaneDataset(
-                [c.images for c in self.train_cases], self.crop_scale, self.hflip_prob, self.seed,
-                labels=[c.labels for c in self.train_cases], only_labelled=not self.include_empty_planes,
-            )  # fmt: skip
-        data = self.train_set
-        n = self.samples_per_epoch or max(len(data), self.batch_size)
-        return self.train_loader(data, n, self.batch_size, self.num_workers, self.seed)
-
-    def _patch_dataloader(self, pre: VolumePreprocessor) -> DataLoader:
-        """3D: ``samples_per_epoch`` distinct random patches per epoch (each index its own draw)."""
-        if self.train_set is None:
-            n = self.samples_per_epoch or max(len(self.train_cases), self.batch_size)
-            self.train_set = PatchDataset(
-                self.train_cases, n, pre.size, self.crop_scale, self.hflip_prob, self.foreground_prob, self.seed
-            )
-        return self.train_loader(self.train_set, len(self.train_set), self.batch_size, self.num_workers, self.seed)
+        """Planes (2D) or ``samples_per_epoch`` distinct random patches (3D), by the card's dimensionality."""
+        assert self.dims is not None, "setup() first"
+        return self.dims.train_loader(self)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_cases:

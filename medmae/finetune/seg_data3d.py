@@ -2,7 +2,7 @@
 
 Cases are read exactly as for 2D (:mod:`medmae.finetune.seg_data`: CSV or folder, per-patient
 splits, labels checked against the image's geometry by :func:`~medmae.finetune.volumes.read_label`).
-Each volume goes through the card's :class:`~medmae.export.volume_preprocessing.VolumePreprocessor`
+Each volume goes through the card's :class:`~medmae.data.volume_transform.VolumePreprocessor`
 once at setup: the whole series resampled to the pretraining ``spacing_mm`` (labels by nearest
 neighbour onto the same grid). Training samples are patches of the card's ``size`` from that grid:
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmae.export.volume_preprocessing import VolumePreprocessor
+from medmae.data.volume_transform import VolumePreprocessor
 from medmae.finetune.samples import EpochDataset
 from medmae.finetune.volumes import Volume, VolumeError, read_image, read_label
 
@@ -65,7 +65,7 @@ def prepare_volume_case(
     check_volume_kind(image)
     label = read_label(label_ref, image, num_classes)
     try:
-        grid = pre.image(image.array, image.intensity, image.stats, image.spacing)
+        grid = pre.forward(image.array, image.intensity, image.stats, image.spacing)
     except ValueError as e:
         raise VolumeError(f"{image_ref}: {e}") from None
     return PreparedVolume(

@@ -30,10 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medmae.export.encoder import timm_from_encoder
-from medmae.export.preprocessing import PlanePreprocessor
-from medmae.export.unetr import unetr_from_encoder
 from medmae.finetune.checkpoints import read_finetune_checkpoint
+from medmae.finetune.dims import dims_for
 from medmae.finetune.encoders import (
     EncoderSource,
     InputNorm,
@@ -44,12 +42,11 @@ from medmae.finetune.encoders import (
 )
 from medmae.finetune.gather import Key, gather_unique, val_case_key
 from medmae.finetune.layer_decay import layer_decay_groups
-from medmae.finetune.light_decoder import LightSegmenter
 from medmae.finetune.samples import EpochHook
 from medmae.finetune.schedule import adamw_warmup_cosine
-from medmae.finetune.seg_data import PreparedCase
+from medmae.finetune.seg_data2d import PreparedCase
 from medmae.finetune.seg_data3d import PreparedVolume
-from medmae.finetune.segment3d import build_segmenter3d, predict_volume3d
+from medmae.finetune.segment2d import predict_planes as predict_planes  # re-exported (the 2D half's)
 from medmae.finetune.volumes import inputs_record, recorded_modality
 
 log = logging.getLogger(__name__)
@@ -93,26 +90,10 @@ def build_segmenter(
     if decoder not in DECODERS:
         raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")
 
+    dims = dims_for(source.preprocessing)
+
     def build(s: EncoderSource) -> nn.Module:
-        pre = s.preprocessing
-        if s.spatial_dims == 3:
-            return build_segmenter3d(s, num_classes, feature_size, dropout_rate, decoder)
-        if decoder == "unetr":
-            return unetr_from_encoder(
-                s.spec,
-                s.state,
-                num_classes,
-                img_size=pre.image_size,
-                in_chans=pre.channels,
-                feature_size=feature_size,
-                cls_token=cls_token,
-                dropout_rate=dropout_rate,
-                where=s.init.describe(),
-            )
-        encoder = timm_from_encoder(
-            s.spec, s.state, None, img_size=pre.image_size, in_chans=pre.channels, proj_drop_rate=dropout_rate
-        )
-        return LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
+        return dims.build_network(s, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
 
     return Segmenter(build_network(source, build), source.input_norm)
 
@@ -173,28 +154,11 @@ def mean_dice(rows: Sequence[Sequence[float]]) -> tuple[list[float], float]:
     return per_class.tolist(), float(defined.mean()) if defined.size else 0.0
 
 
-@torch.no_grad()
-def predict_planes(
-    net: nn.Module, images: torch.Tensor, pre: PlanePreprocessor, plane_shape: tuple[int, int], batch: int = 16
-) -> np.ndarray:
-    """Class map of every plane at its original resolution: ``(Z, h, w)`` uint8."""
-    device = next(net.parameters()).device
-    out = []
-    for start in range(0, images.shape[0], batch):
-        logits = net(images[start : start + batch].to(device))
-        out.append(pre.restore(logits, plane_shape).argmax(1).to(torch.uint8).cpu())
-    return torch.cat(out).numpy()
-
-
 def predict_case(
     net: nn.Module, case: PreparedCase | PreparedVolume, pre: Preprocessor, batch: int = 16, overlap: float = 0.25
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(prediction, labels)`` of a validation case on its original grid: planes (2D) or sliding windows (3D)."""
-    if isinstance(case, PreparedVolume):
-        assert not isinstance(pre, PlanePreprocessor)
-        return predict_volume3d(net, case.image, pre, case.shape, case.spacing, overlap, batch), case.label
-    assert isinstance(pre, PlanePreprocessor)
-    return predict_planes(net, case.images, pre, case.plane_shape, batch), case.label_stack
+    return dims_for(pre).predict_case(net, case, pre, batch, overlap)  # type: ignore[arg-type]
 
 
 class SegmentationModule(EpochHook):
@@ -257,6 +221,7 @@ class SegmentationModule(EpochHook):
         source = resolve_encoder(parse_init(init, card))
         self.source_record = source.record()
         self.preprocessing = source.preprocessing
+        self.dims = dims_for(source.preprocessing)  # planes (2D) or volumes (3D), chosen once by the card
         self.net = build_segmenter(source, num_classes, feature_size, cls_token, dropout_rate, decoder, tap_norm)
         self.depth = len(self.net.get_submodule(ENCODER_PREFIX[decoder] + "blocks"))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
@@ -272,7 +237,7 @@ class SegmentationModule(EpochHook):
 
     def validation_step(self, case: PreparedCase | PreparedVolume, batch_idx: int) -> None:
         hp = self.hparams
-        pred, truth = predict_case(self.net, case, self.preprocessing, hp.infer_batch, hp.sw_overlap)
+        pred, truth = self.dims.predict_case(self.net, case, self.preprocessing, hp.infer_batch, hp.sw_overlap)
         counts = _class_counts(pred, truth, hp.num_classes)
         # (case key, MONAI Dice, empty-inclusive Dice): the key lets the epoch end drop DDP repeats
         self._val_dice.append((val_case_key(self.trainer, batch_idx), (_dice(counts, True), _dice(counts, False))))

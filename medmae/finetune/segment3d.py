@@ -10,7 +10,7 @@ warmup-cosine as 2D) calls into this module when ``model.init`` names a 3D expor
 * whole volumes are predicted with MONAI ``sliding_window_inference`` (windows of the card's size,
   ``overlap`` configurable, windows blended uniformly: MONAI's ``constant`` mode), on the grid at the
   card's spacing, and the logits are brought back onto the series' own grid
-  (:meth:`~medmae.export.volume_preprocessing.VolumePreprocessor.restore_argmax`) before argmax, so
+  (:meth:`~medmae.data.volume_transform.VolumePreprocessor.restore_argmax`) before argmax, so
   Dice and masks are on the original voxels.
 """
 
@@ -21,10 +21,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from medmae.data.volume_transform import VolumePreprocessor
 from medmae.export.card import CardError, EncoderSpec3D
 from medmae.export.unetr import UNETR_PATCH
 from medmae.export.unetr3d import unetr3d_from_spec
-from medmae.export.volume_preprocessing import VolumePreprocessor
 from medmae.finetune.encoders import EncoderSource
 
 

@@ -14,7 +14,7 @@ An image reference is one of
 Every volume ends as a canonical (Z, Y, X) array (the cache's orientation) with its LPS affine, its
 intensity unit (``HU`` for CT, else ``raw``), its ``kind`` (``image``: one 2D picture such as a CR/DX/MG
 radiograph, one plane under every slicing axis, as in pretraining) and the cache's statistics, which is
-what :class:`~medmae.export.preprocessing.PlanePreprocessor` consumes. Errors name the file and the field.
+what :class:`~medmae.data.plane_transform.PlanePreprocessor` consumes. Errors name the file and the field.
 """
 
 from __future__ import annotations

@@ -142,30 +142,31 @@ def test_data_prep_import_graph_has_no_circle() -> None:
 def test_medmae_import_graph_has_no_circle() -> None:
     graph = _graph(("medmae",), in_functions=True)
     # the graph is really read: module-level and function-level edges are both seen
-    assert "medmae.export.card_fields" in graph["medmae.export.volume_preprocessing"]
+    assert "medmae.data.plane_transform" in graph["medmae.data.volume_transform"]
     assert "medmae.export.preprocessing" in graph["medmae.export.encoder"]  # read_checkpoint's late import
     assert _cycle(graph) is None, f"import circle in medmae: {' -> '.join(_cycle(graph) or [])}"
 
 
-#: the import statements of the export pair before the shared card fields moved down (issue 19)
+#: the import statements of the plane/volume transform pair (then medmae/export/preprocessing.py and
+#: volume_preprocessing.py) before the shared card fields moved down (issue 19), at their new paths
 OLD_EXPORT_PAIR = {
-    "preprocessing.py": (
+    "plane_transform.py": (
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
-        "    from medmae.export.volume_preprocessing import VolumePreprocessor\n"
-        "def preprocessing_from_card(card, where):\n"
-        "    from medmae.export.volume_preprocessing import volume_preprocessing_from_card\n"
+        "    from medmae.data.volume_transform import VolumePreprocessor\n"
+        "def build_transform(card, where):\n"
+        "    from medmae.data.volume_transform import volume_from_record\n"
     ),
-    "volume_preprocessing.py": "from medmae.export.preprocessing import _field, inference_ranges\n",
+    "volume_transform.py": "from medmae.data.plane_transform import _field, inference_ranges\n",
 }
 
 
 def test_the_old_export_circle_is_seen_only_with_function_level_imports(tmp_path: Path) -> None:
-    package = tmp_path / "medmae" / "export"
+    package = tmp_path / "medmae" / "data"
     package.mkdir(parents=True)
     for name, source in OLD_EXPORT_PAIR.items():
         (package / name).write_text(source, encoding="utf-8")
-    old = ["medmae.export.preprocessing", "medmae.export.volume_preprocessing", "medmae.export.preprocessing"]
+    old = ["medmae.data.plane_transform", "medmae.data.volume_transform", "medmae.data.plane_transform"]
     assert _cycle(_graph(("medmae",), in_functions=True, root=tmp_path)) == old
     assert _cycle(_graph(("medmae",), in_functions=False, root=tmp_path)) is None
 

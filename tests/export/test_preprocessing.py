@@ -1,10 +1,12 @@
-"""preprocessing_from_card: 2.5D neighbours, axes, pad/restore, CT windows — from the card alone."""
+"""preprocessing_from_card: the card's checks on the plane transform's record (the transform itself is
+medmae.data.plane_transform, tested in tests/data/test_plane_transform.py), and the old import paths."""
 
 import numpy as np
 import pytest
-import torch
 
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, IntensityOptions
+from medmae.data.plane_transform import PadBox, PlanePreprocessor
+from medmae.data.transform_record import build_transform
 from medmae.export import CardError, preprocessing_from_card
 
 
@@ -12,54 +14,22 @@ def card_for(tmp_path, **data_kwargs) -> dict:
     return {"preprocessing": CacheDataModule(str(tmp_path / "cache"), **data_kwargs).preprocessing()}
 
 
-def test_two_and_a_half_d_channels_are_the_neighbouring_planes_clamped_at_the_ends(tmp_path) -> None:
-    pre = preprocessing_from_card(card_for(tmp_path, img_size=8, slices=3))
-    volume = np.stack([np.full((8, 8), z, np.int16) for z in range(5)])  # plane z holds the value z
-    stats = {"min": 0.0, "p0.5": 0.0, "p99.5": 4.0}
-    x = pre.planes(volume, "raw", stats, indices=[0, 2, 4])
-    assert x.shape == (3, 3, 8, 8)
-    centre_values = x[:, :, 4, 4] * 4.0  # back to the stored values
-    torch.testing.assert_close(centre_values, torch.tensor([[0.0, 0, 1], [1, 2, 3], [3, 4, 4]]))
+def test_a_2d_card_gives_the_plane_transform_of_its_record(tmp_path) -> None:
+    card = card_for(tmp_path, img_size=8, slices=3, axis="coronal")
+    pre = preprocessing_from_card(card)
+    assert isinstance(pre, PlanePreprocessor) and pre == build_transform(card["preprocessing"])
+    assert pre.axis == "coronal" and pre.slice_offsets == (-1, 0, 1) and pre.kind == "volume"
 
 
-def test_coronal_planes_pad_to_square_and_restore_exactly(tmp_path) -> None:
-    pre = preprocessing_from_card(card_for(tmp_path, img_size=16, axis="coronal"))
-    volume = np.random.default_rng(0).integers(0, 100, size=(6, 10, 12)).astype(np.int16)  # (Z, Y, X)
-    stack = pre.stack(volume)
-    assert stack.shape == (10, 6, 12)  # coronal planes: Y slices of (Z reversed, X)
-    np.testing.assert_array_equal(stack[3], volume[::-1, 3, :])
-    box = pre.pad_box(stack.shape[1:])
-    assert box.padded == (12, 12) and box.top == 3
+def test_the_old_import_paths_still_work() -> None:
+    from medmae.export import PlanePreprocessor as exported
+    from medmae.export.preprocessing import PadBox as old_box
+    from medmae.export.preprocessing import PlanePreprocessor as old
+    from medmae.export.preprocessing import plane_preprocessing_from_card
+    from medmae.export.preprocessing import preprocessing_from_card as old_fn
 
-    # a label map: pad + nearest resize -> one-hot "logits" -> restore -> argmax gives every pixel back
-    labels = np.random.default_rng(1).integers(0, 4, size=(6, 10, 12)).astype(np.uint8)
-    on_grid = pre.labels(labels, indices=[3])
-    assert on_grid.shape == (1, 16, 16)
-    assert not on_grid[0, :4].any() and not on_grid[0, 12:].any()  # 3 of 12 padded rows = 4 of 16: background
-    onehot = torch.nn.functional.one_hot(on_grid, 4).permute(0, 3, 1, 2).float()
-    back = pre.restore(onehot, stack.shape[1:])
-    assert back.shape == (1, 4, 6, 12)
-    np.testing.assert_array_equal(back.argmax(1)[0].numpy(), pre.stack(labels)[3])
-
-    # image values: a linear field survives planes -> restore (bilinear both ways) exactly inside the plane;
-    # the first and last columns see the resampler's edge clamping, the first and last rows the padding fill
-    z, y, x = np.meshgrid(np.arange(6), np.arange(10), np.arange(12), indexing="ij")
-    ramp = (100 + 10 * z + y + 3 * x).astype(np.int16)
-    stats = {"min": 0.0, "p0.5": 0.0, "p99.5": 200.0}  # stored value v -> v / 200, never clamped
-    restored = pre.restore(pre.planes(ramp, "raw", stats, indices=[3]), stack.shape[1:])[0, 0].numpy() * 200.0
-    plane = pre.stack(ramp)[3].astype(np.float32)
-    np.testing.assert_allclose(restored[1:-1, 1:-1], plane[1:-1, 1:-1], atol=1e-3, rtol=0)
-    np.testing.assert_allclose(restored[1:-1], plane[1:-1], atol=0.5, rtol=0)
-
-
-def test_ct_uses_the_first_window_at_inference_and_all_in_channel_mode(tmp_path) -> None:
-    hu = np.full((1, 4, 4), 40, np.int16)  # soft-tissue window centre
-    stats = {"min": 40.0}
-    pre = preprocessing_from_card(card_for(tmp_path, img_size=4))
-    assert float(pre.planes(hu, "HU", stats)[0, 0, 0, 0]) == pytest.approx(0.5)
-    chans = preprocessing_from_card(card_for(tmp_path, img_size=4, ct_window_mode="channels"))
-    assert chans.channels == 3 and pre.planes(hu, "HU", stats).shape[1] == 1
-    assert chans.planes(hu, "HU", stats).shape == (1, 3, 4, 4)
+    assert old is exported is PlanePreprocessor and old_box is PadBox and old_fn is preprocessing_from_card
+    assert callable(plane_preprocessing_from_card)
 
 
 @pytest.mark.parametrize("field", ["axis", "image_size", "slice_offsets"])
@@ -70,10 +40,16 @@ def test_missing_fields_are_named(tmp_path, field: str) -> None:
         preprocessing_from_card(card, where="enc/encoder.json")
 
 
+def test_a_card_without_preprocessing_is_named() -> None:
+    for card in ({}, {"preprocessing": {}}, {"preprocessing": [1]}):
+        with pytest.raises(CardError, match="enc.json: field 'preprocessing' is missing or empty"):
+            preprocessing_from_card(card, where="enc.json")
+
+
 def test_ct_inference_window_is_written_and_used(tmp_path) -> None:
     hu = np.full((1, 4, 4), -600, np.int16)  # lung window centre
     stats = {"min": -600.0}
-    card = card_for(tmp_path, img_size=4, ct_inference_window=1)
+    card = card_for(tmp_path, img_size=4, intensity=IntensityOptions(ct_inference_window=1))
     assert card["preprocessing"]["intensity"]["ct"]["inference_window"] == 1
     assert float(preprocessing_from_card(card).planes(hu, "HU", stats)[0, 0, 0, 0]) == pytest.approx(0.5)
     del card["preprocessing"]["intensity"]["ct"]["inference_window"]  # cards from before the option

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, SelectionOptions
 from medmae.export import export_encoder, preprocessing_from_card
 from medmae.finetune.layer_decay import layer_decay_groups
 from medmae.finetune.seg_cli import finetune_main, predict_main
@@ -193,7 +193,8 @@ def test_card_preprocessing_matches_pretraining(tmp_path: Path, crop: tuple[int,
     nib.save(nib.Nifti1Image(data, src.affine), str(archive / "anat.nii.gz"))
     cache = tmp_path / "cache"
     prep_archive([archive], cache, workers=1, val_fraction=0.0, progress=False)
-    dm = CacheDataModule(str(cache), img_size=size, slices=3, min_size=8, num_workers=0, max_anisotropy=10.0)
+    dm = CacheDataModule(str(cache), img_size=size, slices=3, num_workers=0,
+                         selection=SelectionOptions(min_size=8, max_anisotropy=10.0))
     dm.setup("fit")
     pretraining = CacheSliceDataset(cache, dm.train_dataset.index, dm.transform, random_crop=False)
     pre = preprocessing_from_card({"preprocessing": dm.preprocessing()})

@@ -37,7 +37,7 @@ def offsets_mm(image: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("slice_mm", [0.625, 2.5])
 def test_classification_and_segmentation_planes_sit_at_the_cards_millimetres(tmp_path: Path, slice_mm: float) -> None:
     record = CacheDataModule(str(tmp_path / "none"), img_size=16, slices=3, slice_spacing_mm=2.5,
-                             ct_windows=[[0, 1000]]).preprocessing()
+                             intensity={"ct_windows": [[0, 1000]]}).preprocessing()
     pre = preprocessing_from_card({"preprocessing": record})
     image = ramp_nifti(tmp_path / "ct.nii.gz", slice_mm)
     assert read_nifti_image(image, "CT").spacing == pytest.approx((slice_mm, 0.7, 0.7))

@@ -100,7 +100,8 @@ def cr_folder(folder: Path, size: int = 40) -> Path:
 @pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
 def test_a_radiograph_is_one_plane_under_every_axis_as_in_pretraining(tmp_path: Path, axis: str) -> None:
     folder = cr_folder(tmp_path / "archive" / "cr")
-    dm = CacheDataModule(str(tmp_path / "cache"), img_size=16, slices=3, axis=axis, min_size=16, num_workers=0)
+    dm = CacheDataModule(str(tmp_path / "cache"), img_size=16, slices=3, axis=axis, selection={"min_size": 16},
+                         num_workers=0)
     pre = preprocessing_from_card({"preprocessing": dm.preprocessing()})
     volume = read_image(str(folder))
     assert volume.kind == "image" and volume.shape == (1, 40, 40)
