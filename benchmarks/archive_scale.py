@@ -23,7 +23,8 @@ Each stage runs in a fresh process (``--stage``) so its peak RSS is its own:
 * ``manifest write`` / ``manifest read``: ``write_prep_manifest`` / ``load_manifest`` of the cache's rows;
 * ``setup``: ``CacheDataModule.setup("fit")`` (manifest read, entry check, slice index);
   ``first batch``: from ``iter(train_dataloader())`` to the first batch (2 loader workers);
-  ``loader worker``: steady-state RSS of one loader worker after 40 batches (``VmRSS``).
+  ``loader worker``: steady-state memory of one loader worker after 40 batches: RSS and USS (its
+  private pages, ``/proc/<pid>/smaps_rollup``; RSS also counts pages shared with the main process).
 
 Series scale (``--series``): an archive of 10^6 files holds only ~25,000 such series, so the
 manifest, ``setup`` and the loader are also measured on synthetic caches of S series (tiny 4 x 16 x 16
@@ -57,7 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, smaps_mib  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1137"
 STAGES = ("scan", "assemble", "prep", "rerun", "grow", "manifest write", "manifest read", "setup", "first batch",
@@ -243,13 +244,6 @@ def _rusage() -> tuple[float, float, float]:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, me.ru_maxrss / 1024, kids.ru_maxrss / 1024
 
 
-def _proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_stage(stage: str, archive: Path, cache: Path, salt: Path) -> dict[str, dict[str, float]]:
     """Run one stage group in this (fresh) process; wall and CPU seconds, peak RSS per stage."""
     import logging
@@ -290,10 +284,12 @@ def run_stage(stage: str, archive: Path, cache: Path, salt: Path) -> dict[str, d
     elif stage == "synth":
         measure("synth", lambda: synthetic_cache(cache, int(archive.name)))
     elif stage == "loader":
-        from medmae.data import CacheDataModule
+        from medmae.data import CacheDataModule, LoaderOptions, SamplingOptions, SelectionOptions
 
-        dm = CacheDataModule(str(cache), img_size=32, batch_size=16, num_workers=2, min_size=8, pin_memory=False,
-                             persistent_workers=False, samples_per_epoch=16 * 64)
+        dm = CacheDataModule(str(cache), img_size=32, batch_size=16, num_workers=2,
+                             selection=SelectionOptions(min_size=8),
+                             loader=LoaderOptions(pin_memory=False, persistent_workers=False),
+                             sampling=SamplingOptions(samples_per_epoch=16 * 64))
         measure("setup", lambda: dm.setup("fit"))
         it = None
 
@@ -306,9 +302,11 @@ def run_stage(stage: str, archive: Path, cache: Path, salt: Path) -> dict[str, d
         t = time.perf_counter()
         for _ in range(40):
             next(it)
-        rss = max(_proc_rss_mib(w.pid) for w in it._workers)  # noqa: SLF001 - the loader's own worker handles
+        # RSS counts the pages a forked worker still shares with the main process (torch, the index
+        # arrays); USS (its private pages) is what each worker costs on its own, the figure to compare
+        mem = [smaps_mib(w.pid) for w in it._workers]  # noqa: SLF001 - the loader's own worker handles
         out["loader worker"] = {"wall": time.perf_counter() - t, "cpu": float("nan"), "rss": float("nan"),
-                                "child_rss": rss}
+                                "child_rss": max(m["rss"] for m in mem), "uss": max(m["uss"] for m in mem)}
         del it
     else:
         raise SystemExit(f"unknown stage {stage!r}")
@@ -425,7 +423,7 @@ def format_series_table(sizes: list[int], per_s: dict[int, dict[str, dict[str, f
         for i, n in enumerate(sizes):
             r = per_s[n][stage]
             mem = (f"{r['rss']:,.0f} / {r['child_rss']:,.0f}" if math.isfinite(r["rss"])
-                   else f"worker {r['child_rss']:,.0f}")
+                   else f"worker {r['child_rss']:,.0f} (private {r['uss']:,.0f})")
             exp = f"{slope:.2f}" if i == len(sizes) - 1 and math.isfinite(slope) else ""
             lines.append(f"| {stage} | {n:,} | {r['wall']:.2f} | {_cpu_text(r)} | {mem} | {exp} |")
     return "\n".join(lines)
@@ -446,7 +444,8 @@ def format_table(ns: list[int], per_n: dict[int, tuple[dict[str, int], dict[str,
             cpu = r.get("cpu", float("nan"))
             rate = f"{n / cpu:,.0f}" if stage in _PER_FILE and cpu > 0 else "-"
             rss = r["rss"]
-            mem = (f"{rss:,.0f} / {r['child_rss']:,.0f}" if math.isfinite(rss) else f"worker {r['child_rss']:,.0f}")
+            mem = (f"{rss:,.0f} / {r['child_rss']:,.0f}" if math.isfinite(rss)
+                   else f"worker {r['child_rss']:,.0f} (private {r['uss']:,.0f})")
             exp = f"{slope:.2f}" if i == len(ns) - 1 and math.isfinite(slope) else ""
             lines.append(f"| {stage} | {n:,} | {counts['series']:,} | {r['wall']:.2f} | {_cpu_text(r)} | {rate} "
                          f"| {mem} | {exp} |")

@@ -89,16 +89,19 @@ class Timer(pl.Callback):
 def run(a: argparse.Namespace, data: pl.LightningDataModule, channels: int) -> float:
     """images/s of ``--steps`` timed steps of a fresh module on ``data``."""
     from medmae.train import MAEPretrainModule
+    from medmae.train.options import MAEOptions, OptimOptions
 
     torch.manual_seed(0)
     module = MAEPretrainModule(
         variant=f"mae_vit_{a.model}_patch16",
-        in_chans=channels,
-        img_size=a.img_size,
-        decoder_embed_dim=a.decoder_dim,
-        decoder_depth=a.decoder_depth,
-        decoder_num_heads=a.decoder_heads,
-        warmup_steps=0,
+        mae=MAEOptions(
+            in_chans=channels,
+            img_size=a.img_size,
+            decoder_embed_dim=a.decoder_dim,
+            decoder_depth=a.decoder_depth,
+            decoder_num_heads=a.decoder_heads,
+        ),
+        optim=OptimOptions(warmup_steps=0),
         log_images_every_n_steps=0,
         compile=a.compile,
     )
@@ -121,7 +124,7 @@ def run(a: argparse.Namespace, data: pl.LightningDataModule, channels: int) -> f
 
 
 def cache_data(a: argparse.Namespace, cache: Path, slices: int) -> pl.LightningDataModule:
-    from medmae.data import CacheDataModule
+    from medmae.data import CacheDataModule, LoaderOptions, SamplingOptions
 
     return CacheDataModule(
         str(cache),
@@ -129,9 +132,11 @@ def cache_data(a: argparse.Namespace, cache: Path, slices: int) -> pl.LightningD
         slices=slices,
         batch_size=a.batch,
         num_workers=a.workers,
-        samples_per_epoch=a.batch * (a.warmup + a.steps + 2),
-        verify_on_setup=False,
-        device_transforms={"auto": None, "workers": False, "device": True}[a.pixels],
+        sampling=SamplingOptions(samples_per_epoch=a.batch * (a.warmup + a.steps + 2)),
+        loader=LoaderOptions(
+            verify_on_setup=False,
+            device_transforms={"auto": None, "workers": False, "device": True}[a.pixels],
+        ),
     )
 
 

@@ -13,11 +13,12 @@ volume in the training split). Then measures samples/s of full batches of ``--cr
   clip=True), RandSpatialCropd(96, random_size=False)])`` and ``monai.data.DataLoader`` (MONAI's
   straightforward 3D pretraining loader: each sample reads and resamples its whole volume).
 * ``medmae``: ``CacheDataModule(cache, volume=VolumeOptions(size=96, spacing_mm=1.5, crop_scale=(0.5,
-  1.5)), ct_windows=[(40, 400)])`` -- the same fixed soft-tissue window (level 40, width 400 = -160..240
-  HU) -- whose samples read only the box of stored voxels a crop needs from the memory-mapped cache and
-  resample it to 1.5 mm. When the datamodule cannot be built (``--medmae-path dataset``, or an error
-  in it, which is printed), the same samples come from ``CacheVolumeDataset`` + ``EpochWeightedSampler``
-  in a plain ``torch.utils.data.DataLoader``; the output says which path ran.
+  1.5)), intensity=IntensityOptions(ct_windows=[(40, 400)]))`` -- the same fixed soft-tissue window
+  (level 40, width 400 = -160..240 HU) -- whose samples read only the box of stored voxels a crop
+  needs from the memory-mapped cache and resample it to 1.5 mm. When the datamodule cannot be built
+  (``--medmae-path dataset``, or an error in it, which is printed), the same samples come from
+  ``CacheVolumeDataset`` + ``EpochWeightedSampler`` in a plain ``torch.utils.data.DataLoader``; the
+  output says which path ran.
 
 Both give float32 ``(B, 1, 96, 96, 96)`` batches in [0, 1]. Differences by design: medmae's crops vary
 in scale (0.5-1.5 of the field of view) and aspect and may flip left-right; MONAI's are fixed-size
@@ -133,16 +134,16 @@ def volume_options(a: argparse.Namespace):  # noqa: ANN201  (medmae is imported 
 
 
 def medmae_datamodule(cache: Path, a: argparse.Namespace, workers: int, n_samples: int) -> DataLoader:
-    from medmae.data import CacheDataModule
+    from medmae.data import CacheDataModule, IntensityOptions, LoaderOptions, SamplingOptions
 
     dm = CacheDataModule(
         str(cache),
         volume=volume_options(a),
-        ct_windows=[CT_WINDOW],
+        intensity=IntensityOptions(ct_windows=(CT_WINDOW,)),
         batch_size=a.batch,
         num_workers=workers,
-        samples_per_epoch=n_samples,
-        persistent_workers=False,
+        sampling=SamplingOptions(samples_per_epoch=n_samples),
+        loader=LoaderOptions(persistent_workers=False),
     )
     dm.setup("fit")
     return dm.train_dataloader()

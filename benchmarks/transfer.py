@@ -49,12 +49,13 @@ import torch
 from scipy import ndimage
 
 from data_prep import prep_archive
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, CropOptions, SamplingOptions, SelectionOptions
 from medmae.export import export_encoder
 from medmae.finetune.cases import Case
 from medmae.finetune.seg_data import SegmentationDataModule, prepare_case
 from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dice, predict_planes
 from medmae.train import MAEPretrainModule
+from medmae.train.options import MAEOptions, OptimOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import (  # noqa: E402
@@ -262,26 +263,25 @@ def pretrain(
         batch_size=recipe.pretrain_batch,
         num_workers=0,
         seed=seed,
-        crop_scale=recipe.crop_scale,
-        samples_per_epoch=recipe.pretrain_batch * 50,
-        min_size=32,
-        hflip_prob=0.5,
+        crop=CropOptions(crop_scale=recipe.crop_scale, hflip_prob=0.5),
+        sampling=SamplingOptions(samples_per_epoch=recipe.pretrain_batch * 50),
+        selection=SelectionOptions(min_size=32),
     )
     module = MAEPretrainModule(
         variant="mae_vit_tiny_patch16",
-        img_size=recipe.img_size,
-        patch_size=getattr(recipe, "patch_size", 16),
-        embed_dim=recipe.embed_dim,
-        depth=recipe.depth,
-        num_heads=recipe.num_heads,
-        mask_ratio=recipe.mask_ratio,
-        norm_pix_loss=recipe.norm_pix_loss,
-        decoder_embed_dim=recipe.decoder_embed_dim,
-        decoder_depth=recipe.decoder_depth,
-        decoder_num_heads=4,
-        blr=recipe.blr,
-        warmup_steps=recipe.pretrain_steps // 10,
-        min_lr=1e-5,
+        mae=MAEOptions(
+            img_size=recipe.img_size,
+            patch_size=getattr(recipe, "patch_size", 16),
+            embed_dim=recipe.embed_dim,
+            depth=recipe.depth,
+            num_heads=recipe.num_heads,
+            mask_ratio=recipe.mask_ratio,
+            norm_pix_loss=recipe.norm_pix_loss,
+            decoder_embed_dim=recipe.decoder_embed_dim,
+            decoder_depth=recipe.decoder_depth,
+            decoder_num_heads=4,
+        ),
+        optim=OptimOptions(blr=recipe.blr, warmup_steps=recipe.pretrain_steps // 10, min_lr=1e-5),
         seed=seed,
         log_images_every_n_steps=0,
     )

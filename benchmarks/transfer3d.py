@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from data_prep import prep_archive
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, SamplingOptions
 from medmae.data.volume import VolumeOptions
 from medmae.export import export_encoder
 from medmae.export.volume_preprocessing import VolumePreprocessor
@@ -65,6 +65,7 @@ from medmae.finetune.seg_data import SegmentationDataModule
 from medmae.finetune.seg_data3d import PreparedVolume, prepare_volume_case
 from medmae.finetune.segment import SegmentationModule, dice_per_class, mean_dice, predict_case
 from medmae.train import MAEPretrainModule
+from medmae.train.options import MAEOptions, OptimOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import (  # noqa: E402
@@ -315,7 +316,7 @@ def pretrain3d(work: Path, recipe: Recipe, archive: Path, seed: int = 0, salt_ke
         batch_size=recipe.pretrain_batch,
         num_workers=0,
         seed=seed,
-        samples_per_epoch=recipe.pretrain_batch * 50,
+        sampling=SamplingOptions(samples_per_epoch=recipe.pretrain_batch * 50),
         volume=VolumeOptions(
             size=size,
             spacing_mm=recipe.spacing_mm,
@@ -328,20 +329,20 @@ def pretrain3d(work: Path, recipe: Recipe, archive: Path, seed: int = 0, salt_ke
     )
     module = MAEPretrainModule(
         variant="mae3d_vit_tiny_patch16",
-        in_chans=1,
-        img_size=size,
-        patch_size=16,
-        embed_dim=recipe.embed_dim,
-        depth=recipe.depth,
-        num_heads=recipe.num_heads,
-        mask_ratio=recipe.mask_ratio,
-        norm_pix_loss=recipe.norm_pix_loss,
-        decoder_embed_dim=recipe.decoder_embed_dim,
-        decoder_depth=recipe.decoder_depth,
-        decoder_num_heads=3,
-        blr=recipe.blr,
-        warmup_steps=max(1, recipe.pretrain_steps // 10),
-        min_lr=1e-5,
+        mae=MAEOptions(
+            in_chans=1,
+            img_size=size,
+            patch_size=16,
+            embed_dim=recipe.embed_dim,
+            depth=recipe.depth,
+            num_heads=recipe.num_heads,
+            mask_ratio=recipe.mask_ratio,
+            norm_pix_loss=recipe.norm_pix_loss,
+            decoder_embed_dim=recipe.decoder_embed_dim,
+            decoder_depth=recipe.decoder_depth,
+            decoder_num_heads=3,
+        ),
+        optim=OptimOptions(blr=recipe.blr, warmup_steps=max(1, recipe.pretrain_steps // 10), min_lr=1e-5),
         seed=seed,
         log_images_every_n_steps=0,
     )

@@ -34,18 +34,29 @@ from medmae.train import MAEPretrainModule, ReconstructionLogger, save_grid_png
 #: tiny ViT that learns something visible in a few minutes on 2 cores (same as configs/pretrain/tiny_cpu.yaml)
 DEMO_MODEL: dict = {
     "variant": "mae_vit_tiny_patch16",
-    "img_size": 64,
-    "patch_size": 8,
-    "depth": 4,
-    "decoder_embed_dim": 128,
-    "decoder_depth": 2,
-    "decoder_num_heads": 4,
-    "norm_pix_loss": False,  # plain pixels: the reconstruction PNG is easier to read on a tiny model
-    "blr": 1.0e-2,  # lr = blr * 32 / 256 = 1.25e-3: a tiny model on little data takes a high lr
-    "warmup_steps": 20,
-    "min_lr": 1.0e-5,
+    "mae": {
+        "img_size": 64,
+        "patch_size": 8,
+        "depth": 4,
+        "decoder_embed_dim": 128,
+        "decoder_depth": 2,
+        "decoder_num_heads": 4,
+        "norm_pix_loss": False,  # plain pixels: the reconstruction PNG is easier to read on a tiny model
+    },
+    "optim": {
+        "blr": 1.0e-2,  # lr = blr * 32 / 256 = 1.25e-3: a tiny model on little data takes a high lr
+        "warmup_steps": 20,
+        "min_lr": 1.0e-5,
+    },
 }
-DEMO_DATA: dict = {"img_size": 64, "slices": 1, "batch_size": 32, "min_size": 32, "samples_per_epoch": 3200}
+#: the data side of configs/pretrain/tiny_cpu.yaml (sections as in the config: ``medmae.data.options``)
+DEMO_DATA: dict = {
+    "img_size": 64,
+    "slices": 1,
+    "batch_size": 32,
+    "selection": {"min_size": 32},
+    "sampling": {"samples_per_epoch": 3200},
+}
 
 
 @dataclass(frozen=True)

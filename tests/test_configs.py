@@ -30,9 +30,11 @@ def test_config_instantiates_and_model_fits_data(config: Path, monkeypatch: pyte
 
 def test_tiny_cpu_config_is_the_demo() -> None:
     config = yaml.safe_load((CONFIG_DIR / "pretrain" / "tiny_cpu.yaml").read_text())
-    for key, value in DEMO_MODEL.items():
-        got = config["model"][key]
-        assert (as_hw(got) == as_hw(value)) if key == "img_size" else got == value, key
+    assert config["model"]["variant"] == DEMO_MODEL["variant"]
+    for section in ("mae", "optim"):  # model.mae / model.optim (medmae.train.options)
+        for key, value in DEMO_MODEL[section].items():
+            got = config["model"][section][key]
+            assert (as_hw(got) == as_hw(value)) if key == "img_size" else got == value, f"{section}.{key}"
     for key, value in DEMO_DATA.items():
         got = config["data"][key]
         assert (as_hw(got) == as_hw(value)) if key == "img_size" else got == value, key

@@ -14,15 +14,23 @@ from typing import Any
 
 _EXPORTS = {
     "AXES": "medmae.data.index",
-    "CacheChangedError": "medmae.data.datamodule",
+    "CacheChangedError": "medmae.data.manifest_pin",
     "DEFAULT_CT_WINDOWS": "medmae.data.transforms",
     "CacheDataModule": "medmae.data.datamodule",
     "CacheSliceDataset": "medmae.data.dataset",
+    "CropOptions": "medmae.data.options",
     "EpochWeightedSampler": "medmae.data.sampler",
-    "NoUsableDataError": "medmae.data.datamodule",
+    "ForegroundOptions": "medmae.data.options",
+    "IntensityOptions": "medmae.data.options",
+    "LEGACY_KEYS": "medmae.data.options",
+    "LoaderOptions": "medmae.data.options",
+    "NoUsableDataError": "medmae.data.splits",
     "SampleKey": "medmae.data.sampler",
+    "SamplingOptions": "medmae.data.options",
+    "SelectionOptions": "medmae.data.options",
     "SliceIndex": "medmae.data.index",
     "SliceTransform": "medmae.data.transforms",
+    "VolumeOptions": "medmae.data.volume",
     "select_series": "medmae.data.index",
 }
 

@@ -3,7 +3,8 @@
 Every data choice is written down (no path, no id) so fine-tuning and inference can rebuild the
 encoder's input from the card alone (``medmae.export.preprocessing_from_card``). Slices and volumes
 share the provenance fields (versions, selection, sampling, ``training_data``, seed, RNG rule) and
-differ in the geometry their transform describes.
+differ in the geometry their transform describes. The record's layout is the card's and does not follow
+the config's sections (``data.sampling``, ``data.selection``...; issue 19): it stays byte-identical.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def _versions() -> dict[str, str]:
 def _sampling(dm: Any, policy: str) -> dict[str, Any]:
     return {
         "policy": policy,
-        "alpha": dm.sampling_alpha,
-        "samples_per_epoch": dm.samples_per_epoch,
-        "val_samples": dm.val_samples,
-        "foreground_tries": dm.foreground_tries,
+        "alpha": dm.sampling.sampling_alpha,
+        "samples_per_epoch": dm.sampling.samples_per_epoch,
+        "val_samples": dm.sampling.val_samples,
+        "foreground_tries": dm.foreground.foreground_tries,
     }
+
+
+def _modalities(dm: Any) -> list[str] | None:
+    modalities = dm.selection.modalities
+    return None if modalities is None else list(modalities)
 
 
 def slice_record(dm: Any) -> dict[str, Any]:
@@ -60,11 +66,11 @@ def slice_record(dm: Any) -> dict[str, Any]:
     }
     record.update(dm.transform.describe())
     record["selection"] = {
-        "modalities": dm.modalities,
-        "min_size": dm.min_size,
-        "min_slices": dm.min_slices,
-        "include_images": dm.include_images,
-        "max_anisotropy": dm.max_anisotropy,
+        "modalities": _modalities(dm),
+        "min_size": dm.selection.min_size,
+        "min_slices": dm.selection.min_slices,
+        "include_images": dm.selection.include_images,
+        "max_anisotropy": dm.selection.max_anisotropy,
         "slice_spacing_mm": spacing,
         "slice_spacing_rule": (
             f"volumes with spacing along the axis > slice_spacing_mm x {1 + SLICE_SPACING_RTOL:g}, and single "
@@ -90,7 +96,7 @@ def volume_record(dm: Any) -> dict[str, Any]:
         "versions": _versions(),
         **dm.volume_transform.describe(),
         "selection": {
-            "modalities": dm.modalities,
+            "modalities": _modalities(dm),
             "images": "single 2D images are not used",
             "rules": "volume_anisotropy: max/min voxel spacing > max_anisotropy; volume_coverage: extent < "
             "min_coverage x field of view along an axis",

@@ -142,16 +142,16 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path) -> Path:
     from medmae.train.module import MAEPretrainModule
 
     ckpt = read_checkpoint(ckpt_path)
-    # LightningCLI adds private entries (e.g. ``_instantiator``) that are not module arguments
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not str(k).startswith("_")}
+    # old flat or new grouped hyper-parameters, LightningCLI's private entries (``_instantiator``) left out
+    hparams = ckpt["hyper_parameters"]
     try:  # shapes first, on the meta device: hostile hyper-parameters never allocate the model they describe
         check_state_shapes(
-            lambda: MAEPretrainModule(**hparams), ckpt["state_dict"], str(ckpt_path), "the checkpoint's MAE"
+            lambda: MAEPretrainModule.from_hparams(hparams), ckpt["state_dict"], str(ckpt_path), "the checkpoint's MAE"
         )
     except CardError as e:
         raise CheckpointError(str(e)) from None
     try:
-        module = MAEPretrainModule(**hparams)
+        module = MAEPretrainModule.from_hparams(hparams)
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         detail = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__

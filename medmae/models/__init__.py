@@ -3,12 +3,14 @@
 from medmae.models.mae import MaskedAutoencoder, as_hw
 from medmae.models.mae_base import MAEBase, MAEOutput
 from medmae.models.masking import Masking, random_masking, visible_count
+from medmae.models.options import MAEOptions
 from medmae.models.patches import grid_shape, patchify, unpatchify
 from medmae.models.pos_embed import sincos_pos_embed_2d
 from medmae.models.variants import (
     MAE_VARIANTS,
     VARIANTS,
     MAEVariant,
+    build_mae,
     create_mae,
     mae_variant,
     mae_vit_base_patch16,
@@ -23,11 +25,13 @@ __all__ = [
     "MAE_VARIANTS",
     "VARIANTS",
     "MAEBase",
+    "MAEOptions",
     "MAEOutput",
     "MAEVariant",
     "MaskedAutoencoder",
     "Masking",
     "as_hw",
+    "build_mae",
     "create_mae",
     "grid_shape",
     "mae_vit_base_patch16",

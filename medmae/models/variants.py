@@ -3,8 +3,9 @@
 :data:`VARIANTS` maps every variant name to a :class:`MAEVariant`: its spatial dimensionality (2: a
 timm ViT on planes, :class:`MaskedAutoencoder`; 3: medmae's ViT on volumes, :class:`MaskedAutoencoder3D`)
 and the encoder size that makes it that variant. :func:`mae_variant` is the one lookup (its error names
-the known variants); ``mae_variant(name).create(...)`` builds the model. :data:`MAE_VARIANTS` and
-:data:`MAE3D_VARIANTS` are the 2D and 3D halves of the registry in their older shapes.
+the known variants); ``mae_variant(name).create(...)`` or :func:`build_mae` (name,
+:class:`MAEOptions`) builds the model. :data:`MAE_VARIANTS` and :data:`MAE3D_VARIANTS` are the 2D and
+3D halves of the registry in their older shapes.
 
 Every size field can be overridden (that is how configs change depth, width or patch size); the 2D
 decoder is the paper's 512-wide, 8-deep, 16-head one and the 3D decoder 384x4x12 unless overridden.
@@ -17,18 +18,14 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from medmae.models.mae import MaskedAutoencoder
+from medmae.models.mae import MaskedAutoencoder, as_hw
 from medmae.models.mae3d import MaskedAutoencoder3D
 from medmae.models.mae_base import MAEBase
-
-#: largest width / head count / patch accepted (ViT-22B is 6144 wide): beyond it a typo, not a model
-MAX_WIDTH = 8192
-#: largest number of transformer blocks accepted in the encoder or decoder
-MAX_DEPTH = 256
+from medmae.models.options import FIELD_PREFIX, MAX_DEPTH, MAX_WIDTH, MAEOptions  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -45,9 +42,10 @@ class MAEVariant:
     arch: str | None
     encoder: Mapping[str, Any]
 
-    def create(self, **kwargs: Any) -> MAEBase:
-        """Build this variant: :func:`create_mae` (2D) or :func:`create_mae3d` (3D) with ``kwargs``."""
-        return (create_mae3d if self.spatial_dims == 3 else create_mae)(self.name, **kwargs)
+    def create(self, options: MAEOptions | None = None, **kwargs: Any) -> MAEBase:
+        """Build this variant: :func:`create_mae` (2D) or :func:`create_mae3d` (3D) with ``options`` /
+        :class:`MAEOptions` fields as ``kwargs``."""
+        return (create_mae3d if self.spatial_dims == 3 else create_mae)(self.name, options, **kwargs)
 
 
 def _registry(*variants: MAEVariant) -> dict[str, MAEVariant]:
@@ -101,116 +99,89 @@ MAE3D_VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
-def create_mae(
+def build_mae(
     variant: str,
+    options: MAEOptions | Mapping[str, Any] | None = None,
     *,
-    in_chans: int = 1,
-    img_size: int | tuple[int, int] = 224,
-    mask_ratio: float = 0.75,
-    norm_pix_loss: bool = True,
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float | None = None,
-    patch_size: int | None = None,
-    drop_path_rate: float = 0.0,
-    decoder_embed_dim: int = 512,
-    decoder_depth: int = 8,
-    decoder_num_heads: int = 16,
-    decoder_mlp_ratio: float = 4.0,
-) -> MaskedAutoencoder:
-    """Build a named MAE variant; ``None`` keeps the variant's own encoder size.
+    cls_token: bool = True,
+    field: str | None = None,
+) -> MAEBase:
+    """Build the variant named ``variant`` (2D or 3D) with ``options`` (:class:`MAEOptions`).
 
-    Sizes are checked before anything is allocated: widths in ``[1, MAX_WIDTH]``, depths in
-    ``[1, MAX_DEPTH]``, heads >= 1, ratios > 0; a bad value raises ``ValueError`` naming the field.
+    The one builder behind :meth:`MAEVariant.create`, :func:`create_mae` and :func:`create_mae3d`.
+    ``cls_token`` is the 3D encoder's (2D: timm's ViTs always have one); ``field``: how an unknown
+    variant is named in the error (see :func:`mae_variant`).
     """
-    spec = mae_variant(variant, 2)
-    _check_sizes(
-        embed_dim=(embed_dim, MAX_WIDTH),
-        depth=(depth, MAX_DEPTH),
-        num_heads=(num_heads, MAX_WIDTH),
-        patch_size=(patch_size, MAX_WIDTH),
-        decoder_embed_dim=(decoder_embed_dim, MAX_WIDTH),
-        decoder_depth=(decoder_depth, MAX_DEPTH),
-        decoder_num_heads=(decoder_num_heads, MAX_WIDTH),
-        in_chans=(in_chans, MAX_WIDTH),
-    )
-    for name, ratio in (("mlp_ratio", mlp_ratio), ("decoder_mlp_ratio", decoder_mlp_ratio)):
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 64):
-            raise ValueError(f"{name} must be a number in (0, 64], got {ratio!r}")
-    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, int | float) or not 0 <= drop_path_rate < 1:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
-    arch, encoder_kwargs = str(spec.arch), dict(spec.encoder)
-    overrides = {
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": mlp_ratio,
-        "patch_size": patch_size,
-    }
-    encoder_kwargs = {**encoder_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
-    if drop_path_rate:
-        encoder_kwargs["drop_path_rate"] = drop_path_rate
+    spec = mae_variant(variant, field=field)
+    opts = MAEOptions.of(options)
+    if spec.spatial_dims == 3:
+        size = opts.img_size
+        if not isinstance(size, int) and len(size) != 3:
+            raise ValueError(
+                f"{FIELD_PREFIX}.img_size must be S or [Z, Y, X] for the 3D variant {variant}, got {list(size)}"
+            )
+        overrides = {"embed_dim": opts.embed_dim, "depth": opts.depth, "num_heads": opts.num_heads,
+                     "patch_size": opts.patch_size}  # fmt: skip
+        encoder = {**spec.encoder, **{k: v for k, v in overrides.items() if v is not None}}
+        return MaskedAutoencoder3D(
+            in_chans=opts.in_chans,
+            img_size=size,
+            mlp_ratio=opts.mlp_ratio if opts.mlp_ratio is not None else 4.0,
+            cls_token=cls_token,
+            mask_ratio=opts.mask_ratio,
+            norm_pix_loss=opts.norm_pix_loss,
+            drop_path_rate=opts.drop_path_rate,
+            decoder_embed_dim=opts.decoder_embed_dim,
+            decoder_depth=opts.decoder_depth,
+            decoder_num_heads=opts.decoder_num_heads,
+            decoder_mlp_ratio=opts.decoder_mlp_ratio,
+            **encoder,
+        )
+    if not cls_token:
+        raise ValueError(f"cls_token=False is for 3D variants; {variant} is a timm ViT with a class token")
+    overrides = {"embed_dim": opts.embed_dim, "depth": opts.depth, "num_heads": opts.num_heads,
+                 "mlp_ratio": opts.mlp_ratio, "patch_size": opts.patch_size}  # fmt: skip
+    encoder_kwargs = {**spec.encoder, **{k: v for k, v in overrides.items() if v is not None}}
+    if opts.drop_path_rate:
+        encoder_kwargs["drop_path_rate"] = opts.drop_path_rate
     return MaskedAutoencoder(
-        arch,
-        in_chans=in_chans,
-        img_size=img_size,
-        mask_ratio=mask_ratio,
-        norm_pix_loss=norm_pix_loss,
-        decoder_embed_dim=decoder_embed_dim,
-        decoder_depth=decoder_depth,
-        decoder_num_heads=decoder_num_heads,
-        decoder_mlp_ratio=decoder_mlp_ratio,
+        str(spec.arch),
+        in_chans=opts.in_chans,
+        img_size=as_hw(opts.img_size),  # type: ignore[arg-type]
+        mask_ratio=opts.mask_ratio,
+        norm_pix_loss=opts.norm_pix_loss,
+        decoder_embed_dim=opts.decoder_embed_dim,
+        decoder_depth=opts.decoder_depth,
+        decoder_num_heads=opts.decoder_num_heads,
+        decoder_mlp_ratio=opts.decoder_mlp_ratio,
         encoder_kwargs=encoder_kwargs,
     )
 
 
+def create_mae(variant: str, options: MAEOptions | None = None, **fields: Any) -> MaskedAutoencoder:
+    """Build a named 2D MAE variant from ``options`` and/or :class:`MAEOptions` fields as keywords
+    (``create_mae("mae_vit_tiny_patch16", img_size=32, depth=2)``); ``None`` keeps the variant's size.
+
+    Sizes are checked before anything is allocated (:class:`MAEOptions`): widths in ``[1, MAX_WIDTH]``,
+    depths in ``[1, MAX_DEPTH]``, ratios > 0; a bad value raises ``ValueError`` naming the field.
+    """
+    mae_variant(variant, 2)
+    return build_mae(variant, MAEOptions.of(options, **fields))  # type: ignore[return-value]
+
+
+#: what :func:`create_mae3d` uses where neither ``options`` nor a keyword says: the 3D decoder is 384x4x12
+MAE3D_DEFAULTS: dict[str, Any] = {"img_size": 96, "decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 12}
+
+
 def create_mae3d(
-    variant: str,
-    *,
-    in_chans: int = 1,
-    img_size: int | Sequence[int] = 96,
-    mask_ratio: float = 0.75,
-    norm_pix_loss: bool = True,
-    cls_token: bool = True,
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    patch_size: int | None = None,
-    mlp_ratio: float = 4.0,
-    drop_path_rate: float = 0.0,
-    decoder_embed_dim: int = 384,
-    decoder_depth: int = 4,
-    decoder_num_heads: int = 12,
-    decoder_mlp_ratio: float = 4.0,
+    variant: str, options: MAEOptions | None = None, *, cls_token: bool = True, **fields: Any
 ) -> MaskedAutoencoder3D:
-    """Build a named 3D MAE size; ``None`` keeps the variant's encoder size. The decoder is 384x4x12."""
-    spec = mae_variant(variant, 3)
-    overrides = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "patch_size": patch_size}
-    size = {**spec.encoder, **{k: v for k, v in overrides.items() if v is not None}}
-    return MaskedAutoencoder3D(
-        in_chans=in_chans,
-        img_size=img_size,
-        mlp_ratio=mlp_ratio,
-        cls_token=cls_token,
-        mask_ratio=mask_ratio,
-        norm_pix_loss=norm_pix_loss,
-        drop_path_rate=drop_path_rate,
-        decoder_embed_dim=decoder_embed_dim,
-        decoder_depth=decoder_depth,
-        decoder_num_heads=decoder_num_heads,
-        decoder_mlp_ratio=decoder_mlp_ratio,
-        **size,
-    )
-
-
-def _check_sizes(**fields: tuple[Any, int]) -> None:
-    """Each field is None (keep the variant's) or an int in ``[1, limit]``."""
-    for name, (value, limit) in fields.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise ValueError(f"{name} must be an int in [1, {limit}], got {value!r}")
+    """Build a named 3D MAE size from ``options`` and/or :class:`MAEOptions` fields as keywords; ``None``
+    keeps the variant's encoder size. Without ``options`` the decoder is 384x4x12 and the volume 96^3
+    (:data:`MAE3D_DEFAULTS`)."""
+    mae_variant(variant, 3)
+    opts = MAEOptions.of(options, **fields) if options is not None else MAEOptions.of(MAE3D_DEFAULTS, **fields)
+    return build_mae(variant, opts, cls_token=cls_token)  # type: ignore[return-value]
 
 
 def _factory(variant: str) -> Callable[..., MaskedAutoencoder]:

@@ -17,30 +17,131 @@ the field or file.
 logger version, so TensorBoard curves and new checkpoints continue in the same folder. Without any
 checkpoint it says so in one line and starts from step 0 (so the same command starts and resumes).
 ``finetune-seg`` and ``finetune-cls`` resolve it with the same :func:`resolve_last_checkpoint`.
+
+Old flat keys (before issue 19: ``data.crop_scale``, ``--data.min_size``...) still load: the parser
+moves them to their section (``data.crop.crop_scale``) before jsonargparse reads the config, with one
+line per key on stderr (``medmae fit: warning: data.crop_scale is deprecated: use data.crop.crop_scale``).
+``--print_config`` then prints the config in the new layout. The tables are :data:`LEGACY_TABLES`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jsonargparse import Namespace, get_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medmae.data import CacheDataModule
+from medmae.data.options import LEGACY_KEYS as DATA_LEGACY_KEYS
+from medmae.data.options import migrate_legacy
 from medmae.train.module import MAEPretrainModule
 
 #: errors a data or model check raises that are the user's configuration, not a bug
 CONFIG_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
 
+#: per config section, its old flat keys -> new dotted key under the section (issue 19), moved before parsing
+LEGACY_TABLES: list[tuple[str, Mapping[str, str]]] = [
+    ("data", DATA_LEGACY_KEYS),
+    ("model", MAEPretrainModule.LEGACY_KEYS),  # model side of issue 19: medmae.train.options.LEGACY_KEYS
+]
+
+#: LightningCLI subcommands: a config given to the main parser nests the sections under one of them
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def migrate_config(
+    config: Mapping[str, Any], tables: Sequence[tuple[str, Mapping[str, str]]], warn: Any
+) -> dict[str, Any]:
+    """``config`` with the old flat keys of every ``(section, table)`` moved into place (also under a
+    subcommand key); ``warn(message)`` once per moved key (:func:`medmae.data.options.migrate_legacy`)."""
+    out = dict(config)
+    for section, table in tables:
+        if isinstance(out.get(section), Mapping):
+            out[section] = migrate_legacy(out[section], table, section, warn)
+    for key in _SUBCOMMANDS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = migrate_config(out[key], tables, warn)
+    return out
+
+
+def migrate_argv(args: Sequence[str], tables: Sequence[tuple[str, Mapping[str, str]]], warn: Any) -> list[str]:
+    """Command-line arguments with ``--<section>.<old>[=v]`` (or ``.init_args.<old>``) renamed to the new key."""
+    out = []
+    for arg in args:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        head, _, key = name.partition(".")
+        key = key.removeprefix("init_args.")
+        plus = "+" if key.endswith("+") else ""
+        for section, table in tables:
+            old = key.removesuffix("+")
+            if head == section and old in table:
+                arg = f"--{section}.{table[old]}{plus}{eq}{value}"
+                warn(f"{section}.{old} is deprecated: use {section}.{table[old]}")
+        out.append(arg)
+    return out
+
+
+class MedMAEArgumentParser(LightningArgumentParser):
+    """The parser of ``medmae fit``: moves old flat keys (:data:`LEGACY_TABLES`) to their sections in every
+    config it reads (``--config`` files and strings, ``--x.y`` arguments, checkpoint hyper-parameters), so
+    jsonargparse only ever sees the new layout, and says so once per key on stderr."""
+
+    legacy_tables: Sequence[tuple[str, Mapping[str, str]]] = LEGACY_TABLES
+
+    def _legacy_warn(self, message: str) -> None:
+        said = self.__dict__.setdefault("_legacy_said", set())
+        if message not in said and rank_zero_only.rank == 0:
+            said.add(message)
+            prog = (self.__dict__.get("_legacy_prog") or self.prog).replace(" [options]", "")
+            sys.stderr.write(f"{prog}: warning: {message}\n")
+
+    def _migrated(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return migrate_config(config, self.legacy_tables, self._legacy_warn)
+        except ValueError as e:
+            self.error(str(e))
+
+    def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        subcommand = next((a for a in args if a in _SUBCOMMANDS), None)
+        self._legacy_prog = f"{self.prog} {subcommand}" if subcommand else self.prog
+        return super().parse_args(migrate_argv(args, self.legacy_tables, self._legacy_warn), *rest, **kwargs)
+
+    def parse_string(self, content: str, *rest: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:  # read as jsonargparse will (its loader: e.g. 1e-3 is a number), rewritten only when migrated
+            loaded = get_loader(self.parser_mode)(content)
+        except Exception:  # not loadable: jsonargparse itself says what is wrong with it
+            loaded = None
+        if isinstance(loaded, dict):
+            migrated = self._migrated(loaded)
+            if migrated != loaded:
+                content = json.dumps(migrated)  # JSON is YAML: the same values, reloaded by the same loader
+        return super().parse_string(content, *rest, **kwargs)
+
+    def parse_object(self, obj: Any, *rest: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        loaded = obj.as_dict() if isinstance(obj, Namespace) else obj
+        if isinstance(loaded, dict):
+            migrated = self._migrated(loaded)
+            if migrated != loaded:
+                obj = migrated
+        return super().parse_object(obj, *rest, **kwargs)
+
 
 class MedMAECLI(LightningCLI):
-    """LightningCLI that turns configuration errors into a one-line error before training."""
+    """LightningCLI that turns configuration errors into a one-line error before training and reads old
+    flat config keys (:class:`MedMAEArgumentParser`)."""
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = MedMAEArgumentParser, **kwargs: Any):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def fail(self, message: str) -> NoReturn:
         """Print ``medmae <subcommand>: error: <message>`` on one line and exit with status 2."""
@@ -134,9 +235,11 @@ def _check_mae_checkpoint(ckpt: dict[str, Any], where: str) -> None:
     must describe the same MAE, within the limits, before anything real is allocated."""
     from medmae.export.card import check_state_shapes
 
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
-    if hparams:
-        check_state_shapes(lambda: MAEPretrainModule(**hparams), ckpt["state_dict"], where, "the checkpoint's MAE")
+    hparams = ckpt.get("hyper_parameters", {})
+    if hparams:  # old flat and new sectioned hyper-parameters alike (MAEPretrainModule.from_hparams)
+        check_state_shapes(
+            lambda: MAEPretrainModule.from_hparams(hparams), ckpt["state_dict"], where, "the checkpoint's MAE"
+        )
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:

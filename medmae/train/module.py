@@ -16,9 +16,10 @@ skips the update on the device. Counters stay device tensors; the host reads the
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
 
-from medmae.models import MAEBase, as_hw, mae_variant
+from medmae.models import MAEBase, MAEOptions, build_mae, mae_variant
+from medmae.train.options import LEGACY_KEYS, OptimOptions, migrate_legacy_hparams
 from medmae.train.schedule import lr_at_step, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -35,73 +37,96 @@ log = logging.getLogger(__name__)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
+#: the defaults of ``model.mae`` / ``model.optim`` (frozen: one shared instance is safe)
+DEFAULT_MAE = MAEOptions()
+DEFAULT_OPTIM = OptimOptions()
+
+
 class MAEPretrainModule(pl.LightningModule):
     """MAE pretraining step, optimiser and schedule, for the 2D (slices) and the 3D (volumes) MAE.
 
     Args:
         variant: named size, ``mae_vit_{tiny,small,base,large,huge}_patch16`` (2D, a timm ViT) or
             ``mae3d_vit_{tiny,small,base}_patch16`` (3D, for data with ``data.volume``).
-        in_chans: input channels (1 grayscale; k for 2.5D); must equal the data's channels.
-        img_size: 2D ``H`` or ``[H, W]``; 3D ``S`` or ``[Z, Y, X]``; must equal the data's sample
-            size (``data.img_size`` / ``data.volume.size``); multiples of the patch size.
-        mask_ratio: fraction of patches masked per sample.
-        norm_pix_loss: regress per-patch normalised pixels.
-        embed_dim, depth, num_heads, mlp_ratio, patch_size: encoder size overrides (None = variant's).
-        drop_path_rate: stochastic depth in the encoder.
-        decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio: decoder size.
-        blr: base lr; the actual lr is ``blr * effective_batch / 256``.
-        lr: absolute lr; overrides ``blr`` when set.
-        min_lr: lr at the end of the cosine.
-        weight_decay: AdamW weight decay (not applied to biases, norms, positions, tokens).
-        betas: AdamW betas.
-        warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
-        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
+        mae: architecture and masking (:class:`~medmae.models.MAEOptions`: ``in_chans``, ``img_size``,
+            ``mask_ratio``, ``norm_pix_loss``, encoder and decoder sizes, ``drop_path_rate``); a mapping
+            of those fields is accepted too.
+        optim: AdamW and the lr schedule (:class:`~medmae.train.options.OptimOptions`: ``blr``, ``lr``,
+            ``min_lr``, ``weight_decay``, ``betas``, ``warmup_epochs``, ``warmup_steps``); or a mapping.
         seed: seed of the mask RNG (each rank derives its own stream from it).
         log_images_every_n_steps: reconstruction grid period in optimizer steps (0 = only at the end).
         num_log_images: samples shown in the reconstruction grid.
         compile: ``torch.compile`` the encoder and decoder blocks (static shapes: the visible-token
             count is fixed by ``mask_ratio``); masking and the loss stay eager.
+        **legacy: the flat arguments of before issue 19 (``blr=...``, ``mask_ratio=...``: the keys of
+            :data:`~medmae.train.options.LEGACY_KEYS`), moved into ``mae`` / ``optim`` with a
+            ``DeprecationWarning`` naming the new key.
+
+    ``hparams`` (and a checkpoint's ``hyper_parameters``) hold the plain form: ``variant``, ``mae`` and
+    ``optim`` as mappings of every field, ``seed``, ``log_images_every_n_steps``, ``num_log_images``,
+    ``compile``.
     """
+
+    #: old flat argument -> new dotted key under ``model`` (:data:`medmae.train.options.LEGACY_KEYS`)
+    LEGACY_KEYS: ClassVar[dict[str, str]] = LEGACY_KEYS
 
     def __init__(
         self,
         variant: str = "mae_vit_base_patch16",
-        in_chans: int = 1,
-        img_size: int | tuple[int, int] | tuple[int, int, int] = 224,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = True,
-        embed_dim: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float | None = None,
-        patch_size: int | None = None,
-        drop_path_rate: float = 0.0,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
-        blr: float = 1.5e-4,
-        lr: float | None = None,
-        min_lr: float = 0.0,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_epochs: float = 40.0,
-        warmup_steps: int | None = None,
+        mae: MAEOptions = DEFAULT_MAE,
+        optim: OptimOptions = DEFAULT_OPTIM,
         seed: int = 0,
         log_images_every_n_steps: int = 500,
         num_log_images: int = 4,
         compile: bool = False,
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        _check_optim_args(blr, lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps)
-        self.save_hyperparameters()
-        self.model: MAEBase = build_mae(self.hparams)
+        if legacy:
+            unknown = sorted(set(legacy) - set(LEGACY_KEYS))
+            if unknown:
+                raise TypeError(f"MAEPretrainModule got an unexpected keyword argument {unknown[0]!r}")
+            moved = migrate_legacy_hparams({"mae": mae, "optim": optim, **legacy}, warn=_deprecated)
+            mae, optim = moved["mae"], moved["optim"]
+        #: architecture and masking (``model.mae``) and optimiser (``model.optim``), checked
+        self.mae_options = MAEOptions.of(mae)
+        self.optim_options = OptimOptions.of(optim)
+        self.save_hyperparameters(
+            {
+                "variant": variant,
+                "mae": self.mae_options.to_dict(),
+                "optim": self.optim_options.to_dict(),
+                "seed": seed,
+                "log_images_every_n_steps": log_images_every_n_steps,
+                "num_log_images": num_log_images,
+                "compile": compile,
+            }
+        )
+        self.model: MAEBase = _build_model(variant, self.mae_options)
         self._skipped = torch.zeros(())  # device tensor: optimizer steps skipped for non-finite gradients
         self._skipped_seen = 0  # what the host last read (for the warning)
         self.data_replacements: dict[str, torch.Tensor] = {}
         self._compiled = False
         self._mask_generator: torch.Generator | None = None
         self.effective_batch_size: int | None = None
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> MAEPretrainModule:
+        """The module a checkpoint's ``hyper_parameters`` describe, old flat ones (mapped through
+        :data:`~medmae.train.options.LEGACY_KEYS`, silently) or new; private ``_`` keys (LightningCLI's
+        ``_instantiator``) are left out."""
+        plain = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+        return cls(**migrate_legacy_hparams(plain))
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, also for checkpoints with flat (pre-options) hyper-parameters.
+
+        Those written by ``medmae fit`` name LightningCLI's instantiator, which would parse the flat keys
+        against today's signature and refuse them; the module is built through ``__init__`` instead,
+        which maps them (:data:`~medmae.train.options.LEGACY_KEYS`)."""
+        kwargs.setdefault("_instantiator", None)
+        return super().load_from_checkpoint(*args, **kwargs)
 
     # ------------------------------------------------------------------ data checks
 
@@ -121,13 +146,15 @@ class MAEPretrainModule(pl.LightningModule):
         channels = getattr(datamodule, "channels", None)
         if channels is not None and channels != self.model.in_chans:
             raise ValueError(
-                f"model.in_chans={self.model.in_chans} but the data yields {channels} channel(s) per image "
-                f"(data.slices / windows-as-channels); set model.in_chans: {channels}"
+                f"model.mae.in_chans={self.model.in_chans} but the data yields {channels} channel(s) per image "
+                f"(data.slices / windows-as-channels); set model.mae.in_chans: {channels}"
             )
         size = getattr(datamodule, "image_size", None)
         if size is not None and tuple(size) != tuple(self.model.img_size):
             field = "data.volume.size" if self.spatial_dims == 3 else "data.img_size"
-            raise ValueError(f"model.img_size={list(self.model.img_size)} but {field}={list(size)}; they must match")
+            raise ValueError(
+                f"model.mae.img_size={list(self.model.img_size)} but {field}={list(size)}; they must match"
+            )
 
     @property
     def spatial_dims(self) -> int:
@@ -251,7 +278,7 @@ class MAEPretrainModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.optim_options
         self.effective_batch_size = self._effective_batch_size()
         base_lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.effective_batch_size)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -269,19 +296,19 @@ class MAEPretrainModule(pl.LightningModule):
         dm = self.trainer.datamodule
         batch = getattr(dm, "batch_size", None)
         if not isinstance(batch, int):
-            if self.hparams.lr is None:
-                raise ValueError("cannot scale the lr: the datamodule has no integer batch_size; set model.lr")
+            if self.optim_options.lr is None:
+                raise ValueError("cannot scale the lr: the datamodule has no integer batch_size; set model.optim.lr")
             return 1
         return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def _warmup_steps(self, total: int) -> int:
-        if self.hparams.warmup_steps is not None:
-            return int(self.hparams.warmup_steps)
+        if self.optim_options.warmup_steps is not None:
+            return int(self.optim_options.warmup_steps)
         batches = self.trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # infinite loader: epochs are undefined
             return 0
         per_epoch = max(1, -(-batches // self.trainer.accumulate_grad_batches))
-        return int(round(self.hparams.warmup_epochs * per_epoch))
+        return int(round(self.optim_options.warmup_epochs * per_epoch))
 
     def _adamw_impl(self) -> dict[str, bool]:
         """Fused AdamW is fastest (one kernel, also on CPU) but cannot run under a GradScaler's unscale."""
@@ -315,32 +342,17 @@ class MAEPretrainModule(pl.LightningModule):
         ]
 
 
-def build_mae(hp: Any) -> MAEBase:
-    """The MAE the hyperparameters name: 2D (timm ViT) or 3D (``mae3d_*``); ValueError naming the field."""
-    common = {
-        "in_chans": hp.in_chans,
-        "mask_ratio": hp.mask_ratio,
-        "norm_pix_loss": hp.norm_pix_loss,
-        "embed_dim": hp.embed_dim,
-        "depth": hp.depth,
-        "num_heads": hp.num_heads,
-        "patch_size": hp.patch_size,
-        "drop_path_rate": hp.drop_path_rate,
-        "decoder_embed_dim": hp.decoder_embed_dim,
-        "decoder_depth": hp.decoder_depth,
-        "decoder_num_heads": hp.decoder_num_heads,
-        "decoder_mlp_ratio": hp.decoder_mlp_ratio,
-    }
+def _build_model(variant: str, options: MAEOptions) -> MAEBase:
+    """The MAE ``model.variant`` names, 2D (timm ViT) or 3D (``mae3d_*``); ValueError naming the field."""
     try:
-        variant = mae_variant(hp.variant, field="model.variant")
+        mae_variant(variant, field="model.variant")
     except ValueError as err:
         raise ValueError(f"{err} (with data.volume)") from None
-    if variant.spatial_dims == 3:
-        size = hp.img_size
-        if not isinstance(size, int) and (isinstance(size, str) or len(size) != 3):
-            raise ValueError(f"model.img_size must be S or [Z, Y, X] for the 3D variant {hp.variant}, got {size!r}")
-        return variant.create(img_size=size, mlp_ratio=hp.mlp_ratio if hp.mlp_ratio is not None else 4.0, **common)
-    return variant.create(img_size=as_hw(hp.img_size), mlp_ratio=hp.mlp_ratio, **common)
+    return build_mae(variant, options)
+
+
+def _deprecated(message: str) -> None:
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
 
 
 def mask_seed(seed: int, rank: int, *stream: int) -> int:
@@ -366,26 +378,3 @@ def weight_decay_groups(
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _check_optim_args(
-    blr: float,
-    lr: float | None,
-    min_lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    warmup_epochs: float,
-    warmup_steps: int | None,
-) -> None:
-    checks = [
-        ("blr", blr, blr > 0),
-        ("lr", lr, lr is None or lr > 0),
-        ("min_lr", min_lr, min_lr >= 0),
-        ("weight_decay", weight_decay, weight_decay >= 0),
-        ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas)),
-        ("warmup_epochs", warmup_epochs, warmup_epochs >= 0),
-        ("warmup_steps", warmup_steps, warmup_steps is None or warmup_steps >= 0),
-    ]
-    for name, value, ok in checks:
-        if not ok:
-            raise ValueError(f"model.{name} has an invalid value: {value!r}")

@@ -14,10 +14,24 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from medmae.data import CacheDataModule, EpochWeightedSampler, NoUsableDataError
+from medmae.data import (
+    CacheDataModule,
+    EpochWeightedSampler,
+    IntensityOptions,
+    LoaderOptions,
+    NoUsableDataError,
+    SamplingOptions,
+    SelectionOptions,
+)
 from tests.data.conftest import CacheBuilder, noise_volume
 
-SMALL = {"img_size": 32, "batch_size": 4, "min_size": 8, "samples_per_epoch": 24, "slices": 3}
+SMALL = {
+    "img_size": 32,
+    "batch_size": 4,
+    "selection": SelectionOptions(min_size=8),
+    "sampling": SamplingOptions(samples_per_epoch=24),
+    "slices": 3,
+}
 
 
 def _epoch(dm: CacheDataModule, loader, epoch: int) -> list[dict[str, torch.Tensor]]:
@@ -34,7 +48,8 @@ def _assert_same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tenso
 
 
 def test_batches_have_the_promised_shape_and_keys(noise_cache: Callable[[], Path]) -> None:
-    dm = CacheDataModule(str(noise_cache()), img_size=(24, 40), slices=3, batch_size=4, num_workers=0, min_size=8)
+    small = SelectionOptions(min_size=8)
+    dm = CacheDataModule(str(noise_cache()), img_size=(24, 40), slices=3, batch_size=4, num_workers=0, selection=small)
     assert dm.channels == 3 and dm.image_size == (24, 40)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -49,7 +64,7 @@ def test_batches_have_the_promised_shape_and_keys(noise_cache: Callable[[], Path
 def test_same_batches_for_0_and_2_workers_and_new_ones_each_epoch(noise_cache: Callable[[], Path]) -> None:
     cache = str(noise_cache())
     dm0 = CacheDataModule(cache, num_workers=0, **SMALL)
-    dm2 = CacheDataModule(cache, num_workers=2, persistent_workers=True, **SMALL)
+    dm2 = CacheDataModule(cache, num_workers=2, loader=LoaderOptions(persistent_workers=True), **SMALL)
     dm0.setup("fit")
     dm2.setup("fit")
     loader0, loader2 = dm0.train_dataloader(), dm2.train_dataloader()
@@ -112,11 +127,12 @@ def test_nothing_usable_raises_a_clear_error(cache_builder: CacheBuilder) -> Non
     cache_builder.add("mr0", noise_volume(1), modality="MR")
     cache = cache_builder.write()
     with pytest.raises(NoUsableDataError, match=r"2 train series, dropped \{'modality': 2\}"):
-        CacheDataModule(str(cache), modalities=["PT"], num_workers=0, min_size=8).setup("fit")
+        pet = SelectionOptions(modalities=["PT"], min_size=8)
+        CacheDataModule(str(cache), selection=pet, num_workers=0).setup("fit")
     for sid in ("ct0", "mr0"):
         os.remove(cache_builder.array_path(sid))
     with pytest.raises(NoUsableDataError, match="missing_array"):
-        CacheDataModule(str(cache), num_workers=0, min_size=8).setup("fit")
+        CacheDataModule(str(cache), num_workers=0, selection=SelectionOptions(min_size=8)).setup("fit")
 
 
 def test_no_validation_series_skips_validation(cache_builder: CacheBuilder) -> None:
@@ -128,7 +144,8 @@ def test_no_validation_series_skips_validation(cache_builder: CacheBuilder) -> N
 
 
 def test_val_samples_draws_a_fixed_subset(noise_cache: Callable[[], Path]) -> None:
-    dm = CacheDataModule(str(noise_cache()), num_workers=0, val_samples=6, **SMALL)
+    sampling = SamplingOptions(samples_per_epoch=24, val_samples=6)
+    dm = CacheDataModule(str(noise_cache()), num_workers=0, **{**SMALL, "sampling": sampling})
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert sum(len(b["image"]) for b in batches) == 6
@@ -136,7 +153,8 @@ def test_val_samples_draws_a_fixed_subset(noise_cache: Callable[[], Path]) -> No
 
 
 def test_windows_as_channels_multiply_channels(noise_cache: Callable[[], Path]) -> None:
-    dm = CacheDataModule(str(noise_cache()), num_workers=0, ct_window_mode="channels", **SMALL)
+    channels = IntensityOptions(ct_window_mode="channels")
+    dm = CacheDataModule(str(noise_cache()), num_workers=0, intensity=channels, **SMALL)
     assert dm.channels == 9
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 9, 32, 32)
@@ -165,32 +183,14 @@ def test_preprocessing_is_json_and_has_no_path(noise_cache: Callable[[], Path]) 
         ("batch_size", 0),
         ("num_workers", -1),
         ("seed", -1),
-        ("modalities", "CT"),
-        ("min_size", 0),
-        ("max_anisotropy", 0.5),
-        ("sampling_alpha", 1.5),
-        ("sampling_alpha", None),
-        ("foreground_hu", float("nan")),
-        ("samples_per_epoch", 0),
-        ("val_samples", 0),
-        ("crop_scale", (0.5, 0.2)),
-        ("crop_scale", (0.2, 1.5)),
-        ("crop_ratio", (0.0, 1.0)),
-        ("hflip_prob", 2.0),
-        ("interpolation", "lanczos"),
-        ("ct_windows", [(40, -400)]),
-        ("ct_windows", []),
-        ("ct_window_mode", "mixed"),
-        ("percentiles", (2.0, 98.0)),
-        ("foreground_fraction", 1.0),
-        ("foreground_tries", -1),
         ("slice_spacing_mm", 0),
         ("slice_spacing_mm", float("nan")),
         ("slice_interpolation", "cubic"),
-        ("ct_inference_window", 3),
+        ("cache_changed", "ignore"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_field(field: str, value: object) -> None:
+    """The flat options; the sections' own checks are in tests/data/test_options.py."""
     with pytest.raises(ValueError, match=field):
         CacheDataModule("cache", **{field: value})
 
@@ -201,14 +201,16 @@ def test_lightning_cli_style_yaml_parses(noise_cache: Callable[[], Path]) -> Non
     parser.add_class_arguments(CacheDataModule, "data")
     cfg = parser.parse_string(
         f"data:\n  cache_dir: {noise_cache()}\n  img_size: [24, 32]\n  slices: 3\n  num_workers: 0\n"
-        "  ct_windows: [[40, 400], [-600, 1500]]\n  crop_scale: [0.3, 1.0]\n  modalities: [CT]\n"
-        "  slice_spacing_mm: 2.5\n  slice_interpolation: linear\n  ct_inference_window: 1\n"
+        "  intensity: {ct_windows: [[40, 400], [-600, 1500]], ct_inference_window: 1}\n"
+        "  crop: {crop_scale: [0.3, 1.0]}\n  selection: {modalities: [CT]}\n"
+        "  slice_spacing_mm: 2.5\n  slice_interpolation: linear\n"
     )
     dm = parser.instantiate_classes(cfg).data
     assert dm.image_size == (24, 32) and dm.channels == 3
     assert dm.transform.neighbours.spacing_mm == 2.5 and dm.transform.neighbours.interpolation == "linear"
     assert dm.preprocessing()["intensity"]["ct"]["inference_window"] == 1
-    assert dm.transform.intensity.ct_windows == ((40.0, 400.0), (-600.0, 1500.0)) and dm.modalities == ["CT"]
+    assert dm.transform.intensity.ct_windows == ((40.0, 400.0), (-600.0, 1500.0)) and dm.selection.modalities == ("CT",)
+    assert dm.transform.crop_scale == (0.3, 1.0) and dm.preprocessing()["selection"]["modalities"] == ["CT"]
 
 
 class _Probe(pl.LightningModule):

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from medmae.data import CacheDataModule, CacheSliceDataset, SampleKey, SliceIndex, SliceTransform
+from medmae.data import (
+    CacheDataModule,
+    CacheSliceDataset,
+    SampleKey,
+    SamplingOptions,
+    SelectionOptions,
+    SliceIndex,
+    SliceTransform,
+)
 from medmae.data.cache import load_manifest
 from medmae.data.intensity import IntensityRule
 from tests.data.conftest import CacheBuilder, noise_volume, slice_ramp
@@ -125,7 +133,8 @@ def test_unreadable_entries_at_training_time_are_skipped_and_counted(
     for i in range(4):
         cache_builder.add(f"ct{i}", noise_volume(i))
     cache = cache_builder.write()
-    dm = CacheDataModule(str(cache), img_size=16, batch_size=4, num_workers=0, min_size=8, samples_per_epoch=40)
+    dm = CacheDataModule(str(cache), img_size=16, batch_size=4, num_workers=0, selection=SelectionOptions(min_size=8),
+                         sampling=SamplingOptions(samples_per_epoch=40))
     dm.setup("fit")
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(0)

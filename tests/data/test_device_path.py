@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, CropOptions, LoaderOptions, SamplingOptions, SelectionOptions
 from medmae.data.device_path import RAW_KEYS, collate_raw, finish_on_device
 from medmae.data.sampler import SampleKey
 from tests.data.conftest import CacheBuilder, noise_volume
@@ -25,9 +25,10 @@ def mixed_cache(cache_builder: CacheBuilder) -> Path:
 
 
 def _pair(cache: Path, **options) -> tuple[CacheDataModule, CacheDataModule]:
-    common = dict(img_size=24, batch_size=6, min_size=8, samples_per_epoch=24, num_workers=0, **options)
-    cpu = CacheDataModule(str(cache), device_transforms=False, **common)
-    dev = CacheDataModule(str(cache), device_transforms=True, **common)
+    common = dict(img_size=24, batch_size=6, selection={"min_size": 8}, sampling={"samples_per_epoch": 24},
+                  num_workers=0, **options)
+    cpu = CacheDataModule(str(cache), loader=LoaderOptions(device_transforms=False), **common)
+    dev = CacheDataModule(str(cache), loader=LoaderOptions(device_transforms=True), **common)
     return cpu, dev
 
 
@@ -42,8 +43,8 @@ def _batches(dm: CacheDataModule, split: str) -> list[dict]:
     [
         {"slices": 1},
         {"slices": 3, "hflip_prob": 0.5},
-        {"slices": 2, "ct_window_mode": "channels"},
-        {"slices": 3, "foreground_fraction": 0.3, "interpolation": "bicubic"},
+        {"slices": 2, "intensity": {"ct_window_mode": "channels"}},
+        {"slices": 3, "foreground": {"foreground_fraction": 0.3}, "crop": {"interpolation": "bicubic"}},
     ],
     ids=["2d", "2p5d", "windows-as-channels", "foreground-bicubic"],
 )
@@ -61,7 +62,7 @@ def test_device_path_matches_cpu_path_on_train_and_val(mixed_cache: Path, option
 
 
 def test_deferred_samples_ship_stored_values_unflipped(mixed_cache: Path) -> None:
-    _, dev = _pair(mixed_cache, slices=1, hflip_prob=1.0)
+    _, dev = _pair(mixed_cache, slices=1, crop=CropOptions(hflip_prob=1.0))
     dev.setup("fit")
     loader = dev.train_dataloader()
     ds = loader.dataset
@@ -75,10 +76,10 @@ def test_deferred_samples_ship_stored_values_unflipped(mixed_cache: Path) -> Non
 
 
 def test_auto_mode_is_off_without_a_cuda_trainer(mixed_cache: Path) -> None:
-    dm = CacheDataModule(str(mixed_cache), img_size=24, batch_size=2, min_size=8, num_workers=0)
-    assert dm.device_transforms is None and not dm.pixels_on_device()
-    with pytest.raises(ValueError, match="device_transforms"):
-        CacheDataModule(str(mixed_cache), device_transforms="yes")
+    dm = CacheDataModule(str(mixed_cache), img_size=24, batch_size=2, selection={"min_size": 8}, num_workers=0)
+    assert dm.loader.device_transforms is None and not dm.pixels_on_device()
+    with pytest.raises(ValueError, match="data.loader.device_transforms"):
+        CacheDataModule(str(mixed_cache), loader=LoaderOptions(device_transforms="yes"))
 
 
 def test_fit_trains_on_deferred_batches(mixed_cache: Path, tmp_path: Path) -> None:
@@ -91,22 +92,17 @@ def test_fit_trains_on_deferred_batches(mixed_cache: Path, tmp_path: Path) -> No
         str(mixed_cache),
         img_size=32,
         batch_size=4,
-        min_size=8,
-        samples_per_epoch=8,
+        selection=SelectionOptions(min_size=8),
+        sampling=SamplingOptions(samples_per_epoch=8),
         num_workers=0,
-        device_transforms=True,
+        loader=LoaderOptions(device_transforms=True),
     )
     module = MAEPretrainModule(
         variant="mae_vit_tiny_patch16",
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        warmup_steps=0,
-        lr=1e-3,
-    )
+        mae={"img_size": 32, "patch_size": 8, "depth": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+             "decoder_num_heads": 2},
+        optim={"warmup_steps": 0, "lr": 1e-3},
+    )  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=2,

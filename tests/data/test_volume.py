@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, IntensityOptions, LoaderOptions
 from medmae.data.cache import load_manifest
 from medmae.data.intensity import IntensityRule
 from medmae.data.reader import SeriesReader
@@ -189,14 +189,15 @@ def test_datamodule_yields_3d_batches_and_records_them(cache_builder: CacheBuild
     cache_builder.add("xr", noise_volume(5, (1, 48, 48)), modality="DX", kind="image")
     cache = cache_builder.write()
     options = VolumeOptions(size=16, spacing_mm=2.0)
-    dm = CacheDataModule(str(cache), batch_size=2, num_workers=0, volume=options, ct_window_mode="channels")
+    channels = IntensityOptions(ct_window_mode="channels")
+    dm = CacheDataModule(str(cache), batch_size=2, num_workers=0, volume=options, intensity=channels)
     dm.setup("fit")
     assert dm.spatial_dims == 3 and dm.image_size == (16, 16, 16) and dm.channels == 3
     assert dm.setup_report["train"]["dropped"] == {"image": 1}
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 16, 16, 16)
     assert batch["image"].min() >= 0 and batch["image"].max() <= 1
-    again = CacheDataModule(str(cache), batch_size=2, num_workers=0, volume=options, ct_window_mode="channels")
+    again = CacheDataModule(str(cache), batch_size=2, num_workers=0, volume=options, intensity=channels)
     assert torch.equal(next(iter(again.train_dataloader()))["image"], batch["image"])  # a pure function of keys
     record = dm.preprocessing()
     assert record["spatial_dims"] == 3 and record["volume"]["size"] == [16, 16, 16]
@@ -209,8 +210,8 @@ def test_datamodule_yields_3d_batches_and_records_them(cache_builder: CacheBuild
 def test_datamodule_rejects_2d_options_with_volume(tmp_path) -> None:
     with pytest.raises(ValueError, match="data.slices"):
         CacheDataModule(str(tmp_path), slices=3, volume=VolumeOptions())
-    with pytest.raises(ValueError, match="device_transforms"):
-        CacheDataModule(str(tmp_path), device_transforms=True, volume=VolumeOptions())
+    with pytest.raises(ValueError, match="data.loader.device_transforms"):
+        CacheDataModule(str(tmp_path), loader=LoaderOptions(device_transforms=True), volume=VolumeOptions())
 
 
 def test_no_usable_volume_names_the_fields(cache_builder: CacheBuilder) -> None:

@@ -19,8 +19,9 @@ import pytest
 
 from data_prep import merge_shards, prep_archive
 from data_prep.deid import Pseudonymizer
-from data_prep.pipeline import KILL_AFTER_ENV, pending_removal_path
+from data_prep.pipeline import KILL_AFTER_ENV
 from data_prep.report import ManifestChanges
+from data_prep.state import pending_removal_path
 from medmae.data.cache import MANIFEST_NAME, REJECT_REPORT_NAME, built_series_ids, load_manifest
 from tests.data_prep.factory import Identity, cr_image, volume_series, write_nifti, write_sidecar
 
@@ -208,7 +209,7 @@ def test_a_crash_between_manifest_swap_and_deletion_is_finished_by_the_rerun(gro
     def crash(cache_dir: Path, series_id: str) -> None:
         raise OSError("simulated crash after the manifest swap")
 
-    monkeypatch.setattr("data_prep.pipeline.remove_series", crash)
+    monkeypatch.setattr("data_prep.publish.remove_series", crash)  # the publishing step deletes
     with pytest.raises(OSError, match="simulated"):
         prep(archive, cache, salt)
     assert pending_removal_path(cache).is_file()
@@ -243,8 +244,8 @@ def test_a_resumed_training_run_refuses_a_changed_cache(grown, caplog) -> None:
     archive, salt, cache = grown
 
     def datamodule(**kwargs) -> CacheDataModule:
-        return CacheDataModule(str(cache), img_size=16, batch_size=2, num_workers=0, min_size=4,
-                               pin_memory=False, **kwargs)
+        return CacheDataModule(str(cache), img_size=16, batch_size=2, num_workers=0, selection={"min_size": 4},
+                               loader={"pin_memory": False}, **kwargs)
 
     dm = datamodule()
     dm.setup("fit")
@@ -292,7 +293,8 @@ def test_ddp_ranks_that_read_different_manifests_stop_together(grown) -> None:
 
     version = load_manifest(cache).version
     for rank0, ok in ((version, True), ("0123456789abcdef", False)):
-        dm = CacheDataModule(str(cache), img_size=16, batch_size=2, num_workers=0, min_size=4, pin_memory=False)
+        dm = CacheDataModule(str(cache), img_size=16, batch_size=2, num_workers=0, selection={"min_size": 4},
+                             loader={"pin_memory": False})
         dm.trainer = SimpleNamespace(world_size=2, strategy=strategy(rank0), global_rank=1)
         if ok:
             dm.setup("fit")

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import medmae
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, IntensityOptions, SamplingOptions, SelectionOptions
 from medmae.data.cache import load_manifest
 from medmae.export import export_checkpoint, export_encoder, load_card, load_timm_encoder, preprocessing_from_card
 from medmae.models import create_mae
@@ -36,7 +36,7 @@ def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
 
 
 def test_export_from_checkpoint_keeps_training_facts(tmp_path: Path) -> None:
-    module = MAEPretrainModule(**TINY_MODEL, warmup_steps=0)
+    module = MAEPretrainModule(**TINY_MODEL, optim={"warmup_steps": 0})
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=TensorDataModule(smooth_images(4), batch_size=2))
@@ -66,9 +66,10 @@ def test_exported_card_carries_the_training_data_and_no_pseudonymous_id(tmp_path
     cache_builder.add("ser4c4d51f7e", noise_volume(4, (6, 8, 8)), patient_id="pat3d6c0b8f")  # below min_size
     cache_builder.add("ser5c4d51f7e", noise_volume(5, (6, 64, 64)), split="val", patient_id="pat4e5b9a7e")
     cache = cache_builder.write()
-    dm = CacheDataModule(str(cache), img_size=64, batch_size=2, num_workers=0, samples_per_epoch=2, min_size=32,
-                         ct_inference_window=2)
-    module = MAEPretrainModule(**TINY_MODEL, warmup_steps=0)
+    dm = CacheDataModule(str(cache), img_size=64, batch_size=2, num_workers=0,
+                         sampling=SamplingOptions(samples_per_epoch=2), selection=SelectionOptions(min_size=32),
+                         intensity=IntensityOptions(ct_inference_window=2))
+    module = MAEPretrainModule(**TINY_MODEL, optim={"warmup_steps": 0})
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)

@@ -97,8 +97,8 @@ def test_3d_checkpoint_exports_through_medmae_export(tmp_path: Path) -> None:
     from medmae.train.module import MAEPretrainModule
 
     torch.manual_seed(0)
-    hp = dict(variant="mae3d_vit_tiny_patch16", img_size=[32, 32, 16], embed_dim=24, depth=10, num_heads=2,
-              decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    hp = dict(variant="mae3d_vit_tiny_patch16", mae=dict(img_size=[32, 32, 16], embed_dim=24, depth=10, num_heads=2,
+              decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2))  # fmt: skip
     module = MAEPretrainModule(**hp)
     record = CacheDataModule(str(tmp_path / "no_cache"), volume=VolumeOptions(size=(32, 32, 16))).preprocessing()
     ckpt = {

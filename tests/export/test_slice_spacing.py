@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmae.data import CacheDataModule, CacheSliceDataset, SampleKey
+from medmae.data import CacheDataModule, CacheSliceDataset, IntensityOptions, SampleKey, SelectionOptions
 from medmae.data.cache import load_manifest
 from medmae.export import CardError, preprocessing_from_card
 from tests.data.conftest import CacheBuilder
@@ -42,7 +42,8 @@ def mm_cache(cache_builder: CacheBuilder) -> Path:
 
 def data_module(cache: Path, **kwargs) -> CacheDataModule:
     dm = CacheDataModule(
-        str(cache), img_size=SIZE, slices=3, ct_windows=WINDOW, min_size=8, num_workers=0, batch_size=1, **kwargs
+        str(cache), img_size=SIZE, slices=3, intensity=IntensityOptions(ct_windows=WINDOW),
+        selection=SelectionOptions(min_size=8), num_workers=0, batch_size=1, **kwargs
     )
     dm.setup("fit")
     return dm
@@ -112,7 +113,8 @@ def test_the_option_draws_no_randomness(cache_builder: CacheBuilder) -> None:
     cache_builder.add("ct", anatomy(1.0), spacing=(1.0, 0.7, 0.7))
     cache_builder.add("mr", anatomy(1.0)[::-1] + 200, modality="MR", spacing=(1.0, 0.7, 0.7))
     cache = str(cache_builder.write())
-    common = {"img_size": 8, "slices": 3, "min_size": 8, "num_workers": 0, "ct_windows": [[0, 1000], [40, 400]]}
+    common = {"img_size": 8, "slices": 3, "selection": SelectionOptions(min_size=8), "num_workers": 0,
+              "intensity": IntensityOptions(ct_windows=[[0, 1000], [40, 400]])}
     by_index, by_mm = CacheDataModule(cache, **common), CacheDataModule(cache, slice_spacing_mm=1.0, **common)
     by_index.setup("fit")
     by_mm.setup("fit")

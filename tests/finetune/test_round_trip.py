@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from medmae.cli import main as medmae_main
-from medmae.data import CacheDataModule
+from medmae.data import CacheDataModule, IntensityOptions, SelectionOptions
 from medmae.data.cache import load_manifest
 from medmae.data.dataset import CacheSliceDataset
 from medmae.finetune.seg_cli import encoder_input
@@ -63,8 +63,9 @@ def trip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert medmae_main(["prep", str(archive), "--out", str(cache), "--workers", "1", "--quiet"]) == 0
     fit = [
         "fit", "--config", str(REPO / "configs/pretrain/tiny_cpu.yaml"), "--data.cache_dir", str(cache),
-        "--model.img_size", "[32, 32]", "--data.img_size", "[32, 32]", "--data.ct_windows", WINDOW,
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.min_size", "16", "--trainer.max_steps", "3",
+        "--model.img_size", "[32, 32]", "--data.img_size", "[32, 32]", "--data.intensity.ct_windows", WINDOW,
+        "--data.num_workers", "0", "--data.batch_size", "4", "--data.selection.min_size", "16",
+        "--trainer.max_steps", "3",
         "--trainer.logger.init_args.save_dir", str(root / "runs"), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert medmae_main(fit) == 0
@@ -101,7 +102,8 @@ def test_prediction_input_equals_the_pretraining_input_for_the_same_voxels(trip:
     assert (volume.modality, volume.modality_source, volume.intensity) == ("CT", "sidecar", "HU")
     predicted = encoder_input(model.preprocessing, volume)
     # what pretraining fed the encoder for the same series: its validation view (centre crop, no flip)
-    dm = CacheDataModule(str(trip["cache"]), img_size=32, ct_windows=[(40.0, 400.0)], min_size=16, num_workers=0)
+    dm = CacheDataModule(str(trip["cache"]), img_size=32, intensity=IntensityOptions(ct_windows=[(40.0, 400.0)]),
+                         selection=SelectionOptions(min_size=16), num_workers=0)
     dm.setup("fit")
     # prep's keyed split decides (with this run's fresh salt) whether the 8-slice series is train or val
     (index,) = [

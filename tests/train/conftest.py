@@ -12,13 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 
 TINY_MODEL = {
     "variant": "mae_vit_tiny_patch16",
-    "img_size": 64,
-    "patch_size": 8,
-    "depth": 4,
-    "decoder_embed_dim": 128,
-    "decoder_depth": 2,
-    "decoder_num_heads": 4,
-}
+    "mae": {"img_size": 64, "patch_size": 8, "depth": 4, "decoder_embed_dim": 128, "decoder_depth": 2,
+            "decoder_num_heads": 4},
+}  # fmt: skip
+
+
+def with_mae(kwargs: dict, **mae: object) -> dict:
+    """``kwargs`` (module arguments) with ``mae`` fields changed."""
+    return {**kwargs, "mae": {**kwargs.get("mae", {}), **mae}}
 
 
 def smooth_images(n: int, channels: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:

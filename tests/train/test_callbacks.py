@@ -4,6 +4,7 @@ import torch
 
 from medmae.train import MAEPretrainModule, reconstruction_grid
 from medmae.train.callbacks import PANEL_TITLES, TITLE_HEIGHT, ChannelView, channel_view, grid_legend
+from tests.train.conftest import with_mae
 
 SIZE = 64
 
@@ -20,7 +21,7 @@ def _marked(channels: int, marked: int) -> torch.Tensor:
 
 
 def test_odd_slice_count_shows_the_centre_slice(tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**{**tiny_model_kwargs, "in_chans": 3}).eval()
+    module = MAEPretrainModule(**with_mae(tiny_model_kwargs, in_chans=3)).eval()
     grid = reconstruction_grid(module.model, _marked(3, 1), torch.Generator().manual_seed(0))
     assert grid.shape == (3, TITLE_HEIGHT + 2 * SIZE + 3 * 2, 4 * SIZE + 5 * 2)
     original = _original_panel(grid)
@@ -36,7 +37,7 @@ def test_even_slice_count_shows_the_offset_zero_slice() -> None:
 
 
 def test_even_slice_grid_draws_channel_zero(tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**{**tiny_model_kwargs, "in_chans": 2}).eval()
+    module = MAEPretrainModule(**with_mae(tiny_model_kwargs, in_chans=2)).eval()
     view = channel_view({"slices": 2}, in_chans=2)
     grid = reconstruction_grid(module.model, _marked(2, 0), torch.Generator().manual_seed(0), view)
     assert torch.all(_original_panel(grid)[:32] == 1.0)
@@ -52,7 +53,7 @@ def test_window_as_channel_mode_names_the_window_shown() -> None:
 
 
 def test_title_strip_labels_the_ground_truth_panel(tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**{**tiny_model_kwargs, "in_chans": 1}).eval()
+    module = MAEPretrainModule(**with_mae(tiny_model_kwargs, in_chans=1)).eval()
     grid = reconstruction_grid(module.model, _marked(1, 0), torch.Generator().manual_seed(0))
     strip = grid[0, :TITLE_HEIGHT]
     for i in range(len(PANEL_TITLES)):  # every panel has ink above it
@@ -90,7 +91,7 @@ def test_throughput_logger_warns_when_the_loader_starves_the_step(tmp_path, tiny
         def train_dataloader(self):
             return torch.utils.data.DataLoader(_SlowImages(self.images), batch_size=self.batch_size, shuffle=False)
 
-    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=0)  # attaches its own ThroughputLogger
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"warmup_steps": 0})  # attaches its own ThroughputLogger
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=26,

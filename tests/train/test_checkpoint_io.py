@@ -64,7 +64,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Pa
 
 
 def test_training_saves_through_the_atomic_writer(tmp_path: Path, tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"warmup_steps": 0})
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=2,

@@ -42,8 +42,8 @@ def test_fit_from_the_command_line_runs_and_checkpoints(sample_cache: Path, tmp_
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.img_size", "[60, 60]", "--data.img_size", "[60, 60]"], "img_size"),
-        (["--data.slices", "3"], "model.in_chans=1"),
+        (["--model.mae.img_size", "[60, 60]", "--data.img_size", "[60, 60]"], "img_size"),
+        (["--data.slices", "3"], "model.mae.in_chans=1"),
         (["--data.img_size", "[64, 96]"], "data.img_size"),
         (["--model.decoder_width", "64"], "decoder_width"),
     ],
@@ -76,7 +76,8 @@ def test_one_node_ddp_relaunches_the_medmae_command(sample_cache: Path, tmp_path
     assert script, "the medmae console script is installed by `pip install -e .`"
     proc = subprocess.run(
         [script, "fit", *_args(sample_cache, tmp_path, "--trainer.max_steps", "2", "--trainer.devices", "2",
-                               "--trainer.strategy", "ddp", "--data.batch_size", "4", "--data.samples_per_epoch", "32")],
+                               "--trainer.strategy", "ddp", "--data.batch_size", "4",
+                               "--data.sampling.samples_per_epoch", "32")],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

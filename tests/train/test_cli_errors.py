@@ -42,14 +42,18 @@ CASES = {
     "missing_cache_dir": (lambda t, c: t / "nowhere", [], "data.cache_dir"),
     "folder_without_manifest": (lambda t, c: _no_manifest(t), [], "manifest.json"),
     "empty_cache": (lambda t, c: _empty_cache(t), [], "no usable training slice"),
-    "min_size_above_every_image": (lambda t, c: c, ["--data.min_size", "4096"], "data.min_size=4096"),
-    "samples_per_epoch_below_a_batch": (lambda t, c: c, ["--data.samples_per_epoch", "8"], "samples_per_epoch"),
-    "mask_ratio_without_visible_patch": (lambda t, c: c, ["--model.mask_ratio", "0.999"], "mask_ratio"),
-    "depth_zero": (lambda t, c: c, ["--model.depth", "0"], "depth"),
-    "depth_negative": (lambda t, c: c, ["--model.depth", "-3"], "depth"),
+    "min_size_above_every_image": (
+        lambda t, c: c, ["--data.selection.min_size", "4096"], "data.selection.min_size=4096"
+    ),
+    "samples_per_epoch_below_a_batch": (
+        lambda t, c: c, ["--data.sampling.samples_per_epoch", "8"], "data.sampling.samples_per_epoch"
+    ),
+    "mask_ratio_without_visible_patch": (lambda t, c: c, ["--model.mae.mask_ratio", "0.999"], "mask_ratio"),
+    "depth_zero": (lambda t, c: c, ["--model.mae.depth", "0"], "depth"),
+    "depth_negative": (lambda t, c: c, ["--model.mae.depth", "-3"], "depth"),
     "max_steps_below_minus_one": (lambda t, c: c, ["--trainer.max_steps", "-5"], "trainer.max_steps"),
-    "absurd_embed_dim": (lambda t, c: c, ["--model.embed_dim", "10000000"], "embed_dim"),
-    "absurd_decoder_embed_dim": (lambda t, c: c, ["--model.decoder_embed_dim", "1000000"], "decoder_embed_dim"),
+    "absurd_embed_dim": (lambda t, c: c, ["--model.mae.embed_dim", "10000000"], "embed_dim"),
+    "absurd_decoder_embed_dim": (lambda t, c: c, ["--model.mae.decoder_embed_dim", "1000000"], "decoder_embed_dim"),
 }
 
 
@@ -73,11 +77,11 @@ def test_depth_zero_through_the_medmae_command(tiny_cache: Path, tmp_path: Path)
     """The installed entry point: exit status 2, one error line, no traceback, nothing trained."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "medmae.cli", "fit", *_args(tiny_cache, tmp_path, "--model.depth", "0")],
+        [sys.executable, "-m", "medmae.cli", "fit", *_args(tiny_cache, tmp_path, "--model.mae.depth", "0")],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert errors == ["medmae fit: error: invalid configuration: depth must be an int in [1, 256], got 0"]
+    assert errors == ["medmae fit: error: invalid configuration: model.mae.depth must be an int in [1, 256], got 0"]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

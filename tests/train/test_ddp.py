@@ -15,7 +15,7 @@ from tests.train.conftest import TensorDataModule, smooth_images
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_all_ranks(tmp_path: Path, tiny_model_kwargs: dict) -> None:
     images = smooth_images(4)
     images[1, 0, 3, 3] = float("nan")  # the distributed sampler hands sample 1 to rank 1 only
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-2, "warmup_steps": 0})
     before = copy.deepcopy(module.model.state_dict())
     trainer = pl.Trainer(
         accelerator="cpu",

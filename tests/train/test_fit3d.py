@@ -13,6 +13,7 @@ from medmae.data import CacheDataModule
 from medmae.data.volume import VolumeOptions
 from medmae.export.encoder import export_checkpoint
 from medmae.export.unetr3d import build_unetr3d_from_export
+from medmae.models import MAEOptions
 from medmae.train.cli import fit_main
 from medmae.train.module import MAEPretrainModule
 from tests.data.conftest import CacheBuilder
@@ -60,8 +61,8 @@ def _loss(module: MAEPretrainModule, batch: torch.Tensor) -> float:
 
 
 def test_tiny_3d_fit_lowers_the_loss_and_exports_into_unetr3d(volume_cache: Path, tmp_path: Path) -> None:
-    small = ["--model.embed_dim", "48", "--model.num_heads", "2", "--model.decoder_embed_dim", "48"]
-    small += ["--model.lr", "2e-3"]  # batch 2: blr x 2 / 256 would barely move in 30 steps
+    small = ["--model.mae.embed_dim", "48", "--model.mae.num_heads", "2", "--model.mae.decoder_embed_dim", "48"]
+    small += ["--model.optim.lr", "2e-3"]  # batch 2: blr x 2 / 256 would barely move in 30 steps
     fit_main(_args(volume_cache, tmp_path, "--trainer.max_steps", "30", "--data.batch_size", "2", *small))
     ckpt_path = next((tmp_path / "runs").rglob("last.ckpt"))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -101,8 +102,9 @@ def test_reconstruction_grid_shows_three_planes(volume_cache: Path, tmp_path: Pa
     from medmae.train.callbacks import reconstruction_grid
 
     fit = MAEPretrainModule(
-        variant="mae3d_vit_tiny_patch16", img_size=[64, 64, 64], embed_dim=48, depth=1, num_heads=2,
-        decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=2,
+        variant="mae3d_vit_tiny_patch16",
+        mae=MAEOptions(img_size=(64, 64, 64), embed_dim=48, depth=1, num_heads=2, decoder_embed_dim=48,
+                       decoder_depth=1, decoder_num_heads=2),
     )  # fmt: skip
     dm = CacheDataModule(str(volume_cache), batch_size=2, num_workers=0, volume=VolumeOptions(size=64, spacing_mm=3.0))
     dm.setup("fit")
@@ -116,10 +118,10 @@ def test_reconstruction_grid_shows_three_planes(volume_cache: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.img_size", "[60, 64, 64]", "--data.volume.size", "[60, 64, 64]"], "not divisible by patch_size"),
+        (["--model.mae.img_size", "[60, 64, 64]", "--data.volume.size", "[60, 64, 64]"], "not divisible by patch_size"),
         (["--data.volume.spacing_mm", "0"], "data.volume.spacing_mm"),
         (["--data.volume.spacing_mm", "[3.0, -1.0, 3.0]"], "data.volume.spacing_mm"),
-        (["--model.in_chans", "2"], "model.in_chans=2"),
+        (["--model.mae.in_chans", "2"], "model.mae.in_chans=2"),
         (["--data.volume.size", "[48, 48, 48]"], "data.volume.size"),
         (["--data.volume", "null"], "3D MAE but the data yields 2D samples"),
         (["--model.variant", "mae3d_vit_large_patch16"], "unknown model.variant 'mae3d_vit_large_patch16'"),
@@ -149,7 +151,7 @@ def test_no_identifying_value_of_the_samples_reaches_3d_outputs(
     prep_archive(sample_archives(), cache, workers=1, salt_file=tmp_path / "salt", val_fraction=0.0, progress=False)
     fit_main(
         _args(cache, tmp_path, "--trainer.max_steps", "2", "--model.log_images_every_n_steps", "1")
-        + ["--model.embed_dim", "48", "--model.num_heads", "2", "--model.decoder_embed_dim", "48"]
+        + ["--model.mae.embed_dim", "48", "--model.mae.num_heads", "2", "--model.mae.decoder_embed_dim", "48"]
     )
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     export_checkpoint(ckpt, tmp_path / "encoder")

@@ -55,7 +55,7 @@ def test_weight_decay_groups_exclude_bias_norm_positions_tokens(tiny_model_kwarg
 
 def test_overfits_one_fixed_batch(tmp_path: Path, tiny_model_kwargs: dict) -> None:
     torch.manual_seed(0)
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-3, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-3, "warmup_steps": 0})
     data = TensorDataModule(smooth_images(8), batch_size=8)
     rec = LossRecorder()
     trainer(tmp_path, max_steps=50, callbacks=[rec]).fit(module, datamodule=data)
@@ -64,7 +64,7 @@ def test_overfits_one_fixed_batch(tmp_path: Path, tiny_model_kwargs: dict) -> No
 
 
 def test_lr_is_scaled_by_effective_batch(tmp_path: Path, tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**tiny_model_kwargs, blr=1e-3, warmup_steps=0, min_lr=1e-3)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"blr": 1e-3, "warmup_steps": 0, "min_lr": 1e-3})
     data = TensorDataModule(smooth_images(8), batch_size=4)
     trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(module, datamodule=data)
     assert module.effective_batch_size == 8
@@ -74,7 +74,7 @@ def test_lr_is_scaled_by_effective_batch(tmp_path: Path, tiny_model_kwargs: dict
 def test_nonfinite_loss_leaves_weights_unchanged_and_is_counted(tmp_path: Path, tiny_model_kwargs: dict) -> None:
     images = smooth_images(4)
     images[1, 0, 5, 5] = float("nan")
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-2, "warmup_steps": 0})
     before = copy.deepcopy(module.model.state_dict())
     trainer(tmp_path, max_steps=2).fit(module, datamodule=TensorDataModule(images, batch_size=4))
     after = module.model.state_dict()
@@ -82,7 +82,7 @@ def test_nonfinite_loss_leaves_weights_unchanged_and_is_counted(tmp_path: Path, 
     assert all(torch.equal(before[k], after[k]) for k in before)
 
     # control: the same run on clean images does move the weights
-    clean = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    clean = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-2, "warmup_steps": 0})
     before = copy.deepcopy(clean.model.state_dict())
     trainer(tmp_path, max_steps=1).fit(clean, datamodule=TensorDataModule(smooth_images(4), batch_size=4))
     assert clean.skipped_steps == 0
@@ -90,7 +90,7 @@ def test_nonfinite_loss_leaves_weights_unchanged_and_is_counted(tmp_path: Path, 
 
 
 def test_tensorboard_gets_scalars_and_reconstruction_image(tmp_path: Path, tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=1, log_images_every_n_steps=2)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"warmup_steps": 1}, log_images_every_n_steps=2)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1).fit(
         module, datamodule=TensorDataModule(smooth_images(4, channels=1), batch_size=2)
@@ -121,14 +121,14 @@ def test_masks_differ_between_ranks_and_repeat_within_a_rank() -> None:
 
 def test_data_with_other_channels_stops_before_training(tmp_path: Path, tiny_model_kwargs: dict) -> None:
     module = MAEPretrainModule(**tiny_model_kwargs)  # in_chans 1
-    with pytest.raises(ValueError, match=r"model.in_chans=1 .* 3 channel"):
+    with pytest.raises(ValueError, match=r"model.mae.in_chans=1 .* 3 channel"):
         trainer(tmp_path, max_steps=1).fit(module, datamodule=TensorDataModule(smooth_images(2, 3), 2))
 
 
 @pytest.mark.parametrize(("field", "value"), [("blr", 0.0), ("betas", (0.9, 1.5)), ("warmup_steps", -1)])
 def test_bad_optimiser_arguments_name_the_field(field: str, value, tiny_model_kwargs: dict) -> None:
-    with pytest.raises(ValueError, match=f"model.{field}"):
-        MAEPretrainModule(**tiny_model_kwargs, **{field: value})
+    with pytest.raises(ValueError, match=f"model.optim.{field}"):
+        MAEPretrainModule(**tiny_model_kwargs, optim={field: value})
 
 
 def test_loader_replacements_are_counted_across_steps(tmp_path: Path, tiny_model_kwargs: dict) -> None:
@@ -148,7 +148,7 @@ def test_loader_replacements_are_counted_across_steps(tmp_path: Path, tiny_model
         def train_dataloader(self) -> torch.utils.data.DataLoader:
             return torch.utils.data.DataLoader(Reporting(self.images), batch_size=self.batch_size)
 
-    module = MAEPretrainModule(**tiny_model_kwargs, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"warmup_steps": 0})
     t = trainer(tmp_path, max_steps=2)
     t.fit(module, datamodule=WithCounts(smooth_images(4), batch_size=2))
     assert t.callback_metrics["data/unreadable_entry_skips"].item() == 2.0  # samples 1 and 3
@@ -156,7 +156,7 @@ def test_loader_replacements_are_counted_across_steps(tmp_path: Path, tiny_model
 
 
 def test_nonfinite_gradient_under_finite_loss_is_skipped(tmp_path: Path, tiny_model_kwargs: dict) -> None:
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-2, "warmup_steps": 0})
     qkv = module.model.encoder.blocks[0].attn.qkv.weight
     qkv.register_hook(lambda g: g * float("inf"))  # the loss stays finite; one gradient does not
     before = copy.deepcopy(module.model.state_dict())
@@ -193,7 +193,7 @@ def test_training_steps_do_not_sync_with_the_host(
         counting(name)
     images = smooth_images(4)
     images[1, 0, 5, 5] = float("nan")  # steps get skipped: the guard itself must not read either
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-2, warmup_steps=0)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-2, "warmup_steps": 0})
     trainer(tmp_path, max_steps=6, log_every_n_steps=100).fit(module, datamodule=TensorDataModule(images, batch_size=2))
     monkeypatch.undo()
     assert reads == ["skipped_steps"]  # one read, at the end of training, for the warning
@@ -202,7 +202,7 @@ def test_training_steps_do_not_sync_with_the_host(
 
 def test_compiled_blocks_train_three_steps(tmp_path: Path, tiny_model_kwargs: dict) -> None:
     torch.manual_seed(0)
-    module = MAEPretrainModule(**tiny_model_kwargs, lr=1e-3, warmup_steps=0, compile=True)
+    module = MAEPretrainModule(**tiny_model_kwargs, optim={"lr": 1e-3, "warmup_steps": 0}, compile=True)
     keys = list(module.model.state_dict())
     rec = LossRecorder()
     before = module.model.encoder.blocks[0].attn.qkv.weight.detach().clone()
