@@ -3,7 +3,8 @@
     medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR [--workers N] [--shard i/N]
                 [--salt-file F] [--val-fraction 0.1] [--path-map FILE] [--max-voxels N]
                 [--decode-timeout S] [--series-timeout S] [--follow-links] [--nifti-modality RULE ...]
-                [--allow-secondary] [--keep-missing] [--quiet]
+                [--allow-secondary] [--keep-missing] [--scan-index FILE] [--quiet]
+    medmae prep ARCHIVE_DIR [ARCHIVE_DIR ...] --out CACHE_DIR --scan-only --scan-index FILE [...]  # scan once
     medmae prep dicomweb+https://HOST/dicom-web | dimse://AET@HOST:PORT --out CACHE_DIR [--query KEY=VALUE ...]
                 [--uids FILE] [--pacs-credentials FILE] [...]       # pull from a PACS (docs/pacs.md)
     medmae prep merge CACHE_DIR [--shards N] [--quiet]
@@ -138,6 +139,13 @@ def _prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-missing", action="store_true",
                    help="on a rerun, keep series whose files all left the archive in the manifest and cache "
                    "(default: remove them from both)")
+    p.add_argument("--scan-only", action="store_true",
+                   help="only scan the archives (once, for all shards) and write the scan to --scan-index; "
+                   "builds nothing")
+    p.add_argument("--scan-index", type=Path, default=None, metavar="FILE",
+                   help="with --scan-only, where the scan is written; otherwise read it instead of scanning "
+                   "(same archives, salt and scan settings). Holds archive paths and UIDs: a secret like the "
+                   "salt, outside the cache and the archives (mode 0600)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_pacs_arguments(p)
     return p
@@ -187,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 allow_secondary=args.allow_secondary,
                 keep_missing=args.keep_missing,
                 source=source,
+                scan_only=args.scan_only,
+                scan_index=args.scan_index,
             )
     except (PrepError, PacsError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -8,11 +8,13 @@ paths that are not UTF-8 keep their exact bytes as hex.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from data_prep.build import BuildResult, BuildTask
 from data_prep.report import Outcome
@@ -59,13 +61,22 @@ def absolute_paths(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def _write_private(path: Path, doc: dict) -> None:
     """Write ``doc`` as JSON readable by its owner only, atomically."""
+    with private_text_file(path) as f:  # strict: never an invalid UTF-8 byte
+        json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def private_text_file(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text file readable by its owner only (mode 0600 from its creation), written to a
+    temporary file beside ``path`` and moved into place when the block ends without error (else
+    removed): a reader never sees half of it. Used for the path map and the scan index."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:  # strict: never an invalid UTF-8 byte
-            json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,9 +7,9 @@ previous manifest, scan, assemble and account the scan's rejects, make one build
 that left the archive, write the path map, and publish (:mod:`data_prep.publish`) or, for a
 ``--shard i/N``, write the shard's partial result (:mod:`data_prep.shards`, which also merges them).
 
-Sharding: every shard scans the whole archive (header-only, cheap next to decoding) so that series
-assembly sees every file, then builds only the series whose pseudonym hashes to it and reports only
-the rejected files whose pseudonym hashes to it.
+Sharding: every shard assembles the records of the whole archive (scanned, or read from the scan
+index that ``--scan-only`` wrote once: :mod:`data_prep.scan_index`), then builds only the series
+whose pseudonym hashes to it and reports only the rejected files whose pseudonym hashes to it.
 
 The names that lived here before the split (issue 19) are still importable from here.
 """
@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep import scan_index as index_file
 from data_prep.build import BuildResult, BuildTask, already_built
 from data_prep.compact import Compactor
 from data_prep.deid import Pseudonymizer, default_salt_path, split_of
@@ -86,6 +87,8 @@ def prep_archive(
     series_timeout: float = DEFAULT_SERIES_TIMEOUT,
     keep_missing: bool = False,
     source: Source | None = None,
+    scan_only: bool = False,
+    scan_index: Path | None = None,
 ) -> PrepSummary:
     """Turn DICOM/NIfTI archives into the de-identified training cache at ``out``.
 
@@ -119,6 +122,9 @@ def prep_archive(
             files all disappeared from the archive; by default they are removed from both.
         source: a PACS to pull from instead of folders (``archives`` empty; see
             :func:`data_prep.sources.open_source` and docs/pacs.md); closed when the run ends.
+        scan_only: only scan the archives and write the records to ``scan_index``; nothing is built.
+        scan_index: the scan index (a secret: raw paths and UIDs; outside the cache and the archives),
+            written with ``scan_only``, else read instead of scanning (:mod:`data_prep.scan_index`).
 
     Raises:
         PrepError: the arguments cannot work, the cache is in use by another prep, or it was built
@@ -132,12 +138,16 @@ def prep_archive(
     rules = parse_nifti_modality(nifti_modality)
     salt_path = Path(salt_file).absolute() if salt_file is not None else default_salt_path(out)
     path_map, salt_created = check_outside_paths(out, salt_path, path_map)
+    scan_index = index_file.check_scan_index(scan_index, scan_only, out, archives, shard, source, salt_path, path_map)
     workers = source_workers(source, workers, path_map)
-    ensure_writable(out)
     run = _Run(
         archives, out, workers, salt_path, salt_created, float(val_fraction), shard, path_map, progress, max_voxels,
         decode_timeout, follow_links, rules, allow_secondary, series_timeout, keep_missing, source,
+        scan_only, scan_index,
     )
+    if scan_index is not None and not scan_only:  # another salt or settings: refused before writing
+        index_file.check_index_header(scan_index, salt_path, salt_created, run.scan_settings)
+    ensure_writable(out)
     try:
         lock = cache_lock(out, shard)
         lock.__enter__()
@@ -171,14 +181,26 @@ class _Run:
     series_timeout: float
     keep_missing: bool
     source: Source | None
+    scan_only: bool = False
+    scan_index: Path | None = None
+
+    def scan_settings(self, pseudo: Pseudonymizer) -> dict[str, object]:
+        """The settings a scan index records and is checked against (:mod:`data_prep.scan_index`)."""
+        return index_file.index_settings(pseudo, self.archives, self.max_voxels, self.follow_links, self.nifti_rules,
+                                         self.allow_secondary, [self.out, self.salt_path, self.path_map])
 
 
 def _prep_locked(run: _Run) -> PrepSummary:
     """The run, once its arguments are checked and the cache is locked: one named step per line."""
     pseudo = open_pseudonymizer(run.out, run.salt_path, run.salt_created)
+    if run.scan_only:
+        return _scan_only(run, pseudo)
     previous = previous_rows(run.out)  # what training sees until this run swaps the manifest
     mine = owner(run.shard)
-    records = _scan(run)
+    if run.scan_index is None:
+        records = _scan(run)
+    else:  # the scan the --scan-only run wrote: this run scans nothing
+        records = index_file.read_scan_index(run.scan_index, run.scan_settings(pseudo), pseudo)
     file_ids = _file_ids(records, pseudo)
     plans, outcome = _assemble(records, file_ids, run, mine)
     tasks = _build_tasks(plans, records, file_ids, pseudo, run.out, mine)
@@ -212,6 +234,14 @@ def _scan(run: _Run) -> list[ScanRecord]:
         return scan_archives(run.archives, workers=run.workers, exclude=exclude, on_progress=bar.update,
                              max_voxels=run.max_voxels, follow_links=run.follow_links,
                              allow_secondary=run.allow_secondary)
+
+
+def _scan_only(run: _Run, pseudo: Pseudonymizer) -> PrepSummary:
+    """``--scan-only``: scan once, write the index, and count what the scan and the assembly found."""
+    records = _scan(run)
+    index_file.write_scan_index(run.scan_index, records, run.scan_settings(pseudo), pseudo)  # type: ignore[arg-type]
+    plans, outcome = _assemble(records, _file_ids(records, pseudo), run, owner(None))
+    return index_file.scan_summary(run.out, run.salt_path, run.salt_created, run.scan_index, plans, outcome)
 
 
 def _file_ids(records: Sequence[ScanRecord], pseudo: Pseudonymizer) -> dict[str, str]:
@@ -320,6 +350,7 @@ def _finish(
         path_map=path_map,
         series_in_manifest=len(outcome.rows),
         changes=changes,
+        scan_index=run.scan_index,
     )
 
 

@@ -193,8 +193,12 @@ class PrepSummary:
     path_map: Path | None = None
     series_in_manifest: int = 0
     changes: ManifestChanges | None = None  # None for a shard run (merge counts them)
+    scan_index: Path | None = None  # written (``scan_only``) or read instead of scanning
+    scan_only: bool = False  # --scan-only: series_in_manifest counts the series planned
 
     def format(self) -> str:
+        if self.scan_only:
+            return self._format_scan_only()
         lines = []
         head = "medmae prep" + (f" shard {self.shard[0]}/{self.shard[1]}" if self.shard else "")
         lines.append(f"{head}: {self.files_seen} files seen, {self.files_in_series} in built series, "
@@ -219,6 +223,24 @@ class PrepSummary:
             lines.append(f"  salt:          {_shown(self.salt_file)}{created}")
         if self.path_map is not None:
             lines.append(f"  path map:      {_shown(self.path_map)} (holds archive paths: hospital use only)")
+        if self.scan_index is not None:
+            lines.append(f"  scan index:    {_shown(self.scan_index)} (read instead of scanning the archives)")
+        return "\n".join(lines)
+
+    def _format_scan_only(self) -> str:
+        lines = [f"medmae prep --scan-only: {self.files_seen} files seen, {self.series_in_manifest} series "
+                 f"planned ({self.files_in_series} files), {self.files_rejected} rejected by the scan and assembly"]
+        if self.rejects:
+            lines.append("  rejects by reason:")
+            width = max(len(k) for k in self.rejects)
+            lines += [f"    {k:<{width}}  {v}" for k, v in self.rejects.items()]
+        lines.append(f"  cache:         {_shown(self.cache_dir)} (nothing built)")
+        if self.salt_file is not None:
+            created = " (created; keep it secret, keep it for reruns)" if self.salt_created else ""
+            lines.append(f"  salt:          {_shown(self.salt_file)}{created}")
+        if self.scan_index is not None:
+            lines.append(f"  scan index:    {_shown(self.scan_index)} (holds archive paths and UIDs: keep it "
+                         "secret; run the shards with --scan-index, delete it after merge)")
         return "\n".join(lines)
 
 
