@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from medmae.data.cache import PERCENTILES
@@ -370,6 +370,9 @@ def migrate_legacy(
             node = child
         node[leaf] = options[old]
         warn(f"{prefix}.{old} is deprecated: use {prefix}.{new}")
+    for key, given in options.items():  # a section given as an options object stays one, its fields overridden
+        if is_dataclass(given) and not isinstance(given, type) and isinstance(out.get(key), dict):
+            out[key] = replace(given, **out[key])
     return out
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from medmae.data.options import migrate_legacy
 from medmae.models.options import MAEOptions
 
 __all__ = ["LEGACY_KEYS", "MAEOptions", "OptimOptions", "migrate_legacy_hparams"]
@@ -109,29 +110,12 @@ def migrate_legacy_hparams(
 
     A section given as a mapping takes the old keys beside its own (a key given both ways is a
     ``ValueError``: which one was meant is unknown); one given as an options object (Python callers) is
-    overridden field by field."""
-    moved: dict[str, dict[str, Any]] = {}
-    for old in (k for k in hparams if k in LEGACY_KEYS):
-        section, leaf = LEGACY_KEYS[old].split(".")
-        moved.setdefault(section, {})[leaf] = hparams[old]
-        if warn is not None:
-            warn(f"{prefix}.{old} is deprecated: use {prefix}.{section}.{leaf}")
-    out = {k: v for k, v in hparams.items() if k not in LEGACY_KEYS}
-    for section, values in moved.items():
-        current = out.get(section)
-        if current is None:
-            out[section] = values
-        elif isinstance(current, MAEOptions | OptimOptions):
-            out[section] = replace(current, **values)
-        elif isinstance(current, Mapping):
-            both = sorted(set(values) & set(current))
-            if both:
-                new = f"{prefix}.{section}.{both[0]}"
-                raise ValueError(f"{prefix}.{both[0]} and {new} are both given: keep {new} only")
-            out[section] = {**current, **values}
-        else:
-            raise ValueError(f"{prefix}.{section} must be a mapping, got {type(current).__name__}")
-    return out
+    overridden field by field. The one migration rule of every section: :func:`medmae.data.options.migrate_legacy`."""
+    return migrate_legacy(hparams, LEGACY_KEYS, prefix, warn if warn is not None else _silent)
+
+
+def _silent(message: str) -> None:
+    """Checkpoint hyper-parameters are migrated without a word: the user wrote no old key."""
 
 
 def _known(kwargs: dict[str, Any]) -> dict[str, Any]:
