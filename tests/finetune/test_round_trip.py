@@ -60,7 +60,8 @@ def trip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_image, train_label = write_ct(archive, "ct_a", 6, 3)
     val_image, val_label = write_ct(archive, "ct_b", 8, -2)
     cache = root / "cache"
-    assert medmae_main(["prep", str(archive), "--out", str(cache), "--workers", "1", "--quiet"]) == 0
+    prep = ["prep", str(archive), "--out", str(cache), "--workers", "1", "--val-fraction", "0", "--quiet"]
+    assert medmae_main(prep) == 0
     fit = [
         "fit", "--config", str(REPO / "configs/pretrain/tiny_cpu.yaml"), "--data.cache_dir", str(cache),
         "--model.img_size", "[32, 32]", "--data.img_size", "[32, 32]", "--data.intensity.ct_windows", WINDOW,
