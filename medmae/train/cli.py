@@ -74,11 +74,24 @@ def migrate_config(
 
 
 def migrate_argv(args: Sequence[str], tables: Sequence[tuple[str, Mapping[str, str]]], warn: Any) -> list[str]:
-    """Command-line arguments with ``--<section>.<old>[=v]`` (or ``.init_args.<old>``) renamed to the new key."""
-    out = []
+    """Command-line arguments with ``--<section>.<old>[=v]`` (or ``.init_args.<old>``) renamed to the new key,
+    and a whole section given as ``--<section> FILE`` (or a YAML string) migrated by :func:`migrate_group`."""
+    out: list[str] = []
+    group: str | None = None  # the section whose value the previous argument (``--data``) awaits
     for arg in args:
+        if group is not None:
+            out.append(migrate_group(arg, group, dict(tables)[group], warn))
+            group = None
+            continue
         name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        head, _, key = name.partition(".")
+        head, dot, key = name.partition(".")
+        if not dot and head in dict(tables):
+            if eq:
+                arg = f"--{head}={migrate_group(value, head, dict(tables)[head], warn)}"
+            else:
+                group = head
+            out.append(arg)
+            continue
         key = key.removeprefix("init_args.")
         plus = "+" if key.endswith("+") else ""
         for section, table in tables:
@@ -88,6 +101,22 @@ def migrate_argv(args: Sequence[str], tables: Sequence[tuple[str, Mapping[str, s
                 warn(f"{section}.{old} is deprecated: use {section}.{table[old]}")
         out.append(arg)
     return out
+
+
+def migrate_group(value: str, section: str, table: Mapping[str, str], warn: Any) -> str:
+    """The value of ``--<section> VALUE`` (a config file of that section alone, or a YAML/JSON string) with its
+    old flat keys moved into place; returned unchanged (the same path or string) when nothing moved, so
+    jsonargparse reads it as before (a file's relative paths included)."""
+    path = Path(value)
+    try:
+        content = path.read_text(encoding="utf-8") if path.is_file() else value
+        loaded = get_loader("yaml")(content)
+    except Exception:  # unreadable or not YAML: jsonargparse itself says what is wrong with it
+        return value
+    if not isinstance(loaded, dict):
+        return value
+    migrated = migrate_legacy(loaded, table, section, warn)
+    return value if migrated == loaded else json.dumps(migrated)
 
 
 class MedMAEArgumentParser(LightningArgumentParser):

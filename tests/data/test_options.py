@@ -243,6 +243,33 @@ def test_an_old_key_given_both_ways_in_one_file_is_one_error_line(
     assert code == 2 and len(errors) == 1 and "data.crop.crop_scale" in errors[0], err
 
 
+def test_a_whole_old_section_given_as_a_file_or_string_loads_with_one_line_per_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--data FILE`` / ``--model=YAML``: jsonargparse reads a section's config without the main parser's
+    loader, so the old flat keys are moved before it sees the value."""
+    import yaml
+
+    (tmp_path / "data.yaml").write_text("cache_dir: c\ncrop_scale: [0.3, 1.0]\nmin_size: 16\n")
+    code, out, err = _print_config(
+        ["--config", str(TINY), "--data", str(tmp_path / "data.yaml"), "--model={mask_ratio: 0.6, blr: 0.002}",
+         "--print_config"], capsys)  # fmt: skip
+    printed = yaml.safe_load(out)
+    assert code == 0, err
+    assert printed["data"]["crop"]["crop_scale"] == [0.3, 1.0] and printed["data"]["selection"]["min_size"] == 16
+    assert printed["model"]["mae"]["mask_ratio"] == 0.6 and printed["model"]["optim"]["blr"] == 0.002
+    warned = sorted(line.split("warning: ")[1].split(" is")[0] for line in err.splitlines() if "warning:" in line)
+    assert warned == ["data.crop_scale", "data.min_size", "model.blr", "model.mask_ratio"], err
+
+
+def test_a_section_file_in_the_new_layout_is_passed_on_untouched() -> None:
+    from medmae.train.cli import LEGACY_TABLES, migrate_argv
+
+    said: list[str] = []
+    argv = ["fit", "--data", "does/not/exist.yaml", "--model", "{mae: {depth: 2}}", "--data={crop: {hflip_prob: 0}}"]
+    assert migrate_argv(argv, LEGACY_TABLES, said.append) == argv and not said
+
+
 def test_migrate_config_reaches_sections_under_a_subcommand() -> None:
     """Checkpoint hyper-parameters and main-parser configs nest the sections under the subcommand."""
     from medmae.train.cli import LEGACY_TABLES, migrate_argv, migrate_config
