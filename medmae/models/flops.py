@@ -4,7 +4,8 @@ Counted: the matmuls (2 FLOPs per multiply-add), forward + backward = 3 x forwar
 embedding runs on all N patches (they are embedded before masking), the encoder blocks on the K
 visible tokens + class token, the decoder blocks and prediction on N + 1 positions. A transformer
 block on T tokens of width D with MLP ratio r costs ``2*T*D^2*(4 + 2r)`` (qkv, projection, MLP) +
-``4*T^2*D`` (scores and weighted values). Norms, softmax and the loss are left out (a few percent).
+``4*T^2*D`` (scores and weighted values). Norms, softmax and the loss are left out (a few percent); so is
+the HOG target's histogram (``hog_weight``), while its prediction head is counted like the pixel head.
 
 ViT-B/16, 224^2, 3 channels, mask 0.75, decoder 512 x 8: 58.7 GFLOP per image; ViT-L/16: 124.5 GFLOP.
 """
@@ -50,7 +51,9 @@ def model_train_flops(model: MAEBase) -> float:
     enc_mlp = enc.blocks[0].mlp.fc1.out_features / enc.embed_dim if len(enc.blocks) else 4.0
     dec_dim = model.decoder_embed.out_features
     dec_mlp = model.decoder_blocks[0].mlp.fc1.out_features / dec_dim if len(model.decoder_blocks) else 4.0
-    return mae_train_flops(
+    hog_head = getattr(model, "decoder_pred_hog", None)
+    hog = 3.0 * 2.0 * model.num_patches * dec_dim * hog_head.out_features if hog_head is not None else 0.0
+    return hog + mae_train_flops(
         num_patches=model.num_patches,
         patch_dim=model.decoder_pred.out_features,  # voxels per patch x channels, 2D or 3D
         embed_dim=enc.embed_dim,

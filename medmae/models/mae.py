@@ -18,6 +18,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from medmae.models.hog import HOGTarget
 from medmae.models.mae_base import MAEBase
 from medmae.models.masking import random_masking, visible_count
 from medmae.models.patches import grid_shape, patchify, unpatchify
@@ -47,6 +48,8 @@ class MaskedAutoencoder(MAEBase):
         decoder_depth: number of decoder transformer blocks.
         decoder_num_heads: decoder attention heads.
         decoder_mlp_ratio: decoder MLP hidden width / width.
+        hog_weight: weight of a HOG target beside the pixels (MaskFeat; :mod:`medmae.models.hog`): a
+            second linear head on the decoder predicts each masked patch's HOG; 0 (default) adds nothing.
         encoder_kwargs: overrides passed to ``timm.create_model`` (``embed_dim``, ``depth``,
             ``num_heads``, ``mlp_ratio``, ``patch_size``, ``drop_path_rate``, ...).
 
@@ -69,6 +72,7 @@ class MaskedAutoencoder(MAEBase):
         decoder_num_heads: int = 16,
         decoder_mlp_ratio: float = 4.0,
         encoder_kwargs: dict[str, Any] | None = None,
+        hog_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if in_chans < 1:
@@ -109,6 +113,12 @@ class MaskedAutoencoder(MAEBase):
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * in_chans)
+        if not hog_weight >= 0:
+            raise ValueError(f"hog_weight must be >= 0, got {hog_weight}")
+        self.hog_weight = float(hog_weight)
+        if self.hog_weight:
+            self.hog = HOGTarget(in_chans, self.patch_size)
+            self.decoder_pred_hog = nn.Linear(decoder_embed_dim, self.hog.dim)
         self._init_weights()
 
     # ------------------------------------------------------------------ init

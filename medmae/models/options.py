@@ -48,6 +48,8 @@ class MAEOptions:
         drop_path_rate: stochastic depth in the encoder, in [0, 1).
         decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio: decoder size (the MAE
             paper's 512 wide, 8 deep, 16 heads by default, 2D and 3D alike).
+        hog_weight: weight of a HOG target beside the pixels (MaskFeat's masked-feature target, one more
+            linear head on the decoder; :mod:`medmae.models.hog`); 0 = pixels only. 2D, patch a multiple of 8.
     """
 
     in_chans: int = 1
@@ -64,6 +66,7 @@ class MAEOptions:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     decoder_mlp_ratio: float = 4.0
+    hog_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name, limit in (("in_chans", MAX_WIDTH), ("decoder_embed_dim", MAX_WIDTH), ("decoder_num_heads", MAX_WIDTH),
@@ -81,6 +84,8 @@ class MAEOptions:
             _fail("mask_ratio", "a number in [0, 1)", self.mask_ratio)
         if not _is_number(self.drop_path_rate) or not 0 <= self.drop_path_rate < 1:
             _fail("drop_path_rate", "a number in [0, 1)", self.drop_path_rate)
+        if not _is_number(self.hog_weight) or not 0 <= self.hog_weight <= 100:
+            _fail("hog_weight", "a number in [0, 100]", self.hog_weight)
         if not isinstance(self.norm_pix_loss, bool):
             _fail("norm_pix_loss", "true or false", self.norm_pix_loss)
         size = self.img_size

@@ -123,6 +123,8 @@ def build_mae(
         overrides = {"embed_dim": opts.embed_dim, "depth": opts.depth, "num_heads": opts.num_heads,
                      "patch_size": opts.patch_size}  # fmt: skip
         encoder = {**spec.encoder, **{k: v for k, v in overrides.items() if v is not None}}
+        if opts.hog_weight:
+            raise ValueError(f"{FIELD_PREFIX}.hog_weight is 2D only (HOG of planes); {variant} is a 3D variant: set 0")
         return MaskedAutoencoder3D(
             in_chans=opts.in_chans,
             img_size=size,
@@ -155,6 +157,7 @@ def build_mae(
         decoder_num_heads=opts.decoder_num_heads,
         decoder_mlp_ratio=opts.decoder_mlp_ratio,
         encoder_kwargs=encoder_kwargs,
+        hog_weight=opts.hog_weight,
     )
 
 

@@ -210,7 +210,7 @@ def test_compiled_blocks_train_three_steps(tmp_path: Path, tiny_model_kwargs: di
         module, datamodule=TensorDataModule(smooth_images(8), batch_size=4)
     )
     assert module.model.encoder.blocks._compiled_call_impl is not None
-    assert hasattr(module.model.forward_decoder, "_torchdynamo_orig_callable")
+    assert hasattr(module.model.decoder_features, "_torchdynamo_orig_callable")
     assert len(rec.losses) == 3 and all(np.isfinite(rec.losses))
     assert not torch.equal(before, module.model.encoder.blocks[0].attn.qkv.weight)
     assert list(module.model.state_dict()) == keys  # compiling in place keeps checkpoint keys
