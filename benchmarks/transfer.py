@@ -93,8 +93,10 @@ class Recipe:
     embed_dim: int = 192
     depth: int = 12
     num_heads: int = 3
+    slices: int = 1  # planes per sample (2.5D when > 1: adjacent planes as channels; fine-tuning follows the card)
     mask_ratio: float = 0.9  # with crop_scale (0.2, 1): chosen on validation (docs/transfer.md)
     norm_pix_loss: bool = True
+    hog_weight: float = 0.0  # a HOG target beside the pixels (MaskFeat; model.mae.hog_weight); 0 = pixels only
     crop_scale: tuple[float, float] = (0.2, 1.0)
     pretrain_steps: int = 3000  # against 1500: chosen on validation (docs/transfer.md)
     pretrain_batch: int = 32
@@ -143,8 +145,10 @@ PRETRAIN_FIELDS = (
     "embed_dim",
     "depth",
     "num_heads",
+    "slices",
     "mask_ratio",
     "norm_pix_loss",
+    "hog_weight",
     "crop_scale",
     "pretrain_steps",
     "pretrain_batch",
@@ -260,6 +264,7 @@ def pretrain(
     data = CacheDataModule(
         str(cache),
         img_size=recipe.img_size,
+        slices=getattr(recipe, "slices", 1),
         batch_size=recipe.pretrain_batch,
         num_workers=0,
         seed=seed,
@@ -270,6 +275,7 @@ def pretrain(
     module = MAEPretrainModule(
         variant="mae_vit_tiny_patch16",
         mae=MAEOptions(
+            in_chans=getattr(recipe, "slices", 1),
             img_size=recipe.img_size,
             patch_size=getattr(recipe, "patch_size", 16),
             embed_dim=recipe.embed_dim,
@@ -277,6 +283,7 @@ def pretrain(
             num_heads=recipe.num_heads,
             mask_ratio=recipe.mask_ratio,
             norm_pix_loss=recipe.norm_pix_loss,
+            hog_weight=getattr(recipe, "hog_weight", 0.0),
             decoder_embed_dim=recipe.decoder_embed_dim,
             decoder_depth=recipe.decoder_depth,
             decoder_num_heads=4,

@@ -86,3 +86,24 @@ def test_report_with_a_given_encoder_does_not_claim_pretraining_settings() -> No
     assert own["mask_ratio"] == transfer.Recipe().mask_ratio and "pretraining" not in own
     assert not set(transfer.PRETRAIN_FIELDS) & set(given) and given["layer_decay"] == own["layer_decay"]
     assert "encoder.json" in given["pretraining"]
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_pretrains_2p5d_with_a_hog_target_and_fine_tunes_from_the_card(tmp_path: Path) -> None:
+    """``--slices 3 --hog-weight 0.5``: the export's card says 3 planes and 3 input channels, and fine-tuning
+    rebuilds that input from the card (a wrong channel count would fail to load or to run)."""
+    if importlib.util.find_spec("nilearn") is None:
+        pytest.fail('the transfer benchmark needs nilearn\'s MNI152 files: pip install -e ".[transfer]"')
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import transfer
+    finally:
+        sys.path.pop(0)
+    out, work = tmp_path / "result.json", tmp_path / "work"
+    args = ["--quick", "--seeds", "0", "--inits", "medmae", "--slices", "3", "--hog-weight", "0.5"]
+    assert transfer.main([*args, "--work", str(work), "--json", str(out)]) == 0
+    card = json.loads((work / "encoder" / "encoder.json").read_text())
+    assert card["preprocessing"]["slices"] == 3 and card["encoder"]["in_chans"] == 3
+    report = json.loads(out.read_text())
+    assert report["recipe"]["slices"] == 3 and report["recipe"]["hog_weight"] == 0.5
+    assert 0.0 < report["per_seed"]["medmae"][0]["val"] <= 1.0
