@@ -41,15 +41,22 @@ def prepped_planes(images: list[Path], work: Path) -> list[str]:
     return plane_hashes(work / "cache")
 
 
-@pytest.mark.slow
-def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> None:
-    if importlib.util.find_spec("nilearn") is None:
+def import_transfer(need_nilearn: bool = True):  # noqa: ANN201 - the benchmark module
+    """benchmarks/transfer.py as a module (its folder is not a package); with ``need_nilearn`` a missing
+    nilearn fails the test with the install command instead of an import error deep in the run."""
+    if need_nilearn and importlib.util.find_spec("nilearn") is None:
         pytest.fail('the transfer benchmark needs nilearn\'s MNI152 files: pip install -e ".[transfer]"')
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import transfer
     finally:
         sys.path.pop(0)
+    return transfer
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> None:
+    transfer = import_transfer()
     out = tmp_path / "result.json"
     log = tmp_path / "looks.jsonl"
     args = ["--quick", "--seeds", "0", "--work", str(tmp_path / "work"), "--json", str(out)]
@@ -76,11 +83,7 @@ def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> No
 
 
 def test_report_with_a_given_encoder_does_not_claim_pretraining_settings() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import transfer
-    finally:
-        sys.path.pop(0)
+    transfer = import_transfer(need_nilearn=False)
     own = transfer.recipe_record(transfer.Recipe(), None)
     given = transfer.recipe_record(transfer.Recipe(), Path("/runs/enc"))
     assert own["mask_ratio"] == transfer.Recipe().mask_ratio and "pretraining" not in own
@@ -92,13 +95,7 @@ def test_report_with_a_given_encoder_does_not_claim_pretraining_settings() -> No
 def test_transfer_benchmark_pretrains_2p5d_with_a_hog_target_and_fine_tunes_from_the_card(tmp_path: Path) -> None:
     """``--slices 3 --hog-weight 0.5``: the export's card says 3 planes and 3 input channels, and fine-tuning
     rebuilds that input from the card (a wrong channel count would fail to load or to run)."""
-    if importlib.util.find_spec("nilearn") is None:
-        pytest.fail('the transfer benchmark needs nilearn\'s MNI152 files: pip install -e ".[transfer]"')
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import transfer
-    finally:
-        sys.path.pop(0)
+    transfer = import_transfer()
     out, work = tmp_path / "result.json", tmp_path / "work"
     args = ["--quick", "--seeds", "0", "--inits", "medmae", "--slices", "3", "--hog-weight", "0.5"]
     assert transfer.main([*args, "--work", str(work), "--json", str(out)]) == 0
