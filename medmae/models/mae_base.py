@@ -130,6 +130,7 @@ class MAEBase(nn.Module):
         options.setdefault("dynamic", False)
         self.encoder.blocks.compile(**options)
         self.decoder_features = torch.compile(self.decoder_features, **options)  # type: ignore[method-assign]
+        self.decoder_pred.compile(**options)
         self.forward_loss = torch.compile(self.forward_loss, **options)  # type: ignore[method-assign]
         if self.hog_weight:
             self.hog_loss = torch.compile(self.hog_loss, **options)  # type: ignore[method-assign]
