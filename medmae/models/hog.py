@@ -51,10 +51,15 @@ class HOGTarget(nn.Module):
         lower = torch.floor(position)
         upper_share = position - lower
         lower = lower.long() % self.bins
-        hist = torch.zeros(b, c, self.bins, h, w, device=x.device, dtype=x.dtype)
-        hist.scatter_add_(2, lower.unsqueeze(2), (magnitude * (1 - upper_share)).unsqueeze(2))
-        hist.scatter_add_(2, ((lower + 1) % self.bins).unsqueeze(2), (magnitude * upper_share).unsqueeze(2))
-        cells = F.avg_pool2d(hist.reshape(b, c * self.bins, h, w), self.cell)  # (B, C*bins, H/cell, W/cell)
+        upper = (lower + 1) % self.bins
+        # one bin at a time, pooled at once: peak memory one (B, C, H, W) map, not bins of them
+        cells = torch.stack(
+            [
+                F.avg_pool2d(magnitude * ((lower == k) * (1 - upper_share) + (upper == k) * upper_share), self.cell)
+                for k in range(self.bins)
+            ],
+            dim=2,
+        ).reshape(b, c * self.bins, h // self.cell, w // self.cell)  # channel-major, then bin
         k = self.cells_per_side
         gh, gw = cells.shape[2] // k, cells.shape[3] // k
         patches = cells.reshape(b, c * self.bins, gh, k, gw, k).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
