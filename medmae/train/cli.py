@@ -77,17 +77,18 @@ def migrate_argv(args: Sequence[str], tables: Sequence[tuple[str, Mapping[str, s
     """Command-line arguments with ``--<section>.<old>[=v]`` (or ``.init_args.<old>``) renamed to the new key,
     and a whole section given as ``--<section> FILE`` (or a YAML string) migrated by :func:`migrate_group`."""
     out: list[str] = []
+    sections = dict(tables)
     group: str | None = None  # the section whose value the previous argument (``--data``) awaits
     for arg in args:
         if group is not None:
-            out.append(migrate_group(arg, group, dict(tables)[group], warn))
+            out.append(migrate_group(arg, group, sections[group], warn))
             group = None
             continue
         name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         head, dot, key = name.partition(".")
-        if not dot and head in dict(tables):
+        if not dot and head in sections:
             if eq:
-                arg = f"--{head}={migrate_group(value, head, dict(tables)[head], warn)}"
+                arg = f"--{head}={migrate_group(value, head, sections[head], warn)}"
             else:
                 group = head
             out.append(arg)
@@ -143,7 +144,11 @@ class MedMAEArgumentParser(LightningArgumentParser):
         args = list(sys.argv[1:] if args is None else args)
         subcommand = next((a for a in args if a in _SUBCOMMANDS), None)
         self._legacy_prog = f"{self.prog} {subcommand}" if subcommand else self.prog
-        return super().parse_args(migrate_argv(args, self.legacy_tables, self._legacy_warn), *rest, **kwargs)
+        try:
+            migrated = migrate_argv(args, self.legacy_tables, self._legacy_warn)
+        except ValueError as e:  # a key given both ways inside one --data / --model value
+            self.error(str(e))
+        return super().parse_args(migrated, *rest, **kwargs)
 
     def parse_string(self, content: str, *rest: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         try:  # read as jsonargparse will (its loader: e.g. 1e-3 is a number), rewritten only when migrated

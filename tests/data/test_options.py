@@ -262,6 +262,13 @@ def test_a_whole_old_section_given_as_a_file_or_string_loads_with_one_line_per_k
     assert warned == ["data.crop_scale", "data.min_size", "model.blr", "model.mask_ratio"], err
 
 
+def test_an_old_key_given_both_ways_in_one_section_value_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    both = "--data={cache_dir: c, crop_scale: [0.3, 1], crop: {crop_scale: [0.5, 1]}}"
+    code, _, err = _print_config(["--config", str(TINY), both, "--print_config"], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "data.crop.crop_scale" in errors[0], err
+
+
 def test_a_section_file_in_the_new_layout_is_passed_on_untouched() -> None:
     from medmae.train.cli import LEGACY_TABLES, migrate_argv
 
