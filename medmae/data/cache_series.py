@@ -12,8 +12,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -28,20 +30,28 @@ from medmae.data.cache_records import (
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the whole new one."""
+@contextmanager
+def _atomic_file(path: Path, suffix: str) -> Iterator[BinaryIO]:
+    """A temporary file beside ``path``, fsynced and renamed onto it when the block ends; removed when the
+    block raises, so a crash leaves either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the whole new one."""
+    with _atomic_file(path, ".tmp") as f:
+        f.write(data)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -55,18 +65,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def write_array_atomic(path: Path, array: np.ndarray) -> None:
     """Atomically save ``array`` as an uncompressed ``.npy`` (memory-mappable by readers)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path, ".npy.tmp") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------- series entries

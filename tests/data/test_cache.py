@@ -191,3 +191,19 @@ def test_fast_manifest_rows_accept_only_what_the_validator_accepts() -> None:
     image = {**copy.deepcopy(good), "kind": "image"}  # Z == 2 is not an image
     assert _fast_manifest_row(image) is None
     assert _fast_manifest_row({**good, "extra": 1}) is None and _fast_manifest_row([good]) is None
+
+
+def test_atomic_writers_replace_whole_files_and_leave_the_old_one_when_a_write_fails(tmp_path: Path) -> None:
+    """A failure half-way (here: an object ``np.save`` refuses without pickle) keeps the previous file
+    intact and leaves no temporary beside it; a success replaces the file whole."""
+    from medmae.data.cache_series import write_array_atomic, write_bytes_atomic
+
+    array_path, bytes_path = tmp_path / "sub" / "a.npy", tmp_path / "b.bin"
+    write_array_atomic(array_path, np.arange(6, dtype=np.int16).reshape(2, 3))
+    write_bytes_atomic(bytes_path, b"first")
+    with pytest.raises(ValueError):
+        write_array_atomic(array_path, np.array([object()], dtype=object))
+    np.testing.assert_array_equal(np.load(array_path), np.arange(6, dtype=np.int16).reshape(2, 3))
+    write_bytes_atomic(bytes_path, b"second")
+    assert bytes_path.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.npy", "b.bin"]
