@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -76,14 +75,8 @@ def tiny_model_kwargs() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache of four small CT volumes (three train, one val), written through medmae.data.cache."""
-    from tests.data.conftest import CacheBuilder
+    """A cache of four small CT volumes (three train, one val), written through medmae.data.cache: the
+    one the old-checkpoint fixtures were made on (tests/fixtures/make_old_mae_checkpoint.py builds it)."""
+    from tests.fixtures.make_old_mae_checkpoint import build_cache
 
-    builder = CacheBuilder(tmp_path_factory.mktemp("tiny_cache") / "cache")
-    rng = np.random.default_rng(0)
-    zz, yy, xx = np.meshgrid(np.arange(6), np.arange(40), np.arange(40), indexing="ij")
-    for i, split in enumerate(["train", "train", "train", "val"]):
-        body = ((yy - 20 - i) ** 2 + (xx - 18) ** 2 < (10 + zz + i) ** 2) * 900.0 - 1000.0
-        volume = (body + rng.normal(0, 30, body.shape)).astype(np.int16)
-        builder.add(f"s{i}", volume, split=split)
-    return builder.write()
+    return build_cache(tmp_path_factory.mktemp("tiny_cache") / "cache")
