@@ -49,7 +49,7 @@ import torch
 from scipy import ndimage
 
 from data_prep import prep_archive
-from medmae.data import CacheDataModule, CropOptions, SamplingOptions, SelectionOptions
+from medmae.data import AugmentOptions, CacheDataModule, CropOptions, SamplingOptions, SelectionOptions
 from medmae.export import export_encoder
 from medmae.finetune.cases import Case
 from medmae.finetune.seg_data import SegmentationDataModule, prepare_case
@@ -98,6 +98,11 @@ class Recipe:
     norm_pix_loss: bool = True
     hog_weight: float = 0.0  # a HOG target beside the pixels (MaskFeat; model.mae.hog_weight); 0 = pixels only
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    # data.augment of pretraining (rotation, zoom, bias field, gamma; medmae.data.augment): off by default
+    aug_rotate_deg: float = 0.0
+    aug_scale: tuple[float, float] = (1.0, 1.0)
+    aug_gamma: tuple[float, float] = (1.0, 1.0)
+    aug_bias_field: float = 0.0
     pretrain_steps: int = 3000  # against 1500: chosen on validation (docs/transfer.md)
     pretrain_batch: int = 32
     blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
@@ -150,6 +155,10 @@ PRETRAIN_FIELDS = (
     "norm_pix_loss",
     "hog_weight",
     "crop_scale",
+    "aug_rotate_deg",
+    "aug_scale",
+    "aug_gamma",
+    "aug_bias_field",
     "pretrain_steps",
     "pretrain_batch",
     "blr",
@@ -247,6 +256,16 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
 BENCHMARK_SALT = "f6219defa38f5e8a8096dc5f42ca6f1218430f3e3f5ad2174535f24ccfe0e7f4"
 
 
+def pretrain_augment(recipe: Any) -> AugmentOptions:
+    """``data.augment`` from a recipe's ``aug_*`` fields (a recipe without them: off)."""
+    return AugmentOptions(
+        rotate_deg=getattr(recipe, "aug_rotate_deg", 0.0),
+        scale=getattr(recipe, "aug_scale", (1.0, 1.0)),
+        gamma=getattr(recipe, "aug_gamma", (1.0, 1.0)),
+        bias_field=getattr(recipe, "aug_bias_field", 0.0),
+    )
+
+
 def pretrain(
     work: Path, recipe: Any, seed: int = 0, archive: Sequence[Path] | None = None, salt_key: str = BENCHMARK_SALT
 ) -> Path:
@@ -271,6 +290,7 @@ def pretrain(
         crop=CropOptions(crop_scale=recipe.crop_scale, hflip_prob=0.5),
         sampling=SamplingOptions(samples_per_epoch=recipe.pretrain_batch * 50),
         selection=SelectionOptions(min_size=32),
+        augment=pretrain_augment(recipe),
     )
     module = MAEPretrainModule(
         variant="mae_vit_tiny_patch16",

@@ -362,6 +362,11 @@ class Recipe:
     mask_ratio: float = 0.9  # the segmentation benchmark's choice (docs/transfer.md), fixed before this search
     norm_pix_loss: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    # data.augment of pretraining (rotation, zoom, bias field, gamma; medmae.data.augment): off by default
+    aug_rotate_deg: float = 0.0
+    aug_scale: tuple[float, float] = (1.0, 1.0)
+    aug_gamma: tuple[float, float] = (1.0, 1.0)
+    aug_bias_field: float = 0.0
     pretrain_steps: int = 3000
     pretrain_batch: int = 32
     blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
@@ -393,6 +398,10 @@ PRETRAIN_FIELDS = (
     "mask_ratio",
     "norm_pix_loss",
     "crop_scale",
+    "aug_rotate_deg",
+    "aug_scale",
+    "aug_gamma",
+    "aug_bias_field",
     "pretrain_steps",
     "pretrain_batch",
     "blr",

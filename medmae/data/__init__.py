@@ -36,6 +36,8 @@ _EXPORTS = {
     "IntensityOptions": "medmae.data.options",
     "LEGACY_KEYS": "medmae.data.options",
     "LoaderOptions": "medmae.data.options",
+    "AugmentOptions": "medmae.data.options",
+    "PlaneAugment": "medmae.data.augment",
     "NoUsableDataError": "medmae.data.splits",
     "PlanePreprocessor": "medmae.data.plane_transform",
     "SampleKey": "medmae.data.sampler",

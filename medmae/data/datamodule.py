@@ -41,18 +41,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from medmae.data import splits
+from medmae.data.augment import PlaneAugment
 from medmae.data.cache import ManifestRow
 from medmae.data.dataset import CacheSliceDataset
 from medmae.data.device_path import collate_raw, finish_on_device
 from medmae.data.index import AXES
 from medmae.data.manifest_pin import CACHE_CHANGED_POLICIES, CacheChangedError, ManifestPin, read_manifest
 from medmae.data.options import (
+    DEFAULT_AUGMENT,
     DEFAULT_CROP,
     DEFAULT_FOREGROUND,
     DEFAULT_INTENSITY,
     DEFAULT_LOADER,
     DEFAULT_SAMPLING,
     DEFAULT_SELECTION,
+    AugmentOptions,
     CropOptions,
     ForegroundOptions,
     IntensityOptions,
@@ -65,7 +68,7 @@ from medmae.data.options import (
 from medmae.data.records import slice_record, volume_record
 from medmae.data.sampler import STREAM_VAL_POSITIONS, EpochWeightedSampler, distributed_context
 from medmae.data.splits import NoUsableDataError, verify_entries
-from medmae.data.stream import TrainStreamPosition
+from medmae.data.stream import STEP_KEY, TrainStreamPosition
 from medmae.data.transforms import SliceTransform
 from medmae.data.volume import VolumeOptions, VolumeTransform
 from medmae.data.volume_dataset import CacheVolumeDataset
@@ -104,6 +107,8 @@ class CacheDataModule(ManifestPin, TrainStreamPosition, pl.LightningDataModule):
         intensity: CT windows and percentiles (:class:`~medmae.data.options.IntensityOptions`).
         foreground: the background-crop filter (:class:`~medmae.data.options.ForegroundOptions`).
         loader: workers, pinning, the GPU data path (:class:`~medmae.data.options.LoaderOptions`).
+        augment: random rotation, zoom, bias field and gamma of 2D training batches, after intensity
+            (:class:`~medmae.data.options.AugmentOptions`; off by default; 2D / 2.5D only).
         volume: ``None`` (default): 2D / 2.5D slice samples. A :class:`~medmae.data.volume.VolumeOptions`
             (YAML: ``volume: {size: [96, 96, 96], spacing_mm: 1.5, ...}``): 3D samples for the 3D MAE,
             ``(C, Z, Y, X)`` crops resampled to ``spacing_mm`` (``medmae.data.volume``). ``intensity``,
@@ -145,13 +150,14 @@ class CacheDataModule(ManifestPin, TrainStreamPosition, pl.LightningDataModule):
         intensity: IntensityOptions = DEFAULT_INTENSITY,
         foreground: ForegroundOptions = DEFAULT_FOREGROUND,
         loader: LoaderOptions = DEFAULT_LOADER,
+        augment: AugmentOptions = DEFAULT_AUGMENT,
         volume: VolumeOptions | None = None,
         cache_changed: str = "error",
         **legacy: Any,
     ) -> None:
         super().__init__()
         given = {"selection": selection, "sampling": sampling, "crop": crop, "intensity": intensity,
-                 "foreground": foreground, "loader": loader}  # fmt: skip
+                 "foreground": foreground, "loader": loader, "augment": augment}  # fmt: skip
         chosen = sections(given, legacy)
         #: the option sections (frozen dataclasses, checked)
         self.selection: SelectionOptions = chosen["selection"]
@@ -160,6 +166,9 @@ class CacheDataModule(ManifestPin, TrainStreamPosition, pl.LightningDataModule):
         self.intensity: IntensityOptions = chosen["intensity"]
         self.foreground: ForegroundOptions = chosen["foreground"]
         self.loader: LoaderOptions = chosen["loader"]
+        self.augment: AugmentOptions = chosen["augment"]
+        #: random rotation / zoom / shading of training batches, after intensity (off by default)
+        self.augmenter = PlaneAugment(self.augment)
         if cache_changed not in CACHE_CHANGED_POLICIES:
             raise ValueError(f"data.cache_changed must be one of {CACHE_CHANGED_POLICIES}, got {cache_changed!r}")
         self.cache_changed = cache_changed
@@ -199,6 +208,8 @@ class CacheDataModule(ManifestPin, TrainStreamPosition, pl.LightningDataModule):
             raise ValueError(f"data.volume must be a VolumeOptions section or null, got {volume!r}")
         if volume is not None and slices != 1:
             raise ValueError(f"data.slices={slices} with data.volume: 3D samples have no slice channels; set slices: 1")
+        if volume is not None and self.augment.active:
+            raise ValueError("data.augment is 2D only (rotation, zoom, shading of planes): leave it off for 3D")
         if volume is not None and self.loader.device_transforms:
             raise ValueError("data.loader.device_transforms: true is 2D only; 3D samples are finished in the workers")
         #: the 3D sample rule (``None``: 2D / 2.5D slices)
@@ -376,8 +387,14 @@ class CacheDataModule(ManifestPin, TrainStreamPosition, pl.LightningDataModule):
         return self._loader(self.train_dataset, sampler=sampler, drop_last=True)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """GPU data path: flip, resize and scale the batch's stored-value crops on the device."""
-        return finish_on_device(batch, self.transform)
+        """GPU data path: flip, resize and scale the batch's stored-value crops on the device; then
+        ``data.augment`` on training batches (those stamped with their stream position)."""
+        batch = finish_on_device(batch, self.transform)
+        if self.augmenter.active and isinstance(batch, dict) and STEP_KEY in batch:
+            epoch, number = batch[STEP_KEY]
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            batch["image"] = self.augmenter(batch["image"], self.augmenter.generator(self.seed, rank, epoch, number))
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None and "val" not in self.setup_report:

@@ -11,6 +11,7 @@ A config names each group as a section under ``data`` (LightningCLI reads them f
       intensity: {ct_windows: [[40, 400], [-600, 1500]], ct_window_mode: random}
       foreground: {foreground_fraction: 0.2}
       loader: {pin_memory: true, prefetch_factor: 2}
+      augment: {rotate_deg: 15, scale: [0.87, 1.15], gamma: [0.71, 1.4], bias_field: 0.05}
 
 Every dataclass checks itself when built, so a bad value stops with one line that names the full
 key (``data.crop.crop_scale must ...``) whether it came from YAML, the command line or Python.
@@ -277,6 +278,45 @@ class LoaderOptions:
         )
 
 
+@dataclass(frozen=True)
+class AugmentOptions:
+    """``data.augment``: random rotation, zoom, bias field and gamma of 2D pretraining crops (all off by default).
+
+    Applied to training batches after intensity scaling (:class:`~medmae.data.augment.PlaneAugment`,
+    which documents the order and the seeding); never to validation or at inference. 2D / 2.5D only.
+
+    Args:
+        rotate_deg: largest in-plane rotation in degrees (uniform in ``±rotate_deg``), in [0, 180].
+        scale: zoom range ``0 < low <= high`` (log-uniform; > 1 enlarges the anatomy).
+        gamma: gamma range ``0 < low <= high`` (log-uniform; ``image ** gamma`` on [0, 1]).
+        bias_field: coefficient bound of the degree-2 log bias field, in [0, 1] (0.05: about
+            ±10-25 % smooth shading across the image).
+    """
+
+    rotate_deg: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    gamma: tuple[float, float] = (1.0, 1.0)
+    bias_field: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= number(self.rotate_deg, "data.augment.rotate_deg") <= 180.0:
+            raise ValueError(f"data.augment.rotate_deg must be in [0, 180], got {self.rotate_deg!r}")
+        ranges = {}
+        for name in ("scale", "gamma"):
+            lo, hi = pair(getattr(self, name), f"data.augment.{name}")
+            if not (0.0 < lo <= hi and math.isfinite(hi)):
+                raise ValueError(f"data.augment.{name} must satisfy 0 < low <= high, got {getattr(self, name)!r}")
+            ranges[name] = (lo, hi)
+        if not 0.0 <= number(self.bias_field, "data.augment.bias_field") <= 1.0:
+            raise ValueError(f"data.augment.bias_field must be in [0, 1], got {self.bias_field!r}")
+        _set(self, rotate_deg=float(self.rotate_deg), bias_field=float(self.bias_field), **ranges)
+
+    @property
+    def active(self) -> bool:
+        """Whether any change is made to a training batch."""
+        return self.rotate_deg > 0 or self.bias_field > 0 or self.scale != (1.0, 1.0) or self.gamma != (1.0, 1.0)
+
+
 #: the sections of ``data`` and their dataclass (the ``CacheDataModule`` argument of the same name)
 SECTIONS: dict[str, type] = {
     "selection": SelectionOptions,
@@ -285,11 +325,15 @@ SECTIONS: dict[str, type] = {
     "intensity": IntensityOptions,
     "foreground": ForegroundOptions,
     "loader": LoaderOptions,
+    "augment": AugmentOptions,
 }
 
 #: old flat ``data.<name>`` keys (before issue 19) -> their dotted path under ``data``
 LEGACY_KEYS: dict[str, str] = {
-    name: f"{section}.{name}" for section, cls in SECTIONS.items() for name in cls.__dataclass_fields__
+    name: f"{section}.{name}"
+    for section, cls in SECTIONS.items()
+    if section != "augment"  # new with its section: it never had flat keys
+    for name in cls.__dataclass_fields__
 }
 
 
@@ -300,10 +344,11 @@ DEFAULT_CROP = CropOptions()
 DEFAULT_INTENSITY = IntensityOptions()
 DEFAULT_FOREGROUND = ForegroundOptions()
 DEFAULT_LOADER = LoaderOptions()
+DEFAULT_AUGMENT = AugmentOptions()
 
 
 def sections(given: Mapping[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:
-    """The six sections from ``CacheDataModule``'s arguments: ``given`` (section name -> dataclass or
+    """The sections from ``CacheDataModule``'s arguments: ``given`` (section name -> dataclass or
     mapping) with the old flat keyword arguments ``legacy`` moved in (``DeprecationWarning`` each)."""
     unknown = sorted(set(legacy) - set(LEGACY_KEYS))
     if unknown:

@@ -65,6 +65,8 @@ def slice_record(dm: Any) -> dict[str, Any]:
         "versions": _versions(),
     }
     record.update(dm.transform.describe())
+    if dm.augmenter.active:  # absent when off, so records of runs without it are unchanged
+        record["augment"] = dm.augmenter.describe()
     record["selection"] = {
         "modalities": _modalities(dm),
         "min_size": dm.selection.min_size,
