@@ -1,7 +1,8 @@
 """Exact resume: `medmae fit` subprocesses SIGKILLed at three points and resumed with `--ckpt_path last`.
 
 Each kill leaves the run as a dead node would; the resumed run must take every later optimizer step
-with the very batches, masks and losses of an uninterrupted run (bit for bit with `num_workers=0`).
+with the very batches, augmentations, masks and losses of an uninterrupted run (bit for bit with
+`num_workers=0`).
 Epochs have 4 steps; checkpoints every 3 steps and at every epoch end; validation at every epoch end.
 """
 
@@ -39,6 +40,8 @@ def _config(path: Path, cache: Path, workers: int, callbacks: list[dict]) -> Pat
             "num_workers": workers,
             "sampling": {"samples_per_epoch": 16, "val_samples": 8},
             "loader": {"persistent_workers": workers > 0},
+            # on, so the exact-resume checks cover its draws too (seeded by the batch's stream position)
+            "augment": {"rotate_deg": 15, "scale": [0.87, 1.15], "gamma": [0.71, 1.4], "bias_field": 0.05},
         },
         "trainer": {
             "accelerator": "cpu",
