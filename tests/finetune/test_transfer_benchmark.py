@@ -68,6 +68,11 @@ def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> No
         assert 0.0 < only["test"] <= 1.0 and 0.0 < only["val"] <= 1.0
     (look,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert look["per_seed"] == report["per_seed"] and look["summary"] == report["test"]
+    # the recipe pretrains with data.augment on, and the export's record says so (fine-tuning ignores it)
+    augment = json.loads((tmp_path / "work" / "encoder" / "encoder.json").read_text())["preprocessing"]["augment"]
+    assert augment["rotate_deg"] == report["recipe"]["aug_rotate_deg"] == transfer.Recipe().aug_rotate_deg > 0
+    assert augment["scale"] == list(transfer.Recipe().aug_scale)
+    assert augment["bias_field"] == report["recipe"]["aug_bias_field"]
     # the pretraining cache never held a test plane: every plane the pretraining read, hashed, against
     # every plane of the test slabs read through the same prep; the validation slabs (which pretraining
     # does see) show the comparison can find a plane
