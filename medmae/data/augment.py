@@ -78,7 +78,7 @@ class PlaneAugment:
         if o.rotate_deg > 0 or o.scale != (1.0, 1.0):
             out = _rotate_zoom(out, angle, zoom)
         if o.bias_field > 0:
-            out = out * _bias_field(coeffs, out.shape[-2:]).to(device=out.device, dtype=out.dtype)
+            out = out * _bias_field(coeffs, out.shape[-2:], out.device).to(out.dtype)
         out = out.clamp(0.0, 1.0)
         if o.gamma != (1.0, 1.0):
             out = out.pow(gamma.to(device=out.device, dtype=out.dtype).view(b, 1, 1, 1))
@@ -115,11 +115,18 @@ def _rotate_zoom(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _bias_field(coeffs: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """``exp`` of a degree-2 polynomial per image, ``(B, 1, H, W)``: a smooth multiplicative shading."""
+def _bias_field(
+    coeffs: torch.Tensor, size: tuple[int, int] | torch.Size, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``exp`` of a degree-2 polynomial per image, ``(B, 1, H, W)``: a smooth multiplicative shading.
+
+    Built on ``device`` from the five host-drawn coefficients per image, so a GPU batch never waits
+    on a host-to-device copy of a whole field.
+    """
     h, w = int(size[0]), int(size[1])
-    y = torch.linspace(-1, 1, h, dtype=torch.float64).view(1, h, 1)
-    x = torch.linspace(-1, 1, w, dtype=torch.float64).view(1, 1, w)
+    coeffs = coeffs.to(device=device, dtype=torch.float64)
+    y = torch.linspace(-1, 1, h, dtype=torch.float64, device=device).view(1, h, 1)
+    x = torch.linspace(-1, 1, w, dtype=torch.float64, device=device).view(1, 1, w)
     terms = (x, y, x * y, x * x - 1 / 3, y * y - 1 / 3)
     log_field = sum(coeffs[:, k].view(-1, 1, 1) * term for k, term in enumerate(terms))
     return torch.exp(log_field).unsqueeze(1).float()
