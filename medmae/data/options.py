@@ -289,8 +289,8 @@ class AugmentOptions:
         rotate_deg: largest in-plane rotation in degrees (uniform in ``±rotate_deg``), in [0, 180].
         scale: zoom range ``0 < low <= high`` (log-uniform; > 1 enlarges the anatomy).
         gamma: gamma range ``0 < low <= high`` (log-uniform; ``image ** gamma`` on [0, 1]).
-        bias_field: coefficient bound of the degree-2 log bias field, in [0, 1] (0.05: about
-            ±10-25 % smooth shading across the image).
+        bias_field: coefficient bound of the degree-2 log bias field, in [0, 1] (0.05: the field stays
+            within a factor 0.80-1.24 across the image, usually much closer to 1).
     """
 
     rotate_deg: float = 0.0
