@@ -29,9 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from medmae.data.options import AugmentOptions
-
-#: the seed stream of augmentation draws (the sampler's streams are 0-3: medmae.data.sampler)
-STREAM_AUGMENT = 4
+from medmae.data.sampler import STREAM_AUGMENT
 
 
 class PlaneAugment:

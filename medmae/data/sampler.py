@@ -38,6 +38,7 @@ STREAM_TRAIN_SAMPLE = 0
 STREAM_FIXED_SAMPLE = 1
 STREAM_SAMPLER = 2
 STREAM_VAL_POSITIONS = 3
+STREAM_AUGMENT = 4  # data.augment's per-batch draws (medmae.data.augment)
 
 
 class SampleKey(NamedTuple):
