@@ -6,9 +6,12 @@ and its grey- and white-matter probability maps, which ship inside the nilearn w
 = background/CSF, grey matter, white matter.
 
 Split: the axial range holding brain is cut into slabs of ``--slab`` planes; slab ``i`` goes to
-*test* when ``i % 4 == 1``, to *validation* when ``i % 4 == 3``, otherwise to the training pool, from
-which ``--labelled`` slabs (≤ 5, spread evenly) get labels. Pretraining sees every non-test plane
-without labels.
+*test* when ``(i // B) % 4 == 1``, to *validation* when it is 3, otherwise to the training pool, from
+which ``--labelled`` slabs (≤ 5, spread evenly) get labels. ``B = --split-block``: 1 (the default)
+interleaves single slabs, the split the recipe was chosen on; 3 holds out contiguous 24-plane blocks,
+whose anatomy lies apart from the labelled slabs. Pretraining sees every non-test plane without labels,
+so an ``--encoder`` must come from a run with the same split (another split's encoder has seen its
+test planes).
 
 Protocol (benchmarks/protocol.py): recipes are chosen on validation Dice, the default; the test slabs
 are scored only with ``--final-test``, and every such run appends a line to
@@ -110,6 +113,9 @@ class Recipe:
     decoder_embed_dim: int = 128
     decoder_depth: int = 2
     slab: int = 8
+    # slabs per role block: slab i's role follows (i // split_block) % 4 (1: the interleaved split the
+    # recipe was chosen on; 3: contiguous 24-plane test blocks, anatomy apart from the labelled slabs)
+    split_block: int = 1
     labelled: int = 3
     finetune_steps: int = 300
     finetune_batch: int = 8
@@ -197,6 +203,17 @@ def nilearn_data() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
+def slab_role(i: int, block: int) -> str:
+    """Slab ``i``'s role: blocks of ``block`` slabs go pool, test, pool, validation, pool, test, ...
+
+    ``block`` 1 interleaves single slabs (each test slab lies between two training-pool slabs); larger
+    blocks keep test anatomy apart from the labelled slabs, as a held-out region of the brain.
+    """
+    if block < 1:
+        raise ValueError(f"--split-block must be >= 1, got {block}")
+    return ("pool", "test", "pool", "val")[(i // block) % 4]
+
+
 def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]]:
     """Slab NIfTI files (image + label) per role, and the unlabelled non-test runs for pretraining."""
     data = nilearn_data()
@@ -209,8 +226,8 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
     zs = np.where(brain.any(axis=(0, 1)))[0]  # the brain's axial range: the same slabs for every task
     z0, n = int(zs.min()), (int(zs.max()) + 1 - int(zs.min())) // recipe.slab
     slabs = [(z0 + i * recipe.slab, z0 + (i + 1) * recipe.slab) for i in range(n)]
-    roles = {"test": [i for i in range(n) if i % 4 == 1], "val": [i for i in range(n) if i % 4 == 3]}
-    pool = [i for i in range(n) if i % 4 in (0, 2)]
+    roles = {role: [i for i in range(n) if slab_role(i, recipe.split_block) == role] for role in ("test", "val")}
+    pool = [i for i in range(n) if slab_role(i, recipe.split_block) == "pool"]
     if recipe.task != "tissue":  # a structure task labels only pool slabs that hold the structure
         pool = [i for i in pool if label[:, :, slabs[i][0] : slabs[i][1]].any()]
     picks = [pool[p] for p in np.linspace(0, len(pool) - 1, 5).round().astype(int)]

@@ -96,6 +96,21 @@ def test_report_with_a_given_encoder_does_not_claim_pretraining_settings() -> No
     assert "encoder.json" in given["pretraining"]
 
 
+def test_split_block_1_is_the_interleaved_split_and_3_holds_out_contiguous_blocks() -> None:
+    transfer = import_transfer(need_nilearn=False)
+    n = 19  # the MNI brain's axial range in slabs of 8 planes
+    interleaved = [transfer.slab_role(i, 1) for i in range(n)]
+    assert interleaved == [("pool", "test", "pool", "val")[i % 4] for i in range(n)]
+    blocks = [transfer.slab_role(i, 3) for i in range(n)]
+    assert blocks[:12] == ["pool"] * 3 + ["test"] * 3 + ["pool"] * 3 + ["val"] * 3
+    test = [i for i, role in enumerate(blocks) if role == "test"]
+    # each held-out block is contiguous and its middle slab has no pool slab next to it
+    assert test == [3, 4, 5, 15, 16, 17]
+    assert all(blocks[i - 1] == blocks[i + 1] == "test" for i in (4, 16))
+    with pytest.raises(ValueError, match="split-block"):
+        transfer.slab_role(0, 0)
+
+
 @pytest.mark.slow
 def test_transfer_benchmark_pretrains_2p5d_with_a_hog_target_and_fine_tunes_from_the_card(tmp_path: Path) -> None:
     """``--slices 3 --hog-weight 0.5``: the export's card says 3 planes and 3 input channels, and fine-tuning
