@@ -41,7 +41,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,8 @@ class Recipe:
     warmup_steps: int = 30
     encoder_hold: int = 0  # decoder-first steps (LP-FT): model.encoder_hold_steps
     finetune_crop_scale: tuple[float, float] = (0.5, 1.0)
+    # data.augment of fine-tuning too (the aug_* distributions above; medmae.finetune data modules)
+    finetune_augment: bool = False
     feature_size: int = 16
     decoder: str = "light"
     tap_norm: bool = True
@@ -175,8 +177,12 @@ PRETRAIN_FIELDS = (
 
 
 def recipe_record(recipe: Recipe, encoder: Path | None) -> dict[str, object]:
-    """The recipe as run: with a given encoder its pretraining settings are that export's, not ours."""
-    return protocol_recipe_record(recipe, encoder, PRETRAIN_FIELDS)
+    """The recipe as run: with a given encoder its pretraining settings are that export's, not ours
+    (``finetune_augment`` then names the distributions fine-tuning drew from, which stay ours)."""
+    record = protocol_recipe_record(recipe, encoder, PRETRAIN_FIELDS)
+    if recipe.finetune_augment:
+        record["finetune_augment"] = {"on": True, **asdict(pretrain_augment(recipe))}
+    return record
 
 
 def quiet_trainer(work: Path, max_steps: int, **kwargs: object) -> pl.Trainer:
@@ -373,6 +379,7 @@ def finetune(
         seed=seed,
         samples_per_epoch=recipe.finetune_batch * recipe.finetune_steps,
         crop_scale=recipe.finetune_crop_scale,
+        augment=pretrain_augment(recipe) if recipe.finetune_augment else AugmentOptions(),
     )
     module = SegmentationModule(
         f"{init}:{export}",

@@ -1,4 +1,7 @@
-"""Random geometry and intensity changes of 2D pretraining batches (``data.augment``), after preprocessing.
+"""Random geometry and intensity changes of 2D training images (``data.augment``), after preprocessing.
+
+:class:`PlaneAugment` changes pretraining batches; :func:`augment_planes` applies the same options to one
+fine-tuning sample, its label plane following the geometry (``medmae.finetune.samples``).
 
 Why: an MAE pretrained on a small archive (one template, a few hundred planes) learns that archive's
 exact anatomy and scanner. Rotating, zooming and re-shading each training crop shows the encoder the
@@ -14,9 +17,10 @@ What is done to each training image of a batch, in this order, on whatever devic
    five coefficients (x, y, xy, x²−⅓, y²−⅓) are uniform in ``±bias_field``;
 3. **gamma**: ``image ** g``, ``g`` log-uniform in ``gamma``; clipped to ``[0, 1]``.
 
-Randomness: every parameter is drawn on the host from ``(seed, rank, epoch, batch number)``, the batch's
-own position in the training stream, so a resumed run draws the very augmentations of an uninterrupted
-one, and ranks differ. Validation batches and the card's inference preprocessing are never augmented.
+Randomness: in pretraining every parameter is drawn on the host from ``(seed, rank, epoch, batch number)``,
+the batch's own position in the training stream, so a resumed run draws the very augmentations of an
+uninterrupted one, and ranks differ; in fine-tuning from the sample's ``(seed, epoch, index)`` generator.
+Validation batches and the card's inference preprocessing are never augmented.
 """
 
 from __future__ import annotations
@@ -72,15 +76,7 @@ class PlaneAugment:
         coeffs = uniform(5) * o.bias_field
         g_lo, g_hi = math.log(o.gamma[0]), math.log(o.gamma[1])
         gamma = torch.exp(g_lo + (uniform()[:, 0] + 1) / 2 * (g_hi - g_lo))
-        out = images
-        if o.rotate_deg > 0 or o.scale != (1.0, 1.0):
-            out = _rotate_zoom(out, angle, zoom)
-        if o.bias_field > 0:
-            out = out * _bias_field(coeffs, out.shape[-2:], out.device).to(out.dtype)
-        out = out.clamp(0.0, 1.0)
-        if o.gamma != (1.0, 1.0):
-            out = out.pow(gamma.to(device=out.device, dtype=out.dtype).view(b, 1, 1, 1))
-        return out
+        return _transform(images, o, angle, zoom, coeffs, gamma)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the preprocessing record (training crops only; inference never augments)."""
@@ -96,7 +92,55 @@ class PlaneAugment:
         }
 
 
-def _rotate_zoom(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+def augment_planes(
+    images: torch.Tensor, options: AugmentOptions, rng: np.random.Generator, label: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draw of ``options`` applied to fine-tuning planes ``(..., C, H, W)`` in ``[0, 1]`` and, when given,
+    to their ``(H, W)`` label plane (the same rotation and zoom, nearest neighbour, background from outside).
+
+    Fine-tuning's counterpart of :class:`PlaneAugment`: the same transforms in the same order, drawn from
+    the training sample's own generator (:class:`~medmae.finetune.samples.EpochDataset`), so a sample stays
+    a pure function of ``(seed, epoch, index)``. All planes of one call (a series) share the draw.
+    """
+    if not options.active:
+        return images, label
+    o = options
+    angle = math.radians(o.rotate_deg) * rng.uniform(-1.0, 1.0)
+    zoom = math.exp(rng.uniform(math.log(o.scale[0]), math.log(o.scale[1])))
+    coeffs = rng.uniform(-1.0, 1.0, size=5) * o.bias_field
+    gamma = math.exp(rng.uniform(math.log(o.gamma[0]), math.log(o.gamma[1])))
+    flat = images.reshape(-1, *images.shape[-3:])
+    n = flat.shape[0]
+    angles = torch.full((n,), angle, dtype=torch.float64)
+    zooms = torch.full((n,), zoom, dtype=torch.float64)
+    out = _transform(flat, o, angles, zooms, torch.from_numpy(coeffs).expand(n, 5), torch.full((n,), gamma))
+    if label is not None and (o.rotate_deg > 0 or o.scale != (1.0, 1.0)):
+        warped = _rotate_zoom(label[None, None].float(), angles[:1], zooms[:1], mode="nearest")
+        label = warped[0, 0].round().to(label.dtype)
+    return out.reshape(images.shape).contiguous(), label
+
+
+def _transform(
+    images: torch.Tensor,
+    o: AugmentOptions,
+    angle: torch.Tensor,
+    zoom: torch.Tensor,
+    coeffs: torch.Tensor,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate+zoom, bias field, clip, gamma of ``(B, C, H, W)`` with one drawn parameter set per image."""
+    out = images
+    if o.rotate_deg > 0 or o.scale != (1.0, 1.0):
+        out = _rotate_zoom(out, angle, zoom)
+    if o.bias_field > 0:
+        out = out * _bias_field(coeffs, out.shape[-2:], out.device).to(out.dtype)
+    out = out.clamp(0.0, 1.0)
+    if o.gamma != (1.0, 1.0):
+        out = out.pow(gamma.to(device=out.device, dtype=out.dtype).view(-1, 1, 1, 1))
+    return out
+
+
+def _rotate_zoom(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Rotate by ``angle`` (radians) and enlarge by ``zoom`` about the centre; 0 comes in from outside.
 
     ``affine_grid`` maps output to input coordinates, so the matrix is the inverse transform: a zoom
@@ -110,7 +154,7 @@ def _rotate_zoom(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) 
     theta[:, 1, 0], theta[:, 1, 1] = sin * aspect, cos
     theta = theta.to(device=images.device, dtype=images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def _bias_field(

@@ -114,7 +114,8 @@ def _check_spec(spec: EncoderSpec, img_size: tuple[int, int], depth: int, where:
     if spec.patch_size != UNETR_PATCH:
         raise ValueError(
             f"{where}: field 'encoder.patch_size' is {spec.patch_size}; MONAI UNETR only takes 16-pixel patches "
-            "(pretrain with model.mae.patch_size: 16 and at least 10 blocks, e.g. configs/pretrain/vit_tiny_unetr_cpu.yaml)"
+            "(pretrain with model.mae.patch_size: 16 and at least 10 blocks, "
+            "e.g. configs/pretrain/vit_tiny_unetr_cpu.yaml)"
         )
     if depth <= max(UNETR_HIDDEN_STATES):
         raise ValueError(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medmae.data.options import DEFAULT_AUGMENT, AugmentOptions
 from medmae.data.plane_transform import PlanePreprocessor
 from medmae.finetune.cases import Case, LabelParser, check_modality, read_case_csv, split_cases
 from medmae.finetune.encoders import parse_init, resolve_preprocessing
@@ -155,12 +156,14 @@ class SeriesDataset(EpochDataset):
     """Series level: ``planes`` random planes of a series (all when it has fewer), one augmentation for all."""
 
     def __init__(self, series: list[PreparedSeries], planes: int | None, hflip_prob: float = 0.0,
-                 crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0) -> None:
+                 crop_scale: tuple[float, float] = (1.0, 1.0), seed: int = 0,
+                 extra: AugmentOptions | None = None) -> None:
         super().__init__(seed)
         self.series = series
         self.planes = planes
         self.hflip_prob = hflip_prob
         self.crop_scale = crop_scale
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.series)
@@ -170,7 +173,7 @@ class SeriesDataset(EpochDataset):
         images = item.images
         if self.planes is not None and images.shape[0] > self.planes:
             images = images[np.sort(rng.choice(images.shape[0], self.planes, replace=False))]
-        images, _ = augment(images, rng, self.hflip_prob, self.crop_scale)
+        images, _ = augment(images, rng, self.hflip_prob, self.crop_scale, extra=self.extra)
         return {"images": images, "target": item.target}
 
 
@@ -209,6 +212,9 @@ class ClassificationDataModule(TrainStream, pl.LightningDataModule):
         samples_per_epoch: training samples per epoch, drawn with replacement; None = each once.
         hflip_prob: left-right flip probability in training (keep 0 for laterality labels).
         crop_scale: random-resized-crop area range in training; ``[1, 1]`` disables it.
+        augment: ``data.augment`` in training after the crop and flip (rotation, zoom, bias field, gamma;
+            pretraining's :class:`~medmae.data.options.AugmentOptions`; one draw per series at series
+            level); off by default.
         split_seed: key of the hashed patient split (not the seed: runs that differ only in ``seed``
             validate on the same patients).
         seed: seed of augmentation and sampling.
@@ -237,6 +243,7 @@ class ClassificationDataModule(TrainStream, pl.LightningDataModule):
         samples_per_epoch: int | None = None,
         hflip_prob: float = 0.0,
         crop_scale: tuple[float, float] = (1.0, 1.0),
+        augment: AugmentOptions = DEFAULT_AUGMENT,
         split_seed: int = 0,
         seed: int = 0,
     ) -> None:
@@ -250,6 +257,8 @@ class ClassificationDataModule(TrainStream, pl.LightningDataModule):
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {list(crop_scale)!r}")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"data.hflip_prob must be in [0, 1], got {hflip_prob!r}")
+        if not isinstance(augment, AugmentOptions):
+            raise TypeError(f"data.augment must be an AugmentOptions section, got {type(augment).__name__}")
         for name, value in (("max_planes", max_planes), ("planes_per_series", planes_per_series),
                             ("samples_per_epoch", samples_per_epoch)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -264,6 +273,7 @@ class ClassificationDataModule(TrainStream, pl.LightningDataModule):
         self.batch_size, self.num_workers, self.samples_per_epoch = batch_size, num_workers, samples_per_epoch
         self.hflip_prob = float(hflip_prob)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.augment = augment
         self.split_seed, self.seed = split_seed, seed
         self.preprocessing: PlanePreprocessor | None = None
         self.train_series: list[PreparedSeries] = []
@@ -310,10 +320,11 @@ class ClassificationDataModule(TrainStream, pl.LightningDataModule):
         if self.train_set is None:
             if self.level == "slice":
                 self.train_set = PlaneDataset([s.images for s in self.train_series], self.crop_scale, self.hflip_prob,
-                                              self.seed, targets=[s.target for s in self.train_series])
+                                              self.seed, targets=[s.target for s in self.train_series],
+                                              extra=self.augment)
             else:
                 self.train_set = SeriesDataset(self.train_series, self.planes_per_series, self.hflip_prob,
-                                               self.crop_scale, self.seed)
+                                               self.crop_scale, self.seed, self.augment)
         data = self.train_set
         n = self.samples_per_epoch or max(len(data), self.batch_size)
         collate = collate_series if self.level == "series" else None

@@ -66,6 +66,7 @@ class PlaneDims:
             dm.train_set = PlaneDataset(
                 [c.images for c in dm.train_cases], dm.crop_scale, dm.hflip_prob, dm.seed,
                 labels=[c.labels for c in dm.train_cases], only_labelled=not dm.include_empty_planes,
+                extra=dm.augment,
             )  # fmt: skip
         data = dm.train_set
         n = dm.samples_per_epoch or max(len(data), dm.batch_size)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, default_collate
 
+from medmae.data.augment import augment_planes
+from medmae.data.options import AugmentOptions
 from medmae.data.sampler import EpochStreamSampler, SampleKey
 from medmae.data.stream import STEP_KEY, TrainStreamPosition
 from medmae.data.transforms import random_resized_crop_box
@@ -70,9 +72,12 @@ def augment(
     hflip_prob: float,
     crop_scale: tuple[float, float],
     label: torch.Tensor | None = None,
+    extra: AugmentOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One random-resized crop (back to the encoder grid) and left-right flip of ``(..., C, H, W)`` planes
-    and, when given, of their ``(H, W)`` label plane (nearest neighbour): the same box and flip for both."""
+    and, when given, of their ``(H, W)`` label plane (nearest neighbour): the same box and flip for both;
+    then ``extra`` (``data.augment``: rotation, zoom, bias field, gamma; :func:`augment_planes`), drawn
+    after the crop and flip so that without it every sample is what it was before it existed."""
     h, w = images.shape[-2:]
     if crop_scale[0] < 1.0:
         box = random_resized_crop_box(rng, (h, w), crop_scale)
@@ -86,6 +91,8 @@ def augment(
     if hflip_prob > 0 and rng.random() < hflip_prob:
         images = images.flip(-1)
         label = None if label is None else label.flip(-1)
+    if extra is not None and extra.active:
+        images, label = augment_planes(images, extra, rng, label)
     return images.contiguous(), None if label is None else label.contiguous()
 
 
@@ -98,6 +105,7 @@ class PlaneDataset(EpochDataset):
         labels: per series, its label planes ``(N, H, W)`` on the same grid (segmentation).
         targets: per series, its target vector (classification).
         only_labelled: keep only planes whose label plane holds a labelled structure (segmentation).
+        extra: ``data.augment`` (rotation, zoom, bias field, gamma) after the crop and flip; None: none.
     """
 
     def __init__(
@@ -110,6 +118,7 @@ class PlaneDataset(EpochDataset):
         labels: Sequence[torch.Tensor] | None = None,
         targets: Sequence[torch.Tensor] | None = None,
         only_labelled: bool = False,
+        extra: AugmentOptions | None = None,
     ) -> None:
         super().__init__(seed)
         if (labels is None) == (targets is None):
@@ -129,6 +138,7 @@ class PlaneDataset(EpochDataset):
             )
         self.crop_scale = crop_scale
         self.hflip_prob = hflip_prob
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.items)
@@ -136,7 +146,7 @@ class PlaneDataset(EpochDataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, z = self.items[i]
         label = None if self.labels is None else self.labels[s][z]
-        image, label = augment(self.images[s][z], self.rng(i), self.hflip_prob, self.crop_scale, label)
+        image, label = augment(self.images[s][z], self.rng(i), self.hflip_prob, self.crop_scale, label, self.extra)
         if label is not None:
             return {"image": image, "label": label[None]}
         return {"image": image, "target": self.targets[s]}  # type: ignore[index]

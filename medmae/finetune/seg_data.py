@@ -9,10 +9,11 @@ suffix, else ``OT`` (:func:`medmae.finetune.volumes.read_nifti_image`).
 
 Every plane goes through the export card's :class:`~medmae.data.plane_transform.PlanePreprocessor`
 once at setup (:mod:`medmae.finetune.seg_data2d`; the same code inference uses). Training samples are
-planes with labelled foreground, augmented by a random-resized crop and optional flip applied to image
-and label together; validation yields whole volumes, scored in :mod:`medmae.finetune.segment` on planes stacked back
-into the volume. With a 3D export the same module trains on random 3D patches instead
-(:mod:`medmae.finetune.seg_data3d`); :mod:`medmae.finetune.dims` holds what differs, chosen once by the card.
+planes with labelled foreground, augmented by a random-resized crop, an optional flip and optional
+``data.augment`` (rotation, zoom, bias field, gamma) applied to image and label together; validation
+yields whole volumes, scored in :mod:`medmae.finetune.segment` on planes stacked back into the volume.
+With a 3D export the same module trains on random 3D patches instead (:mod:`medmae.finetune.seg_data3d`);
+:mod:`medmae.finetune.dims` holds what differs, chosen once by the card.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from medmae.data.options import DEFAULT_AUGMENT, AugmentOptions
 from medmae.finetune.cases import Case, check_modality, label_map_parser, read_case_csv, read_case_folder, split_cases
 from medmae.finetune.dims import Dims, dims_for
 from medmae.finetune.encoders import Preprocessor, parse_init, resolve_preprocessing
@@ -76,6 +78,9 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
         crop_scale: random-resized-crop area range for training planes ((1, 1) disables); 3D: the
             patch's volume fraction before it is resized to the card's size.
         hflip_prob: left-right flip probability (keep 0 when labels are lateral, e.g. left/right organs).
+        augment: ``data.augment`` of training planes after the crop and flip — rotation, zoom (the label
+            follows, nearest neighbour), bias field and gamma, the options of pretraining's ``data.augment``
+            (:class:`~medmae.data.options.AugmentOptions`); off by default. 2D / 2.5D only.
         include_empty_planes: also train on planes without any labelled structure (2D).
         foreground_prob: 3D: probability that a training patch holds a labelled voxel (the rest are
             placed uniformly).
@@ -104,6 +109,7 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
         samples_per_epoch: int | None = None,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip_prob: float = 0.0,
+        augment: AugmentOptions = DEFAULT_AUGMENT,
         include_empty_planes: bool = False,
         foreground_prob: float = 0.5,
         split_seed: int = 0,
@@ -135,6 +141,9 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.hflip_prob = float(hflip_prob)
+        if not isinstance(augment, AugmentOptions):
+            raise TypeError(f"data.augment must be an AugmentOptions section, got {type(augment).__name__}")
+        self.augment = augment
         self.include_empty_planes = include_empty_planes
         self.foreground_prob = float(foreground_prob)
         self.split_seed = split_seed
@@ -160,6 +169,11 @@ class SegmentationDataModule(TrainStream, pl.LightningDataModule):
             return
         self.preprocessing = resolve_preprocessing(parse_init(self.init, self.card))
         self.dims = dims_for(self.preprocessing)
+        if self.augment.active and self.dims.spatial_dims == 3:
+            raise ValueError(
+                "data.augment is 2D only (rotation, zoom, shading of planes): leave it off for a 3D encoder, "
+                "whose patches take data.crop_scale and data.hflip_prob"
+            )
         train, val = split_cases(self.cases(), str(self.csv or self.folder), self.max_train_cases)
         self.train_cases = [self._prepare(c) for c in train]
         self.val_cases = [self._prepare(c) for c in val]

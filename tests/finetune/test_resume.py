@@ -208,6 +208,7 @@ def _config(task: str, encoder: Path, cases: Path, workers: int, callbacks: list
         "samples_per_epoch": 18,
         "crop_scale": [0.5, 1.0],
         "hflip_prob": 0.5,
+        "augment": {"rotate_deg": 20.0, "scale": [0.9, 1.1], "gamma": [0.8, 1.25], "bias_field": 0.05},
     }
     if task == "seg":
         model = {

@@ -297,7 +297,11 @@ def test_seg_configs_instantiate(
             "32-true",
             "--trainer.logger",
             "false",
+            "--data.augment.rotate_deg",
+            "10",
         ],
     )
     cli = SegmentationCLI(SegmentationModule, SegmentationDataModule, run=False, seed_everything_default=0)
     assert cli.datamodule.init == cli.model.hparams.init and cli.datamodule.num_classes == cli.model.hparams.num_classes
+    # data.augment is the pretraining section's dataclass, given key by key as in a pretraining config
+    assert cli.datamodule.augment.rotate_deg == 10.0 and cli.datamodule.augment.gamma == (1.0, 1.0)

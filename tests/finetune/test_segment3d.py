@@ -205,6 +205,11 @@ def test_bad_3d_inputs_name_the_file_or_field(
     with pytest.raises(SystemExit):
         _fit(tmp_path / "run3", f"medmae:{encoder3d}", cases3d, 1, "--model.decoder", "light")
     assert "model.decoder is 'light'" in capsys.readouterr().err
+    # data.augment turns planes: a 3D encoder refuses it by name
+    with pytest.raises(SystemExit):
+        _fit(tmp_path / "run4", f"medmae:{encoder3d}", cases3d, 1, "--data.augment.rotate_deg", "10")
+    err = capsys.readouterr().err
+    assert "data.augment is 2D only" in err and "Traceback" not in err
 
 
 SEG3D_CONFIGS = sorted((REPO / "configs" / "finetune").glob("seg3d_*.yaml"))
