@@ -108,6 +108,7 @@ class Recipe:
     aug_gamma: tuple[float, float] = (0.71, 1.4)
     aug_bias_field: float = 0.05
     pretrain_steps: int = 3000  # against 1500: chosen on validation (docs/transfer.md)
+    pretrain_seed: int = 0  # seed of pretraining (init, masks, crops, augmentation): its spread is measured too
     pretrain_batch: int = 32
     blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
     decoder_embed_dim: int = 128
@@ -169,6 +170,7 @@ PRETRAIN_FIELDS = (
     "aug_gamma",
     "aug_bias_field",
     "pretrain_steps",
+    "pretrain_seed",
     "pretrain_batch",
     "blr",
     "decoder_embed_dim",
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cases = write_slabs(work, recipe)
         t0 = time.perf_counter()
-        export = args.encoder or pretrain(work, recipe)
+        export = args.encoder or pretrain(work, recipe, seed=recipe.pretrain_seed)
         pretrain_s = time.perf_counter() - t0
         cases_csv = write_csv(work / "cases.csv", cases)
         results: dict[str, list[dict[str, float]]] = {init: [] for init in args.inits}
