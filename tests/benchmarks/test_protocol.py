@@ -32,7 +32,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict]:
         return {"val": base, **({"test": base - 0.05} if test is not None else {})}
 
     monkeypatch.setattr(transfer, "write_slabs", lambda work, recipe: slabs)
-    monkeypatch.setattr(transfer, "pretrain", lambda work, recipe: tmp_path / "encoder")
+    monkeypatch.setattr(transfer, "pretrain", lambda work, recipe, seed=0: tmp_path / "encoder")
     monkeypatch.setattr(transfer, "finetune", finetune)
     return calls
 
