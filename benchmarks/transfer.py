@@ -9,9 +9,11 @@ Split: the axial range holding brain is cut into slabs of ``--slab`` planes; sla
 *test* when ``(i // B) % 4 == 1``, to *validation* when it is 3, otherwise to the training pool, from
 which ``--labelled`` slabs (≤ 5, spread evenly) get labels. ``B = --split-block``: 1 (the default)
 interleaves single slabs, the split the recipe was chosen on; 3 holds out contiguous 24-plane blocks,
-whose anatomy lies apart from the labelled slabs. Pretraining sees every non-test plane without labels,
-so an ``--encoder`` must come from a run with the same split (another split's encoder has seen its
-test planes).
+whose anatomy lies apart from the labelled slabs. Pretraining sees every plane outside the test and
+validation slabs, without labels, so validation stands in for test when a recipe is chosen
+(``--pretrain-sees-val true`` adds the validation planes, as the benchmark did before 2026-12-07). An
+``--encoder`` must come from a run with the same split and archive (another split's encoder has seen
+its held-out planes).
 
 Protocol (benchmarks/protocol.py): recipes are chosen on validation Dice, the default; the test slabs
 are scored only with ``--final-test``, and every such run appends a line to
@@ -109,6 +111,9 @@ class Recipe:
     aug_bias_field: float = 0.05
     pretrain_steps: int = 3000  # against 1500: chosen on validation (docs/transfer.md)
     pretrain_seed: int = 0  # seed of pretraining (init, masks, crops, augmentation): its spread is measured too
+    # whether pretraining sees the validation planes (unlabelled). False: validation stands in for test,
+    # whose planes pretraining never sees; True: the benchmark before 2026-12-07 (docs/transfer.md)
+    pretrain_sees_val: bool = False
     pretrain_batch: int = 32
     blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
     decoder_embed_dim: int = 128
@@ -171,6 +176,7 @@ PRETRAIN_FIELDS = (
     "aug_bias_field",
     "pretrain_steps",
     "pretrain_seed",
+    "pretrain_sees_val",
     "pretrain_batch",
     "blr",
     "decoder_embed_dim",
@@ -223,7 +229,7 @@ def slab_role(i: int, block: int) -> str:
 
 
 def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]]:
-    """Slab NIfTI files (image + label) per role, and the unlabelled non-test runs for pretraining."""
+    """Slab NIfTI files (image + label) per role, and the unlabelled runs outside the held-out slabs for pretraining."""
     data = nilearn_data()
     img = nib.load(str(data / MNI.format("t1")))
     t1 = np.asarray(img.dataobj).astype(np.int16)  # (x, y, z) RAS, axial planes along z
@@ -259,11 +265,12 @@ def write_slabs(work: Path, recipe: Recipe) -> dict[str, list[tuple[Path, Path]]
             nib.save(nib.Nifti1Image(t1[:, :, a:b], affine_at(a)), str(image))
             nib.save(nib.Nifti1Image(label[:, :, a:b], affine_at(a)), str(lab))
             out[role].append((image, lab))
-    # pretraining archive: every contiguous run of non-test planes, images only
-    test_planes = {z for i in roles["test"] for z in range(*slabs[i])}
+    # pretraining archive: every contiguous run of planes outside the held-out slabs, images only
+    held = roles["test"] + ([] if recipe.pretrain_sees_val else roles["val"])
+    held_planes = {z for i in held for z in range(*slabs[i])}
     archive = work / "unlabelled"
     archive.mkdir(exist_ok=True)
-    keep = [z for z in range(t1.shape[2]) if z not in test_planes]
+    keep = [z for z in range(t1.shape[2]) if z not in held_planes]
     runs: list[list[int]] = [[keep[0]]]
     for z in keep[1:]:
         (runs[-1].append(z) if z == runs[-1][-1] + 1 else runs.append([z]))

@@ -73,18 +73,19 @@ def test_transfer_benchmark_quick_mode_runs_the_whole_path(tmp_path: Path) -> No
     assert augment["rotate_deg"] == report["recipe"]["aug_rotate_deg"] == transfer.Recipe().aug_rotate_deg > 0
     assert augment["scale"] == list(transfer.Recipe().aug_scale)
     assert augment["bias_field"] == report["recipe"]["aug_bias_field"]
-    # the pretraining cache never held a test plane: every plane the pretraining read, hashed, against
-    # every plane of the test slabs read through the same prep; the validation slabs (which pretraining
-    # does see) show the comparison can find a plane
+    # the pretraining cache never held a test or a validation plane (validation stands in for test):
+    # every plane the pretraining read, hashed, against every plane of those slabs read through the same
+    # prep; the labelled training slabs (which pretraining does see) show the comparison can find a plane
     work = tmp_path / "work"
     pretraining = set(plane_hashes(work / "cache"))
-    slabs = {role: sorted((work / "labelled").glob(f"{role}_[0-9][0-9].nii.gz")) for role in ("test", "val")}
+    roles = ("test", "val", "train")
+    slabs = {role: sorted((work / "labelled").glob(f"{role}_[0-9][0-9].nii.gz")) for role in roles}
     assert len(slabs["test"]) == report["test_slabs"] and len(slabs["val"]) == report["val_slabs"]
-    test = prepped_planes(slabs["test"], tmp_path / "test_prep")
-    val = prepped_planes(slabs["val"], tmp_path / "val_prep")
-    assert len(set(test)) == len(test) == report["test_slabs"] * transfer.Recipe().slab
-    assert not pretraining & set(test)
-    assert set(val) <= pretraining and len(val) == report["val_slabs"] * transfer.Recipe().slab
+    planes = {role: prepped_planes(slabs[role], tmp_path / f"{role}_prep") for role in roles}
+    for role in ("test", "val"):
+        assert len(set(planes[role])) == len(planes[role]) == report[f"{role}_slabs"] * transfer.Recipe().slab
+        assert not pretraining & set(planes[role]), role
+    assert set(planes["train"]) <= pretraining and len(planes["train"]) == report["labelled_slabs"] * 8
 
 
 def test_report_with_a_given_encoder_does_not_claim_pretraining_settings() -> None:
