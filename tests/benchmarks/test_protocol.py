@@ -42,7 +42,8 @@ def test_without_final_test_no_test_data_is_scored_and_nothing_is_logged(
 ) -> None:
     log = tmp_path / "looks.jsonl"
     out = tmp_path / "r.json"
-    assert transfer.main(["--seeds", "0", "1", "--work", str(tmp_path), "--test-log", str(log), "--json", str(out)]) == 0
+    args = ["--seeds", "0", "1", "--work", str(tmp_path), "--test-log", str(log), "--json", str(out)]
+    assert transfer.main(args) == 0
     assert len(recorded) == 6 and all(c["test"] is None for c in recorded)  # 3 starts x 2 seeds
     assert {c["init"] for c in recorded} == {"medmae", "random", "random-sincos"}
     report = json.loads(out.read_text())
