@@ -114,7 +114,7 @@ def augment_planes(
     angles = torch.full((n,), angle, dtype=torch.float64)
     zooms = torch.full((n,), zoom, dtype=torch.float64)
     out = _transform(flat, o, angles, zooms, torch.from_numpy(coeffs).expand(n, 5), torch.full((n,), gamma))
-    if label is not None and (o.rotate_deg > 0 or o.scale != (1.0, 1.0)):
+    if label is not None and o.geometric:
         warped = _rotate_zoom(label[None, None].float(), angles[:1], zooms[:1], mode="nearest")
         label = warped[0, 0].round().to(label.dtype)
     return out.reshape(images.shape).contiguous(), label
@@ -130,7 +130,7 @@ def _transform(
 ) -> torch.Tensor:
     """Rotate+zoom, bias field, clip, gamma of ``(B, C, H, W)`` with one drawn parameter set per image."""
     out = images
-    if o.rotate_deg > 0 or o.scale != (1.0, 1.0):
+    if o.geometric:
         out = _rotate_zoom(out, angle, zoom)
     if o.bias_field > 0:
         out = out * _bias_field(coeffs, out.shape[-2:], out.device).to(out.dtype)

@@ -312,9 +312,14 @@ class AugmentOptions:
         _set(self, rotate_deg=float(self.rotate_deg), bias_field=float(self.bias_field), **ranges)
 
     @property
+    def geometric(self) -> bool:
+        """Whether images are rotated or zoomed (a label plane then has to follow)."""
+        return self.rotate_deg > 0 or self.scale != (1.0, 1.0)
+
+    @property
     def active(self) -> bool:
         """Whether any change is made to a training batch."""
-        return self.rotate_deg > 0 or self.bias_field > 0 or self.scale != (1.0, 1.0) or self.gamma != (1.0, 1.0)
+        return self.geometric or self.bias_field > 0 or self.gamma != (1.0, 1.0)
 
 
 #: the sections of ``data`` and their dataclass (the ``CacheDataModule`` argument of the same name)

@@ -238,6 +238,12 @@ def test_bad_inputs_name_the_file(tmp_path: Path, seg_encoder: Path, cases_csv: 
     with pytest.raises(SystemExit):
         _fit(tmp_path / "run2", broken, cases_csv, "medmae", 1)
     assert "preprocessing.axis" in capsys.readouterr().err
+    # a data.augment value out of range: one line naming the key, before any volume is read
+    with pytest.raises(SystemExit) as done:
+        _fit(tmp_path / "run3", seg_encoder, cases_csv, "medmae", 1, ("--data.augment.rotate_deg", "500"))
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "data.augment.rotate_deg must be in [0, 180], got 500" in err, err
+    assert "Traceback" not in err
 
 
 def test_timm_init_uses_only_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
