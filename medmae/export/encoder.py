@@ -114,7 +114,9 @@ def export_encoder(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.encoder.state_dict().items()}
     weights = out_dir / WEIGHTS_NAME
-    save_file(state, str(weights), metadata={"format": "pt", "producer": f"medmae {__version__}"})
+    # one metadata entry only: safetensors keeps the map unordered, so a second key (the producer, which
+    # the card states) made two exports of the same weights differ in their header bytes
+    save_file(state, str(weights), metadata={"format": "pt"})
     write_json_atomic(out_dir / CARD_NAME, encoder_card(model, preprocessing, training))
     return weights
 
