@@ -210,7 +210,24 @@ def monai_unetr(
         model.vit.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, mlp_dim, heads, dropout_rate, qkv_bias=True) for _ in range(depth)
         )
+    freeze_cross_attention(model)
     return model
+
+
+def freeze_cross_attention(model: nn.Module) -> None:
+    """Take the cross-attention parameters MONAI's ``TransformerBlock`` always builds out of training.
+
+    UNETR never calls them (``with_cross_attention=False``), so they get no gradient, and plain DDP
+    stops at the end of the first step ("parameters that were not used in producing loss") unless
+    the user knows to ask for ``ddp_find_unused_parameters_true``, which costs a graph walk per step.
+    Frozen, they stay in the state dict, so fine-tuning checkpoints load as before.
+    """
+    for block in model.modules():
+        if isinstance(block, TransformerBlock) and not getattr(block, "with_cross_attention", False):
+            for name in ("norm_cross_attn", "cross_attn"):
+                part = getattr(block, name, None)
+                if isinstance(part, nn.Module):
+                    part.requires_grad_(False)
 
 
 def unetr_from_encoder(

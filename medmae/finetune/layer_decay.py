@@ -41,6 +41,7 @@ def layer_decay_groups(
     layer_decay: float,
     weight_decay: float,
     encoder_prefix: str = "",
+    include_frozen: bool = False,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups carrying ``lr_scale`` (to multiply into the scheduled lr) per layer.
 
@@ -51,12 +52,14 @@ def layer_decay_groups(
         weight_decay: AdamW weight decay for weight matrices.
         encoder_prefix: prefix of the encoder's parameters in ``model`` (e.g. ``"vit."`` in UNETR,
             ``""`` for a timm classifier); parameters outside it are at the top layer.
+        include_frozen: group parameters that do not require a gradient too (the groups of a build in
+            which they did, for :func:`drop_untrained`).
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in named_params:
-        if not p.requires_grad:
+        if not (p.requires_grad or include_frozen):
             continue
         inside = name.startswith(encoder_prefix)
         local = name[len(encoder_prefix) :] if inside else name
@@ -75,3 +78,24 @@ def layer_decay_groups(
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+def drop_untrained(state: dict[str, Any], saved_names: list[list[str]], trained: set[str]) -> dict[str, Any]:
+    """An optimizer ``state_dict`` whose groups held ``saved_names`` (per group, in order), without the
+    parameters that are no longer trained (names not in ``trained``), renumbered as the current groups are.
+
+    A run saved while a parameter was still trainable (MONAI's unused cross-attention norms before
+    2026-12-07) then resumes, its other moments kept exactly. A state whose group sizes do not match
+    ``saved_names`` is returned as it is (the optimizer's own load then says what differs).
+    """
+    saved_groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in saved_groups] != [len(names) for names in saved_names]:
+        return state
+    groups, moved = [], {}
+    for group, names in zip(saved_groups, saved_names, strict=True):
+        kept = [index for index, name in zip(group["params"], names, strict=True) if name in trained]
+        for index in kept:
+            moved[index] = len(moved)
+        groups.append({**group, "params": [moved[i] for i in kept]})
+    saved = state.get("state", {})
+    return {**state, "state": {moved[i]: v for i, v in saved.items() if i in moved}, "param_groups": groups}

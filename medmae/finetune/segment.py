@@ -41,7 +41,7 @@ from medmae.finetune.encoders import (
     resolve_encoder,
 )
 from medmae.finetune.gather import Key, gather_unique, val_case_key
-from medmae.finetune.layer_decay import layer_decay_groups
+from medmae.finetune.layer_decay import drop_untrained, layer_decay_groups
 from medmae.finetune.samples import EpochHook
 from medmae.finetune.schedule import adamw_warmup_cosine
 from medmae.finetune.seg_data2d import PreparedCase
@@ -268,19 +268,35 @@ class SegmentationModule(EpochHook):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = layer_decay_groups(
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return adamw_warmup_cosine(
+            self._groups(), hp.lr, hp.min_lr, hp.warmup_steps, total, hp.get("encoder_hold_steps", 0)
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Everything inference needs without the export folder: encoder spec, preprocessing, norm."""
+        checkpoint[CKPT_KEY] = {**self.source_record, "inputs": inputs_record(self.trainer.datamodule)}
+
+    def _groups(self, include_frozen: bool = False) -> list[dict[str, Any]]:
+        hp = self.hparams
+        return layer_decay_groups(
             self.net.named_parameters(),
             depth=self.depth,
             layer_decay=hp.layer_decay,
             weight_decay=hp.weight_decay,
             encoder_prefix=ENCODER_PREFIX[hp.decoder],
+            include_frozen=include_frozen,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return adamw_warmup_cosine(groups, hp.lr, hp.min_lr, hp.warmup_steps, total, hp.get("encoder_hold_steps", 0))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Everything inference needs without the export folder: encoder spec, preprocessing, norm."""
-        checkpoint[CKPT_KEY] = {**self.source_record, "inputs": inputs_record(self.trainer.datamodule)}
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume runs saved while parameters now frozen were still in the optimizer (MONAI UNETR's unused
+        cross-attention norms, frozen since 2026-12-07 so that plain DDP works)."""
+        trained = {name for name, p in self.net.named_parameters() if p.requires_grad}
+        if "optimizer_states" in checkpoint and len(trained) < sum(1 for _ in self.net.parameters()):
+            saved_names = [g["names"] for g in self._groups(include_frozen=True)]
+            checkpoint["optimizer_states"] = [
+                drop_untrained(s, saved_names, trained) for s in checkpoint["optimizer_states"]
+            ]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medmae.finetune.layer_decay import layer_decay_groups
+from medmae.finetune.layer_decay import drop_untrained, layer_decay_groups
 from medmae.finetune.schedule import adamw_warmup_cosine
 from medmae.train.schedule import lr_at_step
 
@@ -79,3 +79,15 @@ def test_held_encoder_weights_do_not_move_and_the_final_norm_is_not_held() -> No
 def test_hold_must_leave_steps_to_fine_tune() -> None:
     with pytest.raises(ValueError, match="encoder_hold_steps must be in \\[0, 10\\)"):
         lrs_over(10, hold=10)
+
+
+def test_drop_untrained_renumbers_the_kept_moments_and_leaves_a_mismatch_alone() -> None:
+    state = {
+        "state": {0: {"step": 1}, 1: {"step": 2}, 2: {"step": 3}, 3: {"step": 4}},
+        "param_groups": [{"params": [0, 1], "lr": 1.0}, {"params": [2, 3], "lr": 2.0}],
+    }
+    saved_names = [["a", "frozen"], ["b", "c"]]
+    got = drop_untrained(state, saved_names, trained={"a", "b", "c"})
+    assert got["param_groups"] == [{"params": [0], "lr": 1.0}, {"params": [1, 2], "lr": 2.0}]
+    assert got["state"] == {0: {"step": 1}, 1: {"step": 3}, 2: {"step": 4}}
+    assert drop_untrained(state, [["a"], ["b", "c"]], trained={"a", "b", "c"}) is state  # sizes differ: untouched
