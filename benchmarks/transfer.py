@@ -14,6 +14,9 @@ validation slabs, without labels, so validation stands in for test when a recipe
 (``--pretrain-sees-val true`` adds the validation planes, as the benchmark did before 2026-12-07). An
 ``--encoder`` must come from a run with the same split and archive (another split's encoder has seen
 its held-out planes).
+``--extra-unlabelled DIR`` adds other people's scans (a folder of NIfTI files, e.g. written by
+``benchmarks/extra_scans.py``: the Colin 27 brain, pydeface's mean head, pyradiomics' brain MRIs) to the
+pretraining archive; they never enter fine-tuning or scoring.
 
 Protocol (benchmarks/protocol.py): recipes are chosen on validation Dice, the default; the test slabs
 are scored only with ``--final-test``, and every such run appends a line to
@@ -114,6 +117,9 @@ class Recipe:
     # whether pretraining sees the validation planes (unlabelled). False: validation stands in for test,
     # whose planes pretraining never sees; True: the benchmark before 2026-12-07 (docs/transfer.md)
     pretrain_sees_val: bool = False
+    # a folder of other people's scans (NIfTI) added to the pretraining archive, unlabelled; "" = the
+    # template alone. benchmarks/extra_scans.py writes the real ones that install offline
+    extra_unlabelled: str = ""
     pretrain_batch: int = 32
     blr: float = 1.2e-2  # lr = blr * 32 / 256 = 1.5e-3
     decoder_embed_dim: int = 128
@@ -169,6 +175,7 @@ PRETRAIN_FIELDS = (
     "mask_ratio",
     "norm_pix_loss",
     "hog_weight",
+    "extra_unlabelled",
     "crop_scale",
     "aug_rotate_deg",
     "aug_scale",
@@ -190,7 +197,17 @@ def recipe_record(recipe: Recipe, encoder: Path | None) -> dict[str, object]:
     record = protocol_recipe_record(recipe, encoder, PRETRAIN_FIELDS)
     if recipe.finetune_augment:
         record["finetune_augment"] = {"on": True, **asdict(pretrain_augment(recipe))}
+    if record.get("extra_unlabelled"):  # which files, not where they lay on the machine
+        record["extra_unlabelled"] = sorted(p.name for p in extra_archive(recipe).glob("*.nii*"))
     return record
+
+
+def extra_archive(recipe: Recipe) -> Path:
+    """``--extra-unlabelled``: an existing folder of NIfTI scans (checked before anything runs)."""
+    folder = Path(recipe.extra_unlabelled)
+    if not folder.is_dir() or not any(folder.glob("*.nii*")):
+        raise SystemExit(f"--extra-unlabelled {folder}: not a folder of NIfTI files (benchmarks/extra_scans.py)")
+    return folder
 
 
 def quiet_trainer(work: Path, max_steps: int, **kwargs: object) -> pl.Trainer:
@@ -437,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup_steps=1,
         )
     recipe = Recipe(**values)
+    if recipe.extra_unlabelled:
+        extra_archive(recipe)  # a wrong folder stops here, not after the slabs are written
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -446,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cases = write_slabs(work, recipe)
         t0 = time.perf_counter()
-        export = args.encoder or pretrain(work, recipe, seed=recipe.pretrain_seed)
+        archive = [work / "unlabelled"] + ([extra_archive(recipe)] if recipe.extra_unlabelled else [])
+        export = args.encoder or pretrain(work, recipe, seed=recipe.pretrain_seed, archive=archive)
         pretrain_s = time.perf_counter() - t0
         cases_csv = write_csv(work / "cases.csv", cases)
         results: dict[str, list[dict[str, float]]] = {init: [] for init in args.inits}

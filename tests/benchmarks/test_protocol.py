@@ -19,12 +19,20 @@ import transfer  # noqa: E402
 sys.path.pop(0)
 
 
+PRETRAINED_ON: list[list[Path]] = []  # the archives each stand-in pretraining was given
+
+
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict]:
-    """Stand-ins for the benchmark's stages that record what fine-tuning was given."""
+    """Stand-ins for the benchmark's stages that record what fine-tuning (and pretraining) was given."""
     calls: list[dict] = []
+    PRETRAINED_ON.clear()
     slabs = {role: [(tmp_path / f"{role}_{i}.nii.gz", tmp_path / f"{role}_{i}_label.nii.gz") for i in range(2)]
              for role in ("train", "val", "test")}  # fmt: skip
+
+    def pretrain(work, recipe, seed=0, archive=None):  # type: ignore[no-untyped-def]
+        PRETRAINED_ON.append(list(archive))
+        return tmp_path / "encoder"
 
     def finetune(work, export, init, seed, recipe, cases_csv, test):  # type: ignore[no-untyped-def]
         calls.append({"init": init, "seed": seed, "test": test})
@@ -32,7 +40,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict]:
         return {"val": base, **({"test": base - 0.05} if test is not None else {})}
 
     monkeypatch.setattr(transfer, "write_slabs", lambda work, recipe: slabs)
-    monkeypatch.setattr(transfer, "pretrain", lambda work, recipe, seed=0: tmp_path / "encoder")
+    monkeypatch.setattr(transfer, "pretrain", pretrain)
     monkeypatch.setattr(transfer, "finetune", finetune)
     return calls
 
@@ -77,3 +85,25 @@ def test_the_committed_log_is_strict_json_lines() -> None:
     for line in protocol.TEST_LOG.read_text().splitlines():
         look = json.loads(line)
         assert {"date", "commit", "benchmark", "recipe", "summary"} <= set(look)
+
+
+def test_extra_unlabelled_scans_join_pretraining_and_the_record_names_them(
+    recorded: list[dict], tmp_path: Path
+) -> None:
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name in ("head.nii.gz", "brain.nii.gz"):
+        (extra / name).write_bytes(b"")  # stand-in pretraining never reads them
+    out = tmp_path / "r.json"
+    args = ["--seeds", "0", "--work", str(tmp_path), "--json", str(out), "--extra-unlabelled", str(extra)]
+    assert transfer.main(args) == 0
+    assert PRETRAINED_ON == [[tmp_path / "unlabelled", extra]]  # beside the template's planes, not instead
+    record = json.loads(out.read_text())["recipe"]
+    assert record["extra_unlabelled"] == ["brain.nii.gz", "head.nii.gz"]  # file names, not the machine's path
+    assert all(c["test"] is None for c in recorded)
+
+
+def test_a_wrong_extra_unlabelled_folder_stops_before_anything_runs(recorded: list[dict], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="not a folder of NIfTI files"):
+        transfer.main(["--seeds", "0", "--work", str(tmp_path), "--extra-unlabelled", str(tmp_path / "missing")])
+    assert recorded == [] and PRETRAINED_ON == []
