@@ -16,8 +16,9 @@ lies in its own column (a left test box and a right pretraining box would otherw
 voxels, mirrored). Columns are numbered y-major and column ``k`` is *test* when ``k % 4 == 1``,
 *validation* when ``k % 4 == 3``, otherwise the training pool, from which ``--labelled`` boxes get labels
 (the central-x boxes first, most brain first). Boxes with less than ``--min-brain`` labelled tissue are
-not used. Pretraining sees every non-test box (pool and validation) without labels; test voxels never
-enter it (tested by voxel hashes, mirrored ones included: tests/benchmarks/test_transfer3d.py).
+not used. Pretraining sees every pool box without labels, so validation stands in for test when a
+recipe is chosen (``--pretrain-sees-val true`` adds the validation boxes, as the first run did); test
+voxels never enter it (tested by voxel hashes, mirrored ones included: tests/benchmarks/test_transfer3d.py).
 
 Protocol (benchmarks/protocol.py): recipes are chosen on validation Dice, the default; the test boxes are
 scored only with ``--final-test``, and every such run appends a line to ``benchmarks/results/test_looks.jsonl``
@@ -25,8 +26,9 @@ scored only with ``--final-test``, and every such run appends a line to ``benchm
 
 The product path: NIfTI boxes -> ``data_prep.prep_archive`` -> cache -> ``CacheDataModule(volume=...)`` +
 ``MAEPretrainModule`` (``mae3d_vit_tiny_patch16``, Lightning) -> ``export_encoder`` (a ``medmae_vit3d`` card)
--> ``SegmentationDataModule`` + ``SegmentationModule`` in 3D mode (MONAI ``UNETR(spatial_dims=3)``, random 3D
-patches, sliding-window inference), for ``medmae:DIR``, ``random:DIR`` and ``random-sincos:DIR`` (the same
+-> ``SegmentationDataModule`` + ``SegmentationModule`` in 3D mode (MONAI ``UNETR(spatial_dims=3)``, or with
+``--decoder light`` the light decoder with a LayerNorm per tap; random 3D patches, sliding-window inference),
+for ``medmae:DIR``, ``random:DIR`` and ``random-sincos:DIR`` (the same
 network, preprocessing rebuilt from the same card, the same budget) -> Dice of grey and white matter on
 whole boxes at the template's own 1 mm voxels (MONAI semantics, as ``val/dice``). Every seed is printed.
 
@@ -119,6 +121,13 @@ class Recipe:
     foreground_prob: float = 0.5
     feature_size: int = 8  # UNETR's full-resolution width: 16 doubles the fine-tuning time on CPU
     sw_overlap: float = 0.25
+    # unetr: MONAI UNETR 3D (the recipe of the first run); light: the 2D benchmark's decoder in 3D, with a
+    # LayerNorm on each tapped block (tap_norm), over medmae's own encoder (docs/transfer.md, "3D")
+    decoder: str = "unetr"
+    tap_norm: bool = True
+    # whether pretraining sees the validation boxes (unlabelled). False (since 2026-12-07): validation
+    # stands in for test, whose boxes pretraining never sees; True: the first run's archive
+    pretrain_sees_val: bool = False
 
 
 #: Recipe fields that only shape pretraining: with ``--encoder`` they describe nothing that ran
@@ -134,6 +143,7 @@ PRETRAIN_FIELDS = (
     "blr",
     "decoder_embed_dim",
     "decoder_depth",
+    "pretrain_sees_val",
 )
 
 #: --quick: every stage runs, at budgets that check the path, not the claim
@@ -236,8 +246,9 @@ def plan_boxes(label: np.ndarray, recipe: Recipe) -> list[Box]:
 
 
 def write_boxes(work: Path, t1: np.ndarray, label: np.ndarray, affine: np.ndarray, recipe: Recipe) -> Split:
-    """Box NIfTI files (image + label) per role under ``work/labelled``, and every non-test box's image
-    under ``work/unlabelled`` (the pretraining archive)."""
+    """Box NIfTI files (image + label) per role under ``work/labelled``, and the image of every box outside
+    the test and validation roles under ``work/unlabelled`` (the pretraining archive; validation boxes
+    too with ``recipe.pretrain_sees_val``)."""
     boxes = plan_boxes(label, recipe)
     b = box_edge(recipe)
     cases: dict[str, list[tuple[Path, Path]]] = {r: [] for r in ROLES}
@@ -250,7 +261,7 @@ def write_boxes(work: Path, t1: np.ndarray, label: np.ndarray, affine: np.ndarra
         a[:3, 3] = affine[:3, :3] @ np.array([x, y, z], dtype=np.float64) + affine[:3, 3]
         image = np.ascontiguousarray(t1[x : x + b, y : y + b, z : z + b]).astype(np.int16)
         lab = np.ascontiguousarray(label[x : x + b, y : y + b, z : z + b]).astype(np.uint8)
-        if bx.role != "test":
+        if bx.role != "test" and (bx.role != "val" or recipe.pretrain_sees_val):
             nib.save(nib.Nifti1Image(image, a), str(archive / f"box{bx.index:02d}.nii.gz"))
         if bx.role in cases:
             stem = work / "labelled" / f"{bx.role}_{bx.index:02d}"
@@ -393,7 +404,8 @@ def finetune(
         lr=recipe.lr,
         layer_decay=recipe.layer_decay,
         warmup_steps=recipe.warmup_steps,
-        decoder="unetr",
+        decoder=recipe.decoder,
+        tap_norm=recipe.tap_norm,
         feature_size=recipe.feature_size,
         infer_batch=2,
         sw_overlap=recipe.sw_overlap,
@@ -432,10 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         split = write_boxes(work, *mni_volumes(), recipe)
         counts = {r: len(split.cases[r]) for r in ROLES}
-        pretraining_boxes = sum(1 for b in split.boxes if b.role != "test")
+        pretraining_boxes = len(list(split.archive.glob("*.nii.gz")))
         print(
             f"boxes of {recipe.box}^3 at {recipe.spacing_mm} mm: labelled {counts['train']}, val {counts['val']}, "
-            f"test {counts['test']}; pretraining archive {pretraining_boxes} non-test boxes",
+            f"test {counts['test']}; pretraining archive {pretraining_boxes} boxes",
             flush=True,
         )
         t0 = time.perf_counter()

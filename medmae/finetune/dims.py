@@ -6,7 +6,7 @@ that differs between a 2D and a 3D encoder then goes through the chosen object i
 ==================  ==============================================  ==========================================
 step                :class:`PlaneDims`                              :class:`VolumeDims`
 ==================  ==============================================  ==========================================
-network             UNETR 2D / light decoder (``segment2d``)        UNETR 3D (``segment3d``)
+network             UNETR 2D / light decoder (``segment2d``)        UNETR 3D / light decoder (``segment3d``)
 prepare a case      encoder-grid planes (``seg_data2d``)            the series at the card's spacing (``seg_data3d``)
 training data       planes, random-resized crops                    random 3D patches
 predict a case      planes, restored to each plane                  sliding windows, restored to the series
@@ -105,7 +105,7 @@ class VolumeDims:
         self, source: EncoderSource, num_classes: int, feature_size: int, cls_token: bool, dropout_rate: float,
         decoder: str, tap_norm: bool,
     ) -> nn.Module:  # fmt: skip
-        return build_segmenter3d(source, num_classes, feature_size, dropout_rate, decoder)
+        return build_segmenter3d(source, num_classes, feature_size, dropout_rate, decoder, tap_norm)
 
     def prepare_case(
         self, case: Case, pre: VolumePreprocessor, num_classes: int, modality: str | None, cache_dir: str | None

@@ -85,7 +85,8 @@ def build_segmenter(
 
     ``unetr``: MONAI UNETR (patch 16, >= 10 blocks); ``light``: the same design over the timm encoder
     for any power-of-two patch and depth (:mod:`medmae.finetune.light_decoder`). A 3D source gets
-    MONAI UNETR 3D (:func:`~medmae.finetune.segment3d.build_segmenter3d`; ``cls_token`` is the encoder's).
+    MONAI UNETR 3D or the light decoder in 3D (:func:`~medmae.finetune.segment3d.build_segmenter3d`;
+    ``cls_token`` is the encoder's).
     """
     if decoder not in DECODERS:
         raise ValueError(f"model.decoder must be one of {DECODERS}, got {decoder!r}")

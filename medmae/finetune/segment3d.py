@@ -1,12 +1,15 @@
-"""The 3D half of segmentation fine-tuning: MONAI ``UNETR(spatial_dims=3)`` and sliding-window inference.
+"""The 3D half of segmentation fine-tuning: MONAI ``UNETR(spatial_dims=3)`` or the light decoder, and
+sliding-window inference.
 
 :class:`~medmae.finetune.segment.SegmentationModule` (the same module, loss, layer-wise lr decay and
 warmup-cosine as 2D) calls into this module when ``model.init`` names a 3D export
 (``arch: medmae_vit3d``):
 
-* the network is MONAI's ``UNETR(spatial_dims=3)`` carrying the encoder through the key map of
+* ``decoder: unetr``: MONAI's ``UNETR(spatial_dims=3)`` carrying the encoder through the key map of
   :mod:`medmae.export.unetr3d` (``img_size`` = the card's ``volume.size``, positions recomputed for
   it when it differs from the encoder's crop); ``random:DIR`` is the same network at MONAI's init;
+* ``decoder: light``: :class:`~medmae.finetune.light_decoder.LightSegmenter` over medmae's own 3D
+  encoder (:func:`light_encoder3d`): LayerNorm on each tapped block, any power-of-two patch and depth;
 * whole volumes are predicted with MONAI ``sliding_window_inference`` (windows of the card's size,
   ``overlap`` configurable, windows blended uniformly: MONAI's ``constant`` mode), on the grid at the
   card's spacing, and the logits are brought back onto the series' own grid
@@ -16,9 +19,13 @@ warmup-cosine as 2D) calls into this module when ``model.init`` names a 3D expor
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from timm.models import named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from medmae.data.volume_transform import VolumePreprocessor
@@ -26,19 +33,29 @@ from medmae.export.card import CardError, EncoderSpec3D
 from medmae.export.unetr import UNETR_PATCH
 from medmae.export.unetr3d import unetr3d_from_spec
 from medmae.finetune.encoders import EncoderSource
+from medmae.finetune.light_decoder import LightSegmenter
+from medmae.models.mae3d import ViTEncoder3D, as_size3d
 
 
 def build_segmenter3d(
-    source: EncoderSource, num_classes: int, feature_size: int = 16, dropout_rate: float = 0.0, decoder: str = "unetr"
+    source: EncoderSource,
+    num_classes: int,
+    feature_size: int = 16,
+    dropout_rate: float = 0.0,
+    decoder: str = "unetr",
+    tap_norm: bool = True,
 ) -> nn.Module:
-    """MONAI UNETR 3D for a 3D encoder source (weights loaded when the source has them)."""
-    if decoder != "unetr":
-        raise ValueError(
-            f"model.decoder is {decoder!r}, but model.init names a 3D encoder (medmae_vit3d): 3D fine-tuning "
-            "uses MONAI UNETR 3D; set model.decoder: unetr"
-        )
+    """The 3D network of a 3D encoder source (weights loaded when the source has them): MONAI UNETR 3D
+    (``unetr``), or the ``light`` decoder over medmae's own 3D encoder (:func:`light_encoder3d`)."""
     spec, pre = source.spec, source.preprocessing
     assert isinstance(spec, EncoderSpec3D) and isinstance(pre, VolumePreprocessor)
+    if decoder == "light":
+        if dropout_rate:
+            raise ValueError("model.dropout_rate is for the 3D UNETR; the 3D light decoder has no dropout (set 0)")
+        encoder = light_encoder3d(spec, source.state, pre.size, source.init.describe())
+        return LightSegmenter(encoder, num_classes, feature_size, tap_norm=tap_norm)
+    if decoder != "unetr":
+        raise ValueError(f"model.decoder is {decoder!r}; a 3D encoder (medmae_vit3d) takes unetr or light")
     if any(s % UNETR_PATCH for s in pre.size):
         raise CardError(
             f"{source.init.describe()}: field 'preprocessing.volume.size' is {list(pre.size)}; UNETR 3D windows "
@@ -53,6 +70,39 @@ def build_segmenter3d(
         dropout_rate=dropout_rate,
         where=source.init.describe(),
     )
+
+
+def light_encoder3d(
+    spec: EncoderSpec3D, state: Mapping[str, torch.Tensor] | None, size: Sequence[int], where: str
+) -> ViTEncoder3D:
+    """medmae's 3D encoder at the fine-tuning window ``size``, for the ``light`` decoder.
+
+    Its position embedding becomes a learnable parameter, as timm's is in 2D, so the three starts
+    differ exactly as they do there: ``medmae`` gets the pretrained weights and the fixed sin-cos
+    positions recomputed for ``size`` (a pure function of the grid, as UNETR 3D recomputes them);
+    ``random`` (``state`` None) gets timm's ViT init with learnable random positions (N(0, 0.02));
+    ``random-sincos`` is ``random`` with the positions copied from the ``medmae`` build.
+    """
+    encoder = ViTEncoder3D(
+        spec.in_chans, as_size3d(size), spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads,
+        spec.mlp_ratio, spec.cls_token,
+    )  # fmt: skip
+    sincos = encoder._buffers.pop("pos_embed")
+    encoder.pos_embed = nn.Parameter(sincos.clone())
+    if state is None:
+        named_apply(init_weights_vit_timm, encoder)
+        nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
+        if encoder.cls_token is not None:
+            nn.init.normal_(encoder.cls_token, std=1e-6)
+        return encoder
+    weights = {k: v for k, v in state.items() if k != "pos_embed"}  # recomputed for the window above
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if set(missing) != {"pos_embed"} or unexpected:
+        lacking = sorted(set(missing) - {"pos_embed"})
+        raise ValueError(
+            f"{where}: encoder weights do not fit the 3D encoder: missing {lacking}, unexpected {unexpected}"
+        )
+    return encoder
 
 
 @torch.no_grad()

@@ -76,7 +76,7 @@ def test_test_boxes_share_no_voxel_with_pretraining_by_hash(tmp_path: Path) -> N
     t1, label, affine = symmetric_volume()
     split = transfer3d.write_boxes(tmp_path / "work", t1, label, affine, SMALL)
     archive = sorted(split.archive.glob("*.nii.gz"))
-    assert len(archive) == sum(b.role != "test" for b in split.boxes)
+    assert len(archive) == sum(b.role not in ("test", "val") for b in split.boxes)
     images = {role: [img for img, _ in split.cases[role]] for role in transfer3d.ROLES}
     assert [len(images[r]) for r in transfer3d.ROLES] == [
         sum(b.role == r for b in split.boxes) for r in transfer3d.ROLES
@@ -84,8 +84,14 @@ def test_test_boxes_share_no_voxel_with_pretraining_by_hash(tmp_path: Path) -> N
     pretraining = transfer3d.block_hashes(transfer3d.nifti_arrays(archive))
     test = transfer3d.block_hashes(transfer3d.nifti_arrays(images["test"]))
     assert test and not test & pretraining  # no 8-cube of a test box, nor its mirror image, is pretrained on
-    # the comparison can find shared voxels: labelled and validation boxes are in the archive
-    assert transfer3d.block_hashes(transfer3d.nifti_arrays(images["train"] + images["val"])) <= pretraining
+    val = transfer3d.block_hashes(transfer3d.nifti_arrays(images["val"]))
+    assert val and not val & pretraining  # nor of a validation box: validation stands in for test
+    # the comparison can find shared voxels: labelled boxes are in the archive
+    assert transfer3d.block_hashes(transfer3d.nifti_arrays(images["train"])) <= pretraining
+    # --pretrain-sees-val true: the first run's archive, validation boxes in it
+    sees_val = dataclasses.replace(SMALL, pretrain_sees_val=True)
+    old = transfer3d.write_boxes(tmp_path / "old", t1, label, affine, sees_val)
+    assert val <= transfer3d.block_hashes(transfer3d.nifti_arrays(sorted(old.archive.glob("*.nii.gz"))))
     # ... and mirrored ones: the template is symmetric, so a box's mirror twin holds its voxels
     left = [b for b in split.boxes if b.role == "test" and b.start[0] == min(x.start[0] for x in split.boxes)]
     right = [b for b in split.boxes if b.role == "test" and b.column == left[0].column and b is not left[0]]
@@ -134,7 +140,8 @@ def test_without_final_test_no_test_box_is_scored_and_nothing_is_logged(
     assert "not scored" in capsys.readouterr().out
     assert report["val"]["ratio_vs_random-sincos"] == pytest.approx(0.81 / 0.71)
     assert report["benchmark"] == "transfer_seg3d_mni_tissue" and report["machine"]
-    assert report["labelled_boxes"] == 2 and len(report["boxes"]) == report["pretraining_boxes"] + report["test_boxes"]
+    assert report["labelled_boxes"] == 2
+    assert len(report["boxes"]) == report["pretraining_boxes"] + report["test_boxes"] + report["val_boxes"]
     calls.clear()
     assert transfer3d.main([*common, "--seeds", "0", "--final-test"]) == 0
     report = json.loads(out.read_text())

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from medmae.data.intensity import IntensityRule
 from medmae.data.volume import VolumeOptions, VolumeTransform
@@ -143,13 +144,39 @@ def test_3d_init_builds_unetr3d_and_random_is_the_same_network(encoder3d: Path) 
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale["model.vit.patch_embedding.patch_embeddings.weight"] == 0.5**11
     assert scale["model.vit.blocks.9.mlp.linear1.weight"] == 0.5 and scale["model.out.conv.conv.weight"] == 1.0
-    with pytest.raises(ValueError, match="model.decoder is 'light'.*3D"):
-        SegmentationModule(f"medmae:{encoder3d}", num_classes=2, decoder="light")
     from medmae.export import CardError
     from medmae.finetune.classify import ClassificationModule
 
     with pytest.raises(CardError, match="a 3D encoder; finetune-cls .* takes 2D encoders only"):
         ClassificationModule(f"medmae:{encoder3d}")
+
+
+def test_3d_light_decoder_carries_the_encoder_and_its_starts_differ_as_in_2d(encoder3d: Path) -> None:
+    """``decoder: light`` in 3D: medmae's own encoder (no key map) with a LayerNorm per tap, and the three
+    starts as in 2D: pretrained weights + sin-cos; random weights + learnable random positions; the same
+    random weights + the pretrained positions."""
+    mae = MaskedAutoencoder3D(img_size=SIZE, patch_size=16, embed_dim=48, depth=10, num_heads=4,
+                              decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    mae.encoder.load_state_dict(load_file(str(encoder3d / "encoder.safetensors")))  # what was exported
+    starts = {}
+    for init in ("medmae", "random", "random-sincos"):
+        torch.manual_seed(0)
+        starts[init] = SegmentationModule(f"{init}:{encoder3d}", num_classes=2, decoder="light", feature_size=8)
+    pre, rnd, sincos = (starts[k].net.model.encoder for k in ("medmae", "random", "random-sincos"))
+    x = torch.rand(2, 1, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(pre(x), mae.encoder(x), rtol=0, atol=1e-5)  # the exported encoder, as is
+        assert starts["medmae"](x).shape == (2, 2, *SIZE)
+    assert torch.equal(sincos.pos_embed, pre.pos_embed) and not torch.equal(rnd.pos_embed, pre.pos_embed)
+    assert float(rnd.pos_embed.std()) == pytest.approx(0.02, rel=0.2)  # timm's learnable random positions
+    assert torch.equal(sincos.blocks[3].attn.qkv.weight, rnd.blocks[3].attn.qkv.weight)  # same random weights
+    assert not torch.equal(pre.blocks[3].attn.qkv.weight, rnd.blocks[3].attn.qkv.weight)
+    names = [n for n, _ in starts["medmae"].net.named_parameters()]
+    assert any("tap_norms" in n for n in names) and "model.encoder.pos_embed" in names
+    scale = {n: g["lr_scale"] for g in starts["medmae"]._groups() for n in g["names"]}
+    assert scale["model.encoder.pos_embed"] == 0.75**11 and scale["model.encoder.blocks.9.attn.qkv.weight"] == 0.75
+    with pytest.raises(ValueError, match="dropout_rate is for the 3D UNETR"):
+        SegmentationModule(f"medmae:{encoder3d}", num_classes=2, decoder="light", dropout_rate=0.1)
 
 
 def test_patches_hold_foreground_follow_the_card_grid_and_repeat_per_seed(encoder3d: Path, cases3d: Path) -> None:
@@ -201,15 +228,29 @@ def test_bad_3d_inputs_name_the_file_or_field(
     (broken / "encoder.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match=r"field 'preprocessing.volume.size' is \[16, 32, 24\]; UNETR 3D"):
         SegmentationModule(f"medmae:{broken}", num_classes=2)
-    # the light decoder is 2D
+    # the light decoder has no dropout in 3D: one line naming the key
     with pytest.raises(SystemExit):
-        _fit(tmp_path / "run3", f"medmae:{encoder3d}", cases3d, 1, "--model.decoder", "light")
-    assert "model.decoder is 'light'" in capsys.readouterr().err
+        _fit(tmp_path / "run3", f"medmae:{encoder3d}", cases3d, 1, "--model.decoder", "light",
+             "--model.dropout_rate", "0.1")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "model.dropout_rate is for the 3D UNETR" in err and "Traceback" not in err
     # data.augment turns planes: a 3D encoder refuses it by name
     with pytest.raises(SystemExit):
         _fit(tmp_path / "run4", f"medmae:{encoder3d}", cases3d, 1, "--data.augment.rotate_deg", "10")
     err = capsys.readouterr().err
     assert "data.augment is 2D only" in err and "Traceback" not in err
+
+
+def test_3d_light_decoder_fine_tunes_and_predicts_through_the_commands(
+    tmp_path: Path, encoder3d: Path, cases3d: Path
+) -> None:
+    run = tmp_path / "light"
+    _fit(run, f"medmae:{encoder3d}", cases3d, 5, "--model.decoder", "light")
+    assert (run / "ckpt" / "last.ckpt").is_file() and len(_val_dice(run)) == 1
+    out, image = tmp_path / "masks", cases3d.parent / "case2.nii.gz"
+    assert predict_main([str(run / "ckpt" / "last.ckpt"), str(image), "--out", str(out), "--batch", "2"]) == 0
+    mask = nib.load(str(out / "case2_seg.nii.gz"))
+    assert mask.shape == nib.load(str(image)).shape and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
 
 
 SEG3D_CONFIGS = sorted((REPO / "configs" / "finetune").glob("seg3d_*.yaml"))
