@@ -37,15 +37,8 @@ def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
 
 def test_export_from_checkpoint_keeps_training_facts(tmp_path: Path) -> None:
     module = MAEPretrainModule(**TINY_MODEL, optim={"warmup_steps": 0})
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=TensorDataModule(smooth_images(4), batch_size=2))
     ckpt = tmp_path / "mae.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -84,25 +77,12 @@ def test_exported_card_carries_the_training_data_and_no_pseudonymous_id(tmp_path
     cache_builder.add("ser4c4d51f7e", noise_volume(4, (6, 8, 8)), patient_id="pat3d6c0b8f")  # below min_size
     cache_builder.add("ser5c4d51f7e", noise_volume(5, (6, 64, 64)), split="val", patient_id="pat4e5b9a7e")
     cache = cache_builder.write()
-    dm = CacheDataModule(
-        str(cache),
-        img_size=64,
-        batch_size=2,
-        num_workers=0,
-        sampling=SamplingOptions(samples_per_epoch=2),
-        selection=SelectionOptions(min_size=32),
-        intensity=IntensityOptions(ct_inference_window=2),
-    )
+    dm = CacheDataModule(str(cache), img_size=64, batch_size=2, num_workers=0,
+                         sampling=SamplingOptions(samples_per_epoch=2), selection=SelectionOptions(min_size=32),
+                         intensity=IntensityOptions(ct_inference_window=2))
     module = MAEPretrainModule(**TINY_MODEL, optim={"warmup_steps": 0})
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "mae.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -110,10 +90,8 @@ def test_exported_card_carries_the_training_data_and_no_pseudonymous_id(tmp_path
     card = load_card(tmp_path / "export")
     data = card["preprocessing"]["training_data"]
     assert (data["series"], data["slices"], data["patients"]) == (4, 22, 3)
-    assert data["by_modality"] == {
-        "CT": {"series": 3, "slices": 18, "patients": 2},
-        "MR": {"series": 1, "slices": 4, "patients": 1},
-    }
+    assert data["by_modality"] == {"CT": {"series": 3, "slices": 18, "patients": 2},
+                                   "MR": {"series": 1, "slices": 4, "patients": 1}}
     assert data["by_source"]["nifti"] == {"series": 1, "slices": 4, "patients": 1}
     assert data["by_kind"] == {"volume": {"series": 4, "slices": 22, "patients": 3}}
     assert data["dropped"] == {"min_size": 1}
