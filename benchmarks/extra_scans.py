@@ -70,8 +70,9 @@ def nrrd_to_nifti(raw: bytes) -> nib.Nifti1Image:
     """One NRRD file (LPS space, as pyradiomics' are) as a NIfTI image in RAS."""
     import nrrd  # pynrrd: only this source needs it
 
-    header = nrrd.read_header(io.BytesIO(raw))
-    data = nrrd.read_data(header, io.BytesIO(raw.split(b"\n\n", 1)[1]))
+    handle = io.BytesIO(raw)
+    header = nrrd.read_header(handle)
+    data = nrrd.read_data(header, handle)  # the same handle: pynrrd reads on from where the header ended
     if header.get("space") != "left-posterior-superior":
         raise ValueError(f"unsupported NRRD space {header.get('space')!r}")
     return nib.Nifti1Image(np.asarray(data), lps_to_ras_affine(header["space directions"], header["space origin"]))
