@@ -49,7 +49,7 @@ class LightSegmenter(nn.Module):
     ) -> None:
         super().__init__()
         volumetric = isinstance(encoder, ViTEncoder3D)
-        self.spatial_dims = dims = 3 if volumetric else 2
+        dims = 3 if volumetric else 2
         patch = int(encoder.patch_size if volumetric else encoder.patch_embed.patch_size[0])
         levels = int(round(math.log2(patch)))
         if 2**levels != patch or levels < 1:

@@ -87,7 +87,8 @@ def light_encoder3d(
         spec.in_chans, as_size3d(size), spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads,
         spec.mlp_ratio, spec.cls_token,
     )  # fmt: skip
-    sincos = encoder._buffers.pop("pos_embed")
+    sincos = encoder.pos_embed
+    del encoder.pos_embed  # the buffer goes; a parameter of the same name takes its place
     encoder.pos_embed = nn.Parameter(sincos.clone())
     if state is None:
         named_apply(init_weights_vit_timm, encoder)
